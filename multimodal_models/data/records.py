@@ -1,0 +1,75 @@
+"""The small set of record types every reader returns and every task consumes.
+
+Reading COCO, VQA v2, LLaVA conversations, MMMU or the Shapes benchmark gives these same
+types, so training and evaluation code never care which file format the data came from.
+An image is referenced, not decoded: a path on disk, or the encoded bytes where the
+format embeds them (MMMU's parquet files). `multimodal_models.data.images.load_image`
+turns either into pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# A file on disk, or the bytes of an encoded image (PNG/JPEG/...).
+ImageSource = Path | bytes
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One image with its reference captions (COCO has 5 per image)."""
+
+    image_id: int | str
+    image: ImageSource
+    captions: tuple[str, ...]
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class VQARecord:
+    """One question about one image, with its human answers (10 in VQA v2)."""
+
+    question_id: int | str
+    image_id: int | str
+    image: ImageSource
+    question: str
+    answers: tuple[str, ...] = ()  # every human answer; empty when the split has no annotations
+    answer: str | None = None  # the single target answer (VQA's multiple_choice_answer)
+    answer_type: str | None = None  # "yes/no" | "number" | "other" in VQA v2
+    question_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation; `<image>` in the text marks where an image goes."""
+
+    role: str  # "system" | "user" | "assistant"
+    text: str
+
+
+@dataclass(frozen=True)
+class ConversationRecord:
+    """A multi-turn conversation about zero or more images (LLaVA's layout)."""
+
+    id: str
+    images: tuple[ImageSource, ...]
+    turns: tuple[Turn, ...]
+
+
+@dataclass(frozen=True)
+class MultipleChoiceRecord:
+    """One MMMU-style question: text with `<image k>` markers, options, the gold answer."""
+
+    id: str
+    question: str
+    options: tuple[str, ...]
+    answer: str  # an option letter ("A".."I") for multiple-choice; free text for open questions
+    images: tuple[ImageSource, ...] = ()
+    subject: str = ""  # MMMU subject, e.g. "Art" (the id's middle part)
+    subfield: str = ""
+    question_type: str = "multiple-choice"  # or "open"
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+ROLES = ("system", "user", "assistant")
