@@ -1,0 +1,167 @@
+"""Read a caption back into the claims it makes about a Shapes scene, and check them.
+
+Because the scene graph is known, a caption can be graded claim by claim instead of by
+word overlap. The parser understands the grammar the generator writes (and tolerates
+anything around it): noun phrases "[det] [size] [colour] noun", relations between two
+noun phrases ("A to the left of B"), and extremes ("the leftmost shape is A").
+
+Claims:
+- exists:   "a red circle"            at least one red circle
+- count:    "two red circles"          exactly two red circles ("a single X" = exactly one)
+- relation: "A to the left of B"       some A is left of some other B
+- extreme:  "the leftmost shape is A"  the leftmost object is an A
+
+A mention that names attributes no object has (a blue star when there is none) is a
+hallucinated object, as CHAIR counts for COCO.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .language import EXTREMES, NUMBER_WORDS, SIZE_SYNONYMS, Description
+from .world import COLORS, SHAPES, Scene
+
+_SIZE_WORDS = {w: size for size, words in SIZE_SYNONYMS.items() for w in words} | {"tiny": "small", "huge": "large"}
+_NOUNS = {s: s for s in SHAPES} | {s + "s": s for s in SHAPES}
+_GENERIC = {"shape", "shapes", "object", "objects", "thing", "things"}
+_NUMBERS = {w: k for k, w in enumerate(NUMBER_WORDS)} | {str(k): k for k in range(100)}
+_RELATION_PATTERNS = (  # token sequences after an NP, longest first
+    (("to", "the", "left", "of"), "left"),
+    (("to", "the", "right", "of"), "right"),
+    (("left", "of"), "left"),
+    (("right", "of"), "right"),
+    (("on", "top", "of"), "above"),
+    (("above",), "above"),
+    (("over",), "above"),
+    (("below",), "below"),
+    (("under",), "below"),
+    (("beneath",), "below"),
+)
+_GEOMETRY = {  # relation -> holds(a, b) on object centres, no margin (any ordering counts)
+    "left": lambda a, b: a.x < b.x,
+    "right": lambda a, b: a.x > b.x,
+    "above": lambda a, b: a.y < b.y,
+    "below": lambda a, b: a.y > b.y,
+}
+
+
+@dataclass(frozen=True)
+class Mention:
+    description: Description
+    count: int | None  # exact count claimed, or None for "at least one"
+    start: int  # token span
+    end: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    kind: str  # "exists" | "count" | "relation" | "extreme"
+    text: str
+    holds: bool
+
+
+@dataclass(frozen=True)
+class CaptionCheck:
+    claims: tuple[Claim, ...]
+    mentions: int  # mentions naming at least one attribute
+    hallucinated: tuple[str, ...]  # those that match no object
+
+    @property
+    def precision(self) -> float | None:
+        return sum(c.holds for c in self.claims) / len(self.claims) if self.claims else None
+
+
+def tokenize(text: str) -> list[str]:
+    return re.findall(r"[a-z]+|\d+", text.lower())
+
+
+def parse_mention(tokens: list[str], i: int) -> Mention | None:
+    """A noun phrase starting at token i, or None."""
+    start = i
+    count: int | None = None
+    if i < len(tokens) and tokens[i] in ("a", "an", "the", "one") | _NUMBERS.keys():
+        if tokens[i] in _NUMBERS:
+            count = _NUMBERS[tokens[i]]
+        i += 1
+        if tokens[i - 1] in ("a", "an") and i < len(tokens) and tokens[i] in ("single", "lone"):
+            count, i = 1, i + 1
+    size = color = shape = None
+    if i < len(tokens) and tokens[i] in _SIZE_WORDS:
+        size, i = _SIZE_WORDS[tokens[i]], i + 1
+    if i < len(tokens) and tokens[i] in COLORS:
+        color, i = tokens[i], i + 1
+    if i < len(tokens) and tokens[i] in _NOUNS:
+        shape, i = _NOUNS[tokens[i]], i + 1
+    elif i < len(tokens) and tokens[i] in _GENERIC:
+        i += 1
+    else:
+        return None
+    return Mention(Description(size, color, shape), count, start, i)
+
+
+def _words(m: Mention) -> str:
+    d = m.description
+    return " ".join(w for w in (str(m.count) if m.count is not None else "", d.size, d.color, d.shape or "object") if w)
+
+
+def check_caption(caption: str, scene: Scene) -> CaptionCheck:
+    """Every claim the caption makes, each checked against the scene graph."""
+    tokens = tokenize(caption)
+    claims: list[Claim] = []
+    mentions: list[Mention] = []
+    i = 0
+    previous: Mention | None = None
+    while i < len(tokens):
+        # "the leftmost shape is a red circle"
+        if tokens[i] == "the" and i + 3 < len(tokens) and tokens[i + 1] in EXTREMES and tokens[i + 2] in _GENERIC:
+            j = i + 3 + (tokens[i + 3] in ("is", "was"))
+            target = parse_mention(tokens, j)
+            if target is not None:
+                extreme = min(scene.objects, key=EXTREMES[tokens[i + 1]]) if scene.objects else None
+                holds = extreme is not None and target.description.matches(extreme)
+                claims.append(Claim("extreme", f"{tokens[i + 1]} is {_words(target)}", holds))
+                mentions.append(target)
+                previous, i = target, target.end
+                continue
+        relation = _relation_at(tokens, i) if previous is not None and previous.end == i else None
+        if relation is not None:
+            phrase, after = relation
+            other = parse_mention(tokens, after)
+            if other is not None:
+                holds = any(
+                    _GEOMETRY[phrase](a, b)
+                    for a in scene.objects
+                    if previous.description.matches(a)
+                    for b in scene.objects
+                    if b is not a and other.description.matches(b)
+                )
+                claims.append(Claim("relation", f"{_words(previous)} {phrase} {_words(other)}", holds))
+                mentions.append(other)
+                previous, i = other, other.end
+                continue
+        mention = parse_mention(tokens, i)
+        if mention is not None:
+            mentions.append(mention)
+            previous, i = mention, mention.end
+            continue
+        i += 1
+    for m in mentions:
+        n = m.description.count(scene)
+        if m.count is not None:
+            claims.append(Claim("count", _words(m), n == m.count))
+        elif not m.description.is_generic:
+            claims.append(Claim("exists", _words(m), n > 0))
+    attributed = [m for m in mentions if not m.description.is_generic]
+    hallucinated = tuple(_words(m) for m in attributed if m.description.count(scene) == 0)
+    return CaptionCheck(tuple(claims), len(attributed), hallucinated)
+
+
+def _relation_at(tokens: list[str], i: int) -> tuple[str, int] | None:
+    if i < len(tokens) and tokens[i] in ("is", "are"):
+        i += 1
+    for pattern, name in _RELATION_PATTERNS:
+        if tuple(tokens[i : i + len(pattern)]) == pattern:
+            return name, i + len(pattern)
+    return None
