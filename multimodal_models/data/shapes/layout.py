@@ -7,7 +7,6 @@ benchmark and reading the real datasets are one code path.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ...errors import DataFormatError
@@ -125,10 +124,6 @@ def write_scenes(path: Path, split: str, items: list[dict]) -> None:
             }
         )
     atomic_write_json(path, {"info": {"split": split, "dataset": "shapes"}, "scenes": scenes})
-
-
-def karpathy_tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
 
 
 def read_scenes(path: str | Path) -> dict[int, Scene]:
