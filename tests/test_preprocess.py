@@ -266,3 +266,13 @@ def test_the_package_does_not_import_transformers():
     code = "import sys, multimodal_models.data.preprocess; sys.exit('transformers' in sys.modules)"
     repository = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=repository).returncode == 0
+
+
+def test_cached_uint8_path_gives_the_same_numbers_as_preprocess_one():
+    """Training caches resize_to_array() output and finishes with normalize_batch()."""
+    rng = np.random.default_rng(0)
+    processor = ImageProcessor(size={"height": 48, "width": 40}, image_mean=(0.48, 0.45, 0.40), image_std=(0.26, 0.26, 0.27))
+    images = [Image.fromarray(rng.integers(0, 256, (60 + k, 50, 3), dtype=np.uint8)) for k in range(3)]
+    cached = torch.from_numpy(np.stack([processor.resize_to_array(im) for im in images]))
+    assert cached.dtype == torch.uint8
+    assert torch.equal(processor.normalize_batch(cached), processor(images))

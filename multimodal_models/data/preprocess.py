@@ -126,14 +126,7 @@ class ImageProcessor:
         `image` may be a PIL image, a uint8 (H, W, 3) array, or anything `load_image`
         accepts (a path or the encoded bytes).
         """
-        rgb = self._as_rgb(image)
-        if self.do_resize:
-            height, width = self._resized_size(rgb.width, rgb.height)
-            rgb = rgb.resize((width, height), resample=self.resample)
-        pixels = np.asarray(rgb)  # (H, W, 3) uint8
-        if self.do_center_crop:
-            pixels = _center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
-        chw = pixels.transpose(2, 0, 1)  # (3, H, W)
+        chw = self.resize_to_array(image).transpose(2, 0, 1)  # (3, H, W)
         if self.do_rescale:
             values = (chw.astype(np.float64) * self.rescale_factor).astype(np.float32)
         else:
@@ -143,6 +136,34 @@ class ImageProcessor:
             std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
             values = (values - mean) / std
         return np.ascontiguousarray(values, dtype=np.float32)
+
+    def resize_to_array(self, image: ImageLike) -> np.ndarray:
+        """The geometric half of preprocessing: RGB, resize, crop -> uint8 (H, W, 3).
+
+        Training caches these small arrays and finishes with `normalize_batch`, which gives
+        exactly the numbers `preprocess_one` gives.
+        """
+        rgb = self._as_rgb(image)
+        if self.do_resize:
+            height, width = self._resized_size(rgb.width, rgb.height)
+            rgb = rgb.resize((width, height), resample=self.resample)
+        pixels = np.asarray(rgb)  # (H, W, 3) uint8
+        if self.do_center_crop:
+            pixels = _center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
+        return np.ascontiguousarray(pixels)
+
+    def normalize_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) from `resize_to_array` -> float32 (B, 3, H, W), as `preprocess_one` computes it."""
+        values = pixels.permute(0, 3, 1, 2)
+        if self.do_rescale:
+            values = (values.to(torch.float64) * self.rescale_factor).to(torch.float32)
+        else:
+            values = values.to(torch.float32)
+        if self.do_normalize:
+            mean = torch.tensor(self.image_mean, dtype=torch.float32, device=values.device)[:, None, None]
+            std = torch.tensor(self.image_std, dtype=torch.float32, device=values.device)[:, None, None]
+            values = (values - mean) / std
+        return values.contiguous()
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """Preprocess one image -> (1, 3, H, W), or a list of images -> (B, 3, H, W) float32."""

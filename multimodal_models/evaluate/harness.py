@@ -1,0 +1,170 @@
+"""Run a model on a benchmark split and score it with the official metrics.
+
+The same functions serve the evaluation inside training and `multimodal evaluate`. A
+model takes part through the methods it has:
+
+- `answer_batch(questions, pixels=...)`   VQA (native LM or fusion classifier)
+- `caption_batch(pixels=...)`             captioning
+- `chat(messages, images=...)`            dialogues, MMMU multiple choice
+- `embed_images` / `encode_image`, `embed_texts`  retrieval (dual encoder)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..data.records import CaptionRecord, ConversationRecord, MultipleChoiceRecord, VQARecord
+from ..training.data import ImageStore, SplitData, image_key
+from .metrics.vqa import vqa_accuracy
+
+
+def first_images(split: SplitData, limit: int | None) -> SplitData:
+    """The part of a split about its first `limit` images (all of it when limit is falsy)."""
+    if not limit:
+        return split
+    order: list[str] = []
+    for source in [r.image for r in split.captions] + [r.image for r in split.vqa] + [
+        s for r in split.conversations for s in r.images
+    ]:
+        key = image_key(source)
+        if key not in order:
+            order.append(key)
+            if len(order) == limit:
+                break
+    keep = set(order)
+    return SplitData(
+        name=split.name,
+        captions=[r for r in split.captions if image_key(r.image) in keep],
+        vqa=[r for r in split.vqa if image_key(r.image) in keep],
+        conversations=[r for r in split.conversations if r.images and all(image_key(s) in keep for s in r.images)],
+        scenes=split.scenes,
+    )
+
+
+def _batches(items: list, size: int, desc: str, progress: bool):
+    for start in tqdm(range(0, len(items), size), desc=desc, disable=not progress, leave=False):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def evaluate_vqa(model, records: list[VQARecord], store: ImageStore, *, batch_size: int = 64,
+                 progress: bool = False) -> dict:
+    predictions: dict = {}
+    for batch in _batches(records, batch_size, "vqa", progress):
+        pixels = store.batch([store.position(r.image) for r in batch])
+        answers = model.answer_batch([r.question for r in batch], pixels=pixels)
+        predictions.update({r.question_id: a for r, a in zip(batch, answers)})
+    scores = vqa_accuracy(predictions, records)
+    scores["predictions"] = predictions
+    return scores
+
+
+@torch.no_grad()
+def evaluate_captions(model, records: list[CaptionRecord], store: ImageStore, *, scenes: dict | None = None,
+                      batch_size: int = 64, tokenizer: str = "python", use_meteor: bool | None = False,
+                      progress: bool = False) -> dict:
+    from .metrics.caption import caption_metrics
+
+    predictions: dict = {}
+    for batch in _batches(records, batch_size, "captions", progress):
+        pixels = store.batch([store.position(r.image) for r in batch])
+        predictions.update({r.image_id: c for r, c in zip(batch, model.caption_batch(pixels=pixels))})
+    references = {r.image_id: list(r.captions) for r in records}
+    scores = caption_metrics(predictions, references, tokenizer=tokenizer, use_meteor=use_meteor)
+    if scenes is not None:
+        from .metrics.grounding import grounding_scores
+
+        scores["grounding"] = grounding_scores(predictions, scenes)
+    scores["predictions"] = predictions
+    return scores
+
+
+@torch.no_grad()
+def evaluate_dialogues(model, conversations: list[ConversationRecord], store: ImageStore, *,
+                       progress: bool = False) -> dict:
+    """Turn accuracy: each assistant turn generated after the gold history, compared exactly.
+
+    All turns that share a position in their dialogues are answered in one batch."""
+    from ..models.chat import conversation_to_messages
+
+    prompts, pixels_of, gold, turn_number = [], [], [], []
+    template = model.chat_template()
+    for record in conversations:
+        messages = conversation_to_messages(record)
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompts.append(template.encode(messages[:k], add_generation_prompt=True).ids)
+            pixels_of.append([store.position(s) for s in record.images])
+            gold.append(message["content"].strip())
+            turn_number.append(sum(m["role"] == "assistant" for m in messages[:k]) + 1)
+    predictions = []
+    for start in tqdm(range(0, len(prompts), 64), desc="dialogues", disable=not progress, leave=False):
+        rows = range(start, min(start + 64, len(prompts)))
+        positions = [p for r in rows for p in pixels_of[r]]
+        features = model.image_features(store.batch(positions)) if positions else None
+        outputs = model.generate_batch([prompts[r] for r in rows], features, max_new_tokens=16)
+        predictions += [model.tokenizer.decode(o).strip() for o in outputs]
+    by_turn: dict[int, list[bool]] = defaultdict(list)
+    for number, prediction, answer in zip(turn_number, predictions, gold):
+        by_turn[number].append(prediction == answer)
+    hits = [h for hs in by_turn.values() for h in hs]
+    return {
+        "turn_accuracy": round(100 * sum(hits) / len(hits), 2) if hits else None,
+        "perTurn": {str(k): round(100 * sum(v) / len(v), 2) for k, v in sorted(by_turn.items())},
+        "num_turns": len(hits),
+        "num_dialogues": len(conversations),
+    }
+
+
+@torch.no_grad()
+def evaluate_multiple_choice(model, records: list[MultipleChoiceRecord], *, progress: bool = False) -> dict:
+    """MMMU-style items: the options are listed in the prompt, the answer is extracted officially."""
+    from .metrics.mmmu import mmmu_scores
+
+    responses = {}
+    for record in tqdm(records, desc="multiple choice", disable=not progress, leave=False):
+        question = record.question
+        for k in range(1, len(record.images) + 1):
+            question = question.replace(f"<image {k}>", "").strip()
+        options = " ".join(f"({chr(65 + i)}) {option}" for i, option in enumerate(record.options))
+        content = [{"type": "image", "image": image} for image in record.images]
+        content.append({"type": "text", "text": f"{question} {options}"})
+        responses[record.id] = model.chat([{"role": "user", "content": content}], max_new_tokens=16)
+    scores = mmmu_scores(responses, records)
+    return scores
+
+
+def vlm_split_scores(model, split: SplitData, *, store: ImageStore, progress: bool = False) -> dict[str, Any]:
+    """VQA, captions and dialogues of a split, for a native multimodal LM."""
+    results: dict[str, Any] = {}
+    if split.vqa:
+        results["vqa"] = evaluate_vqa(model, split.vqa, store, progress=progress)
+    if split.captions:
+        results["captions"] = evaluate_captions(model, split.captions, store, scenes=split.scenes, progress=progress)
+    if split.conversations:
+        results["dialogue"] = evaluate_dialogues(model, split.conversations, store, progress=progress)
+    return results
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """The flat numbers worth a line in a training log."""
+    flat: dict[str, float] = {}
+    if "vqa" in results:
+        flat["vqa"] = results["vqa"]["overall"]
+        flat.update({f"vqa/{k}": v for k, v in results["vqa"]["perQuestionType"].items()})
+    if "captions" in results:
+        flat["cider"] = results["captions"]["CIDEr"]
+        if "grounding" in results["captions"]:
+            flat["claim_precision"] = results["captions"]["grounding"]["claim_precision"]
+            flat["hallucination"] = results["captions"]["grounding"]["hallucination_rate"]
+    if "dialogue" in results:
+        flat["dialogue"] = results["dialogue"]["turn_accuracy"]
+    if "retrieval" in results:
+        flat["t2i_R@1"] = results["retrieval"]["text_to_image"]["R@1"]
+        flat["i2t_R@1"] = results["retrieval"]["image_to_text"]["R@1"]
+    return flat

@@ -1,0 +1,102 @@
+"""Visual question answering as classification over a fixed answer vocabulary.
+
+The first-generation recipe: an image encoder and a text encoder run independently, a
+fusion (early, cross-attention or late; see `fusion.py`) turns their outputs into one
+vector, and an MLP head scores every answer in `config.answers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .dual_encoder import evaluating, preprocess_images, require_preprocessing, tokenize
+from .fusion import FusionConfig, build_fusion
+from .layers import init_weights
+from .pretrained import PretrainedModel
+from .text import TextEncoder, TextEncoderConfig
+from .vision import VisionConfig, VisionTransformer
+
+
+@dataclass
+class FusionClassifierConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    answers: tuple[str, ...] = ("yes", "no")  # the answer vocabulary; logit i scores answers[i]
+    hidden: int = 512  # hidden width of the answer head's MLP
+
+    def validate(self) -> None:
+        if not self.answers:
+            raise ValueError("the answer vocabulary is empty; give at least one answer")
+        seen: set[str] = set()
+        duplicates = sorted({a for a in self.answers if a in seen or seen.add(a)})
+        if duplicates:
+            raise ValueError(f"answers appear more than once: {duplicates}")
+
+
+class AnswerHead(nn.Module):
+    """norm -> fc1 -> GELU -> fc2: fused vector (B, C) -> answer logits (B, A)."""
+
+    def __init__(self, dim: int, hidden: int, num_answers: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, num_answers)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class FusionClassifier(PretrainedModel):
+    model_type = "fusion_classifier"
+    config_class = FusionClassifierConfig
+
+    def __init__(self, config: FusionClassifierConfig):
+        super().__init__(config)
+        config.validate()
+        self.vision = VisionTransformer(config.vision)
+        self.text = TextEncoder(config.text)
+        self.fusion = build_fusion(config.fusion, config.vision.width, config.text.width)
+        self.head = AnswerHead(self.fusion.out_dim, config.hidden, len(config.answers))
+        init_weights(self.head)
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """pixels (B, 3, H, W), ids (B, T), attention_mask (B, T) with 1 on real tokens -> logits (B, A)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids)
+        image = self.vision(pixels)
+        text = self.text(ids, attention_mask)
+        return self.head(self.fusion(image, text, attention_mask))
+
+    # -- user-level helpers --------------------------------------------------------------
+
+    def answer(self, image, question: str) -> tuple[str, float]:
+        """One image and one question -> (answer, softmax confidence)."""
+        return self.answer_batch([image], [question])[0]
+
+    def answer_batch(self, images: Sequence, questions: Sequence[str], *, batch_size: int = 64
+                     ) -> list[tuple[str, float]]:
+        """Pairs images[i], questions[i] -> [(answer, confidence)], in order."""
+        require_preprocessing(self, tokenizer=True, image_processor=True)
+        images, questions = list(images), list(questions)
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} questions; give one question per image")
+        if not images:
+            raise ValueError("no images given (empty list)")
+        results: list[tuple[str, float]] = []
+        with evaluating(self):
+            for start in range(0, len(images), batch_size):
+                pixels = preprocess_images(self.image_processor, images[start : start + batch_size],
+                                           self.config.vision.image_size, self.device)
+                ids, mask = tokenize(self.tokenizer, questions[start : start + batch_size],
+                                     self.config.text.max_length, self.device)
+                probs = self(pixels, ids, mask).float().softmax(dim=-1)  # (b, A)
+                confidence, index = probs.max(dim=-1)
+                results += [(self.config.answers[i], float(c)) for i, c in zip(index.tolist(), confidence)]
+        return results

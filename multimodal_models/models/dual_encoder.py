@@ -1,0 +1,229 @@
+"""A CLIP/SigLIP-style dual encoder: an image tower and a text tower meeting in one embedding space.
+
+Both towers end in a bias-free linear projection of their pooled vector; the embeddings
+are L2-normalised, so a dot product is a cosine similarity. Training aligns matching
+image-text pairs with CLIP's softmax InfoNCE or SigLIP's pairwise sigmoid loss
+(`config.loss`). The user-level helpers (`embed_images`, `embed_texts`, `classify`) use
+the tokenizer and image processor that travel with the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import ContrastiveLoss, SigmoidLoss
+from .pretrained import PretrainedModel
+from .text import TextEncoder, TextEncoderConfig
+from .vision import VisionConfig, VisionTransformer
+
+LOSSES = ("clip", "siglip")
+
+# Zero-shot prompts for Shapes-world labels. The labels are noun phrases with their
+# article, as the captions say them ("a red circle", "two stars"); each template is
+# formatted with str.format, so "{}" is where the label goes.
+SHAPES_TEMPLATES: tuple[str, ...] = (
+    "{}.",
+    "there is {}.",
+    "an image of {}.",
+    "a picture with {}.",
+    "the scene shows {}.",
+    "this image contains {}.",
+)
+
+# A few of the generic ImageNet prompts from the CLIP paper's prompt-ensembling study, for real photos.
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "itap of a {}.",
+    "art of the {}.",
+    "a rendering of a {}.",
+)
+
+
+@dataclass
+class DualEncoderConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embed_dim: int = 256  # width of the shared image-text embedding space
+    loss: str = "clip"  # "clip" (softmax InfoNCE, learnable temperature) | "siglip" (sigmoid, temperature + bias)
+
+
+class DualEncoderOutput(NamedTuple):
+    image_embeds: torch.Tensor  # (B, E), L2-normalised
+    text_embeds: torch.Tensor  # (B, E), L2-normalised
+    logits_per_image: torch.Tensor  # (B, B): row i scores image i against every text
+    loss: torch.Tensor  # () the config's alignment loss, row i of each side being a pair
+
+
+# --- batching helpers (shared with the fusion classifier) ------------------------------------
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """texts -> ids (B, T), attention_mask (B, T): <bos> ... <eos>, right-padded with the pad id.
+
+    A text longer than `max_length` tokens is an error (nothing is cut off silently).
+    """
+    if isinstance(texts, str):
+        raise TypeError("expected a list of texts, got one string; wrap it in a list")
+    if not texts:
+        raise ValueError("no texts given (empty list)")
+    encoded = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+    for text, ids in zip(texts, encoded):
+        if len(ids) > max_length:
+            raise ValueError(f"text {text[:60]!r} is {len(ids)} tokens long; the model reads at most {max_length}")
+    T = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), T), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(encoded), T, dtype=torch.long)
+    for i, row in enumerate(encoded):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def preprocess_images(image_processor, images, image_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A list of images (paths, bytes, PIL images, uint8 arrays) -> pixels (B, 3, S, S) on `device`."""
+    pixels = image_processor(images)
+    if tuple(pixels.shape[-2:]) != (image_size, image_size):
+        raise ValueError(
+            f"the image processor makes {pixels.shape[-2]}x{pixels.shape[-1]} pixels but the model expects "
+            f"{image_size}x{image_size}; set its size (and crop_size) to {image_size}"
+        )
+    return pixels.to(device)
+
+
+def require_preprocessing(model: PretrainedModel, *, tokenizer: bool = False, image_processor: bool = False) -> None:
+    """A clear error when a helper needs the tokenizer or image processor and none is attached."""
+    for needed, name in ((tokenizer, "tokenizer"), (image_processor, "image_processor")):
+        if needed and getattr(model, name) is None:
+            raise RuntimeError(
+                f"this {type(model).__name__} has no {name} attached; load it with from_pretrained(folder) "
+                f"from a folder that has one, or set model.{name} yourself"
+            )
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for the duration; restores the training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+class DualEncoder(PretrainedModel):
+    model_type = "dual_encoder"
+    config_class = DualEncoderConfig
+
+    def __init__(self, config: DualEncoderConfig):
+        super().__init__(config)
+        if config.loss not in LOSSES:
+            raise ValueError(f"unknown loss {config.loss!r}; expected one of {LOSSES}")
+        self.vision = VisionTransformer(config.vision)
+        self.text = TextEncoder(config.text)
+        self.image_projection = nn.Linear(config.vision.width, config.embed_dim, bias=False)
+        self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)
+        nn.init.normal_(self.image_projection.weight, std=config.vision.width**-0.5)
+        nn.init.normal_(self.text_projection.weight, std=config.text.width**-0.5)
+        self.criterion = ContrastiveLoss() if config.loss == "clip" else SigmoidLoss()
+
+    # -- tensors in, tensors out ---------------------------------------------------------
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W), preprocessed -> (B, E) unit vectors."""
+        return F.normalize(self.image_projection(self.vision(pixels).pooled), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T), attention_mask (B, T) with 1 on real tokens -> (B, E) unit vectors."""
+        return F.normalize(self.text_projection(self.text(ids, attention_mask).pooled), dim=-1)
+
+    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(B_img, E), (B_txt, E) -> (B_img, B_txt): scaled cosine similarity (+ bias for SigLIP)."""
+        return self.criterion.logits(image_embeds, text_embeds)
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> DualEncoderOutput:
+        image_embeds = self.encode_image(pixels)
+        text_embeds = self.encode_text(ids, attention_mask)
+        return DualEncoderOutput(image_embeds, text_embeds, self.logits(image_embeds, text_embeds),
+                                 self.criterion(image_embeds, text_embeds))
+
+    # -- user-level helpers --------------------------------------------------------------
+
+    def embed_images(self, images: Sequence, *, batch_size: int = 64) -> torch.Tensor:
+        """Images (paths, encoded bytes, PIL images) -> (N, E) unit vectors on the CPU."""
+        require_preprocessing(self, image_processor=True)
+        images = list(images)
+        if not images:
+            raise ValueError("no images given (empty list)")
+        out = []
+        with evaluating(self):
+            for start in range(0, len(images), batch_size):
+                pixels = preprocess_images(self.image_processor, images[start : start + batch_size],
+                                           self.config.vision.image_size, self.device)
+                out.append(self.encode_image(pixels).float().cpu())
+        return torch.cat(out)
+
+    def embed_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
+        """Texts -> (N, E) unit vectors on the CPU."""
+        require_preprocessing(self, tokenizer=True)
+        if isinstance(texts, str):
+            raise TypeError("embed_texts expects a list of texts, got one string; wrap it in a list")
+        texts = list(texts)
+        out = []
+        with evaluating(self):
+            for start in range(0, max(len(texts), 1), batch_size):
+                ids, mask = tokenize(self.tokenizer, texts[start : start + batch_size], self.config.text.max_length,
+                                     self.device)
+                out.append(self.encode_text(ids, mask).float().cpu())
+        return torch.cat(out)
+
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """One zero-shot classifier vector per label (L, E): the mean of its normalised
+        template embeddings, renormalised (CLIP's prompt ensembling)."""
+        if isinstance(labels, str) or not labels:
+            raise ValueError("labels must be a non-empty list of label names")
+        templates = SHAPES_TEMPLATES if templates is None else tuple(templates)
+        if isinstance(templates, str) or not templates:
+            raise ValueError("templates must be a non-empty list such as ['a photo of a {}.']")
+        for template in templates:
+            if "{}" not in template:
+                raise ValueError(f"template {template!r} has no '{{}}' where the label goes")
+        prompts = [template.format(label) for label in labels for template in templates]
+        embeds = self.embed_texts(prompts).view(len(labels), len(templates), -1)  # (L, K, E)
+        return F.normalize(embeds.mean(dim=1), dim=-1)
+
+    def classify(self, image, labels: Sequence[str], templates: Sequence[str] | None = None
+                 ) -> list[tuple[str, float]]:
+        """Zero-shot classification of one image: [(label, probability)] in the order of `labels`.
+
+        CLIP loss: softmax over exp(logit_scale) * cosine, so the probabilities sum to 1.
+        SigLIP loss: sigmoid(exp(logit_scale) * cosine + bias) per label, each an independent
+        probability that the label matches (they need not sum to 1).
+        `templates` default to SHAPES_TEMPLATES; use IMAGENET_TEMPLATES for real photos.
+        """
+        classes = self.label_embeddings(labels, templates)  # (L, E)
+        image_embed = self.embed_images([image])  # (1, E)
+        with evaluating(self):
+            ref = self.criterion.logit_scale  # embeddings back to the model's device and dtype
+            logits = self.logits(image_embed.to(ref), classes.to(ref))[0].float().cpu()  # (L,)
+        probs = logits.softmax(dim=-1) if self.config.loss == "clip" else torch.sigmoid(logits)
+        return [(label, float(p)) for label, p in zip(labels, probs)]

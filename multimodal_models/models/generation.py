@@ -1,0 +1,182 @@
+"""Text generation for any decoder: greedy, sampling (temperature, top-k, top-p), beam search,
+a token iterator for streaming, stop tokens and stop strings, a token budget.
+
+A model takes part through a `DecodingSession`: `prefill()` runs the prompt and returns the
+next-token logits, `step(token)` feeds one token and returns the next logits, `reorder()`
+keeps some rows of the batch (beam search). Sessions may use a KV cache or recompute the
+whole sequence each step (to measure what the cache buys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False  # False: greedy (or beam search when num_beams > 1)
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam scores are divided by length ** length_penalty
+    stop: tuple[str, ...] = ()  # stop strings: generation ends when the text contains one (it is cut off)
+    seed: int | None = None  # for sampling; None draws from torch's global generator
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_beams < 1 or (self.num_beams > 1 and self.do_sample):
+            raise ValueError("num_beams > 1 is beam search and cannot be combined with do_sample")
+
+
+class DecodingSession(Protocol):
+    def prefill(self) -> torch.Tensor: ...  # (B, V) logits of the token after the prompt
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...  # tokens (B,) -> (B, V)
+
+    def reorder(self, index: torch.Tensor) -> None: ...
+
+
+def filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (always keeping the most likely token)."""
+    logits = logits / config.temperature
+    if config.top_k > 0:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= config.top_p  # mass before this token already enough
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def generate_tokens(session: DecodingSession, config: GenerationConfig, stop_ids: set[int]) -> Iterator[int]:
+    """Yield new token ids one by one (batch of one): greedy or sampled, until a stop token or the budget."""
+    config.validate()
+    generator = None
+    if config.do_sample and config.seed is not None:
+        generator = torch.Generator().manual_seed(config.seed)
+    logits = session.prefill()
+    for _ in range(config.max_new_tokens):
+        if config.do_sample:
+            probs = filter_logits(logits[0].float(), config).softmax(-1)
+            token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        else:
+            token = int(logits[0].argmax())
+        if token in stop_ids:
+            return
+        yield token
+        logits = session.step(torch.tensor([token], device=logits.device))
+
+
+def beam_search(session: DecodingSession, config: GenerationConfig, stop_ids: set[int]) -> list[int]:
+    """The best sequence by total log-probability / length ** length_penalty (batch of one).
+
+    Each step expands every live beam, keeps the `num_beams` best continuations that do
+    not stop, and sets aside the ones that do. The search ends when the budget is spent or
+    no live beam can still beat the best finished one (log-probabilities only fall).
+    """
+    config.validate()
+    width = config.num_beams
+
+    def normalised(score: float, length: int) -> float:
+        return score / max(length, 1) ** config.length_penalty
+
+    sequences: list[list[int]] = [[]]
+    scores = torch.zeros(1)
+    logits = session.prefill()
+    finished: list[tuple[float, list[int]]] = []
+    for _step in range(config.max_new_tokens):
+        candidates = scores[:, None].to(logits.device) + logits.float().log_softmax(-1)  # (beams, V)
+        vocab = candidates.shape[-1]
+        top_scores, top_index = candidates.flatten().topk(min(2 * width, candidates.numel()))
+        rows, tokens, kept = [], [], []
+        for score, flat in zip(top_scores.tolist(), top_index.tolist()):
+            row, token = divmod(flat, vocab)
+            if token in stop_ids:
+                finished.append((normalised(score, len(sequences[row])), sequences[row]))
+            elif len(rows) < width:
+                rows.append(row)
+                tokens.append(token)
+                kept.append(score)
+        if not rows:
+            break
+        sequences = [sequences[r] + [t] for r, t in zip(rows, tokens)]
+        scores = torch.tensor(kept)
+        best_alive = max(normalised(s, len(q)) for s, q in zip(kept, sequences))
+        if len(finished) >= width and max(f for f, _ in finished) >= best_alive:
+            break
+        session.reorder(torch.tensor(rows, device=logits.device))
+        logits = session.step(torch.tensor(tokens, device=logits.device))
+    finished.extend((normalised(float(s), len(q)), q) for s, q in zip(scores, sequences))
+    return max(finished, key=lambda item: item[0])[1]
+
+
+class TextStream:
+    """Turn a token iterator into text deltas, honouring stop strings.
+
+    Text that could be the start of a stop string is held back until it is known not to
+    be one, so the caller never sees any part of a stop string.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...] = ()):
+        self.decode = decode
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the new text that is safe to show (may be empty)."""
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        for s in self.stop:
+            at = text.find(s)
+            if at != -1:
+                self.stopped = True
+                return self._emit(text[:at])
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(text[: len(text) - hold])
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended."""
+        return "" if self.stopped else self._emit(self.decode(self.ids))
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.emitted):  # detokenisation rewrote earlier text; show only what is new
+            common = 0
+            while common < min(len(text), len(self.emitted)) and text[common] == self.emitted[common]:
+                common += 1
+            self.emitted = text[:common]
+        delta = text[len(self.emitted):]
+        self.emitted = text
+        return delta
+
+
+def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str], stop: tuple[str, ...] = ()) -> Iterator[str]:
+    """Text pieces as tokens are generated; ends at a stop string."""
+    stream = TextStream(decode, stop)
+    for token in tokens:
+        delta = stream.push(token)
+        if delta:
+            yield delta
+        if stream.stopped:
+            return
+    rest = stream.finish()
+    if rest:
+        yield rest

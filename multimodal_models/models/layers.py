@@ -1,0 +1,236 @@
+"""The parts every model here is built from: norms, rotary positions, attention with a KV
+cache, MLPs and the pre-norm transformer block.
+
+Shapes in comments: B batch, T query length, S key length, H heads, D head dim, C width.
+Masks are boolean and broadcastable to (B, H, T, S); True means "may attend".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama, Qwen2): x / rms(x) * weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP's gelu_pytorch_tanh
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) in the rotate-half layout used by Llama and Qwen2."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, D) in float32."""
+        freqs = positions.float()[..., None] * self.inv_freq  # (B, T, D/2)
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every decoder layer, preallocated up to `max_length` positions."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, kv_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.length = 0  # positions filled, shared by all layers
+        self.max_length = max_length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) after the cached positions; return everything cached so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} were needed")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, steps: int) -> None:
+        """Call once per forward pass, after every layer has stored its keys and values."""
+        self.length += steps
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the batch rows `index` (beam search)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention (optionally causal, grouped-query, rotary, cached)
+    or cross-attention to a context of another width."""
+
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, context_dim: int | None = None,
+                 qkv_bias: bool = True, out_bias: bool = True, head_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.kv_heads = kv_heads or heads
+        if heads % self.kv_heads:
+            raise ValueError(f"{heads} query heads cannot share {self.kv_heads} key/value heads evenly")
+        self.head_dim = head_dim or dim // heads
+        context_dim = context_dim or dim
+        self.q = nn.Linear(dim, heads * self.head_dim, bias=qkv_bias)
+        self.k = nn.Linear(context_dim, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v = nn.Linear(context_dim, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.out = nn.Linear(heads * self.head_dim, dim, bias=out_bias)
+
+    def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                causal: bool = False, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        source = x if context is None else context
+        q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k(source).view(B, source.shape[1], self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = self.v(source).view(B, source.shape[1], self.kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        offset = 0
+        if cache is not None:
+            offset = cache.length
+            k, v = cache.update(layer, k, v)
+        if self.kv_heads != self.heads:  # grouped-query attention: share each k/v head among a group
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        if causal and (offset > 0 and T > 1 or mask is not None):
+            # causal with an offset (cached prefix) or combined with a padding mask: spell it out
+            allowed = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
+            mask = allowed if mask is None else mask & allowed
+            causal = False
+        elif causal and offset > 0:  # one new token attends to everything cached
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
+        return self.out(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2 (ViT, CLIP, GPT-2)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) (SwiGLU: Llama, Qwen2)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)) [+ cross_attn(norm(x), context)] + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, *, norm: str = "layernorm", norm_eps: float = 1e-5,
+                 mlp: str = "gelu", act: str = "gelu", kv_heads: int | None = None, qkv_bias: bool = True,
+                 out_bias: bool = True, mlp_bias: bool = True, context_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim, norm_eps)
+        self.attn = Attention(dim, heads, kv_heads=kv_heads, qkv_bias=qkv_bias, out_bias=out_bias)
+        self.cross_norm = make_norm(norm, dim, norm_eps) if context_dim else None
+        self.cross_attn = Attention(dim, heads, context_dim=context_dim) if context_dim else None
+        self.norm2 = make_norm(norm, dim, norm_eps)
+        if mlp == "gelu":
+            self.mlp = MLP(dim, mlp_hidden, act, bias=mlp_bias)
+        elif mlp == "gated":
+            self.mlp = GatedMLP(dim, mlp_hidden, act, bias=mlp_bias)
+        else:
+            raise ValueError(f"unknown mlp {mlp!r}; expected 'gelu' or 'gated'")
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
+                layer: int = 0, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), mask=mask, causal=causal, rotary=rotary, cache=cache, layer=layer))
+        if self.cross_attn is not None and context is not None:
+            x = x + self.dropout(self.cross_attn(self.cross_norm(x), context=context, mask=context_mask))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2 style initialisation for models trained from scratch."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def sinusoid_table(length: int, dim: int) -> torch.Tensor:
+    """Fixed sin/cos position table (length, dim), for models that want no learned positions."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div)
+    return table

@@ -1,0 +1,172 @@
+"""Saving and loading models as folders: config.json + model.safetensors + tokenizer.json +
+preprocessor_config.json (the Hugging Face layout, so the folders look like any checkpoint).
+
+Configs are dataclasses (nested for composite models) turned into JSON and back with
+strict checking: an unknown or missing key is an error naming it, and loading weights
+demands every key and shape to match (no silent `strict=False`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import DataFormatError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, data: dict, *, source: str = "config") -> Any:
+    """Build dataclass `cls` from a dict, recursing into nested dataclass fields."""
+    if not isinstance(data, dict):
+        raise DataFormatError(source, f"expected an object for {cls.__name__}, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise DataFormatError(source, f"unknown {cls.__name__} settings {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[SomeConfig]
+            kind = next((k for k in typing.get_args(kind) if dataclasses.is_dataclass(k)), kind)
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = config_from_dict(kind, value, source=f"{source}.{name}")
+        elif isinstance(value, list) and typing.get_origin(kind) is tuple:
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def atomic_directory(target: Path):
+    """Context manager: yields a temporary folder that replaces `target` when the block succeeds."""
+
+    class _Swap:
+        def __enter__(self) -> Path:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            old = None
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+            os.replace(self.tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+    return _Swap()
+
+
+class PretrainedModel(nn.Module):
+    """Base class: a model with a dataclass config, a tokenizer and an image processor."""
+
+    model_type: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+        self.tokenizer = None  # attached by from_pretrained / the trainer
+        self.image_processor = None
+
+    # -- saving --------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the folder atomically; `dtype` (e.g. torch.float16) shrinks the stored weights."""
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            self.write_files(tmp, dtype=dtype)
+        return directory
+
+    def write_files(self, directory: Path, *, dtype: torch.dtype | None = None) -> None:
+        """config.json, model.safetensors, tokenizer.json, preprocessor_config.json into `directory`."""
+        config = {"model_type": self.model_type, **config_to_dict(self.config)}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(self._tensors_to_save(dtype), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory / TOKENIZER_NAME)
+        if self.image_processor is not None:
+            self.image_processor.save(directory)
+
+    def _tensors_to_save(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        seen: dict[int, str] = {}
+        for name, tensor in self.state_dict().items():
+            if tensor.data_ptr() in seen:  # tied weights are stored once
+                continue
+            seen[tensor.data_ptr()] = name
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            tensors[name] = tensor.detach().contiguous().cpu()
+        return tensors
+
+    # -- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, map_location: str = "cpu"):
+        directory = Path(directory)
+        config_file = directory / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: not a saved model folder")
+        data = json.loads(config_file.read_text())
+        model_type = data.pop("model_type", None)
+        if model_type != cls.model_type:
+            raise DataFormatError(config_file, f"holds a '{model_type}' model, not a '{cls.model_type}'", field="model_type")
+        model = cls(config_from_dict(cls.config_class, data, source=str(config_file)))
+        model.load_weights(directory / WEIGHTS_NAME, map_location=map_location)
+        model.attach_preprocessing(directory)
+        return model.eval()
+
+    def load_weights(self, path: Path, *, map_location: str = "cpu") -> None:
+        stored = load_file(str(path), device=map_location)
+        own = self.state_dict()
+        by_storage: dict[int, list[str]] = {}
+        for name, tensor in own.items():
+            by_storage.setdefault(tensor.data_ptr(), []).append(name)
+        covered = {n for names in by_storage.values() if any(n in stored for n in names) for n in names}  # tied weights
+        missing = sorted(set(own) - covered)
+        unexpected = sorted(set(stored) - set(own))
+        if missing or unexpected:
+            raise DataFormatError(path, f"weights do not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        for name, tensor in stored.items():
+            if tensor.shape != own[name].shape:
+                raise DataFormatError(path, f"shape {tuple(tensor.shape)} does not fit {tuple(own[name].shape)}", field=name)
+        with torch.no_grad():
+            for name, tensor in stored.items():
+                own[name].copy_(tensor.to(own[name].dtype))
+
+    def attach_preprocessing(self, directory: Path) -> None:
+        from ..data.preprocess import ImageProcessor
+        from ..data.tokenizer import WordTokenizer
+
+        if (directory / TOKENIZER_NAME).is_file():
+            self.tokenizer = WordTokenizer.from_file(directory / TOKENIZER_NAME)
+        if (directory / "preprocessor_config.json").is_file():
+            self.image_processor = ImageProcessor.from_pretrained(directory)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device

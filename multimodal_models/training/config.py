@@ -1,0 +1,152 @@
+"""Training configuration: one YAML file per experiment, read into dataclasses.
+
+    task: vlm                   # contrastive | vqa | vlm
+    data: {...}                 # DataConfig: a dataset folder or explicit files per split
+    model: {...}                # the model's own config (VLMConfig, DualEncoderConfig, ...)
+    train: {...}                # OptimConfig: steps, batch size, schedule, precision, evaluation
+    output: runs/shapes-vlm     # where checkpoints, logs and curves go
+
+Command-line overrides use dotted keys: `train.steps=200 model.decoder.depth=2`; values are
+parsed as YAML (numbers, booleans, lists).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import DataFormatError
+from ..models.pretrained import config_from_dict
+
+
+@dataclass
+class SplitFiles:
+    """Annotation files of one split; paths are relative to DataConfig.root when it is set."""
+
+    images: str | None = None  # image folder the annotation files refer into
+    captions: str | None = None  # COCO captions JSON
+    karpathy: str | None = None  # Karpathy split JSON (with karpathy_split naming the split)
+    karpathy_split: str | None = None
+    vqa_questions: str | None = None  # VQA v2 questions JSON
+    vqa_annotations: str | None = None  # VQA v2 annotations JSON
+    dialogues: str | None = None  # LLaVA conversation JSON / JSONL
+    table: str | None = None  # plain JSONL / CSV next to an image folder
+    scenes: str | None = None  # Shapes scene graphs (grounded caption metrics)
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # a dataset folder with dataset.json (Shapes writes one)
+    generate: dict | None = None  # Shapes settings (seed, train, val, ...): generate `root` when missing
+    train_split: str = "train"  # split names in dataset.json
+    eval_split: str = "val"
+    train: SplitFiles | None = None  # explicit files instead of (or on top of) dataset.json
+    eval: SplitFiles | None = None
+    preload_images: bool = True  # decode and resize every image once, keep them in memory as uint8
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global batch (all processes, all accumulation steps together)
+    accumulate: int = 1  # gradient accumulation steps per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05  # the cosine schedule ends at lr * min_lr_ratio
+    warmup: int = 100  # linear warm-up steps
+    weight_decay: float = 0.05  # on matrices only, not on norms, biases, embeddings of positions
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "bf16"  # "fp32" | "bf16" (autocast; on CPU and CUDA) | "fp16" (CUDA only)
+    seed: int = 0
+    threads: int | None = None  # torch threads per process (None: leave torch's default)
+    log_every: int = 10
+    eval_every: int = 500
+    eval_samples: int = 300  # evaluation images per run of the evaluation (0: all)
+    save_every: int = 500
+    stop_after: int | None = None  # end this run after so many steps (time-boxed runs; --resume continues)
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class RunConfig:
+    task: str
+    data: DataConfig
+    model: dict
+    train: OptimConfig = field(default_factory=OptimConfig)
+    output: str = "runs/run"
+    tokenizer: dict = field(default_factory=dict)  # settings of the word tokenizer built from the training text
+    task_options: dict = field(default_factory=dict)  # settings particular to the task (see each task)
+    save_dtype: str = "float32"  # dtype of the exported weights: float32 | float16 | bfloat16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TASKS = ("contrastive", "vqa", "vlm")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['train.steps=200', 'model.decoder.depth=2'] -> nested dict."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} is not key=value (e.g. train.steps=200)")
+        key, value = pair.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DataFormatError(path, f"not valid YAML: {exc}") from None
+    raw = merge(raw, parse_overrides(overrides or []))
+    return config_from_raw(raw, source=str(path))
+
+
+def config_from_raw(raw: dict, *, source: str = "config") -> RunConfig:
+    for key in ("task", "data", "model"):
+        if key not in raw:
+            raise DataFormatError(source, f"missing '{key}'", field=key)
+    if raw["task"] not in TASKS:
+        raise DataFormatError(source, f"unknown task {raw['task']!r}; expected one of {TASKS}", field="task")
+    config: RunConfig = config_from_dict(RunConfig, raw, source=source)
+    if config.save_dtype not in ("float32", "float16", "bfloat16"):
+        raise DataFormatError(source, f"save_dtype must be float32, float16 or bfloat16, got {config.save_dtype!r}")
+    if config.train.precision not in ("fp32", "bf16", "fp16"):
+        raise DataFormatError(source, f"train.precision must be fp32, bf16 or fp16, got {config.train.precision!r}")
+    if config.train.batch_size % config.train.accumulate:
+        raise DataFormatError(source, "train.batch_size must be a multiple of train.accumulate")
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(_plain(config.to_dict()), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

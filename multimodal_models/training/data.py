@@ -1,0 +1,147 @@
+"""The data a training run reads: records of a split, and its images decoded once.
+
+A split is described by a DataConfig: a dataset folder with a dataset.json manifest (the
+Shapes benchmark writes one; you can write one for COCO), explicit files, or both. Every
+file goes through the readers of `multimodal_models.data.formats`, so a run trains on
+COCO captions, VQA v2, LLaVA conversations or a plain JSONL the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data import formats
+from ..data.preprocess import ImageProcessor
+from ..data.records import CaptionRecord, ConversationRecord, ImageSource, VQARecord
+from .config import DataConfig, SplitFiles
+
+
+@dataclass
+class SplitData:
+    name: str
+    captions: list[CaptionRecord] = field(default_factory=list)
+    vqa: list[VQARecord] = field(default_factory=list)
+    conversations: list[ConversationRecord] = field(default_factory=list)
+    scenes: dict | None = None  # image_id -> Shapes scene graph, when the split has one
+
+    def texts(self) -> list[str]:
+        """Every piece of text in the split (to build a vocabulary)."""
+        out = [c for r in self.captions for c in r.captions]
+        out += [t for r in self.vqa for t in (r.question, *(r.answers or ((r.answer,) if r.answer else ())))]
+        out += [turn.text for r in self.conversations for turn in r.turns]
+        return out
+
+    def is_empty(self) -> bool:
+        return not (self.captions or self.vqa or self.conversations)
+
+
+def ensure_dataset(data: DataConfig) -> None:
+    """Generate the Shapes benchmark into data.root when it is missing and data.generate says how."""
+    if data.root is None or data.generate is None:
+        return
+    root = Path(data.root)
+    if (root / "dataset.json").is_file():
+        return
+    from ..data.shapes.generate import ShapesConfig, generate
+
+    print(f"generating the Shapes benchmark into {root} ...")
+    generate(ShapesConfig(**data.generate), root)
+
+
+def split_files(data: DataConfig, which: str) -> SplitFiles:
+    """The files of the 'train' or 'eval' split: manifest entries, overridden by explicit ones."""
+    base = SplitFiles()
+    root = Path(data.root) if data.root else None
+    if root is not None and (root / "dataset.json").is_file():
+        manifest = json.loads((root / "dataset.json").read_text())
+        name = data.train_split if which == "train" else data.eval_split
+        if name not in manifest.get("splits", {}):
+            raise ValueError(f"{root}/dataset.json has no split {name!r}; it has {sorted(manifest.get('splits', {}))}")
+        known = {f.name for f in fields(SplitFiles)}
+        base = SplitFiles(**{k: v for k, v in manifest["splits"][name].items() if k in known})
+    explicit = data.train if which == "train" else data.eval
+    merged = {k: v for k, v in asdict(base).items()}
+    if explicit is not None:
+        merged.update({k: v for k, v in asdict(explicit).items() if v is not None})
+    if root is not None:
+        merged = {k: (str(root / v) if v is not None and k != "karpathy_split" else v) for k, v in merged.items()}
+    return SplitFiles(**merged)
+
+
+def load_split(data: DataConfig, which: str) -> SplitData:
+    files = split_files(data, which)
+    images = Path(files.images) if files.images else None
+    split = SplitData(name=which)
+    if files.captions:
+        split.captions = formats.read_coco_captions(files.captions, image_dir=images or Path(files.captions).parent)
+    elif files.karpathy:
+        split.captions = formats.read_karpathy(files.karpathy, image_root=images or Path(files.karpathy).parent,
+                                               split=files.karpathy_split)
+    if files.vqa_questions:
+        split.vqa = formats.read_vqa(files.vqa_questions, files.vqa_annotations, image_dir=images)
+    if files.dialogues:
+        root = images.parent if images is not None else Path(files.dialogues).parent
+        split.conversations = formats.read_llava(files.dialogues, image_dir=root)
+    if files.table:
+        rows = formats.read_table(files.table, image_dir=images)
+        if rows and isinstance(rows[0], VQARecord):
+            split.vqa += rows
+        else:
+            split.captions += rows
+    if files.scenes:
+        from ..data.shapes.layout import read_scenes
+
+        split.scenes = read_scenes(files.scenes)
+    if split.is_empty():
+        raise ValueError(f"the {which} split has no captions, questions or conversations: check data in the config")
+    return split
+
+
+def image_key(source: ImageSource) -> str:
+    if isinstance(source, bytes):
+        return "sha1:" + hashlib.sha1(source).hexdigest()
+    return str(Path(source))
+
+
+class ImageStore:
+    """The images of a split, preprocessed once to uint8 (N, H, W, 3) and normalised per batch.
+
+    `normalize_batch` of the model's ImageProcessor finishes the job, giving exactly the
+    pixels inference computes from the same file.
+    """
+
+    def __init__(self, sources: list[ImageSource], processor: ImageProcessor, *, preload: bool = True,
+                 progress: bool = True, desc: str = "images"):
+        self.processor = processor
+        self.sources: list[ImageSource] = []
+        self.index: dict[str, int] = {}
+        for source in sources:
+            key = image_key(source)
+            if key not in self.index:
+                self.index[key] = len(self.sources)
+                self.sources.append(source)
+        self.pixels: torch.Tensor | None = None
+        if preload and self.sources:
+            arrays = [processor.resize_to_array(s) for s in tqdm(self.sources, desc=desc, disable=not progress, leave=False)]
+            self.pixels = torch.from_numpy(np.stack(arrays))
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def position(self, source: ImageSource) -> int:
+        return self.index[image_key(source)]
+
+    def batch(self, positions: list[int]) -> torch.Tensor:
+        """Normalised float32 (B, 3, H, W) pixels of the images at these positions."""
+        if self.pixels is not None:
+            raw = self.pixels[torch.as_tensor(positions, dtype=torch.long)]
+        else:
+            raw = torch.from_numpy(np.stack([self.processor.resize_to_array(self.sources[p]) for p in positions]))
+        return self.processor.normalize_batch(raw)

@@ -1,0 +1,193 @@
+"""Training task of the native multimodal LM: captions, questions and dialogues as chats.
+
+Everything said about one image shares one forward pass. A training sequence is
+
+    <bos> <user> <image>xK | q1 <assistant> a1 <eos> | q2 <assistant> a2 <eos> | caption chat | dialogue ...
+    ---- shared prefix --- ---- segment 1 --------- ---- segment 2 --------
+
+and the attention mask lets every segment see the prefix and itself, never another
+segment, with position ids restarting after the prefix. Each segment is therefore
+trained exactly as if it were its own sequence `prefix + segment` (the prompt a user
+sends at inference), while the image is encoded once for a dozen examples.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.preprocess import ImageProcessor
+from ..data.records import ImageSource
+from ..data.tokenizer import WordTokenizer
+from ..models.chat import CHAT_SPECIAL_TOKENS, WordChatTemplate, conversation_to_messages
+from ..models.pretrained import config_from_dict
+from ..models.vlm import CAPTION_PROMPT, VisionLanguageModel, VLMConfig
+from .data import ImageStore, SplitData, image_key
+
+# Ways of asking for a caption seen in training; CAPTION_PROMPT is the one inference uses.
+CAPTION_PROMPTS = (CAPTION_PROMPT, "what is in the picture?", "write a caption.", "describe this image.")
+
+
+@dataclass
+class ImageExamples:
+    """Everything to learn about one image (or one free-form conversation)."""
+
+    images: list[ImageSource]
+    captions: list[str] = field(default_factory=list)
+    qa: list[tuple[str, str]] = field(default_factory=list)
+    chats: list[list[dict]] = field(default_factory=list)  # conversations as chat messages
+    shared_prefix: bool = True  # False: a conversation with several images or a late image, packed alone
+
+
+@dataclass
+class Unit:
+    """One training sequence: the images it shows, a shared prefix and its segments."""
+
+    images: list[ImageSource]
+    prefix: list[int]
+    segments: list[tuple[list[int], list[bool]]]  # (ids, is-target) of each segment after the prefix
+
+
+class VLMTask:
+    name = "vlm"
+
+    def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
+        self.config = config
+        options = {"questions_per_image": 0, "captions_per_image": 1, "max_length": None, **config.task_options}
+        self.questions_per_image = options["questions_per_image"]  # 0: all of them
+        self.captions_per_image = options["captions_per_image"]
+        self.tokenizer = WordTokenizer.train(train.texts() + list(CAPTION_PROMPTS),
+                                             extra_special_tokens=CHAT_SPECIAL_TOKENS, **config.tokenizer)
+        model_config: VLMConfig = config_from_dict(VLMConfig, config.model, source="model")
+        model_config.decoder.vocab_size = self.tokenizer.vocab_size
+        model_config.image_token_id = self.tokenizer.image_id
+        self.model = VisionLanguageModel(model_config)
+        size = model_config.vision.image_size
+        self.model.tokenizer = self.tokenizer
+        self.model.image_processor = ImageProcessor(size={"height": size, "width": size})
+        self.template = WordChatTemplate(self.tokenizer, model_config.tokens_per_image)
+        self.train_split, self.eval_split = train, evaluation
+        self.units = self._build_units(train)
+        self.max_length = options["max_length"] or model_config.decoder.max_length
+        self.store = ImageStore([s for u in self.units for s in u.images], self.model.image_processor,
+                                preload=config.data.preload_images, progress=progress, desc="train images")
+        self.eval_store: ImageStore | None = None
+
+    # -- building sequences ----------------------------------------------------------------
+
+    def _build_units(self, split: SplitData) -> list[ImageExamples]:
+        """Group everything said about each image: captions, questions, single-image dialogues."""
+        by_image: dict[str, ImageExamples] = {}
+
+        def entry(source: ImageSource) -> ImageExamples:
+            return by_image.setdefault(image_key(source), ImageExamples([source]))
+
+        for record in split.captions:
+            entry(record.image).captions.extend(record.captions)
+        for record in split.vqa:
+            entry(record.image).qa.append((record.question, record.answer or (record.answers[0] if record.answers else "")))
+        free_form = []
+        for record in split.conversations:
+            messages = conversation_to_messages(record)
+            first = messages[0]
+            if len(record.images) == 1 and first["role"] == "user" and first["content"].lstrip().startswith("<image>"):
+                entry(record.images[0]).chats.append(messages)
+            else:  # several images, or the image later in the chat: a sequence of its own
+                free_form.append(ImageExamples(list(record.images), chats=[messages], shared_prefix=False))
+        return list(by_image.values()) + free_form
+
+    def unit_sequence(self, item: ImageExamples, rng: random.Random) -> Unit:
+        """The packed sequence of one image for this step (captions and questions sampled by rng)."""
+        if not item.shared_prefix:
+            encoding = self.template.encode(item.chats[0])
+            return Unit(item.images, encoding.ids[:1], [(encoding.ids[1:], encoding.targets[1:])])
+        image_part = {"type": "image"}
+        prefix = self.template.encode([{"role": "user", "content": [image_part]}]).ids
+        chats = []
+        for caption in rng.sample(item.captions, min(self.captions_per_image, len(item.captions))):
+            chats.append([{"role": "user", "content": [image_part, {"type": "text", "text": rng.choice(CAPTION_PROMPTS)}]},
+                          {"role": "assistant", "content": caption}])
+        qa = item.qa if not self.questions_per_image else rng.sample(item.qa, min(self.questions_per_image, len(item.qa)))
+        for question, answer in qa:
+            chats.append([{"role": "user", "content": [image_part, {"type": "text", "text": question}]},
+                          {"role": "assistant", "content": answer}])
+        chats.extend(item.chats)
+        segments = []
+        for messages in chats:
+            encoding = self.template.encode(messages)
+            if encoding.ids[: len(prefix)] != prefix:
+                raise AssertionError("a chat does not start with the shared image prefix")
+            segments.append((encoding.ids[len(prefix):], encoding.targets[len(prefix):]))
+        rng.shuffle(segments)
+        return Unit(item.images, prefix, segments)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def make_batch(self, indices: list[int], rng: random.Random) -> dict:
+        units = [self.unit_sequence(self.units[i], rng) for i in indices]
+        rows = [pack(u, self.max_length) for u in units]
+        T = max(len(r[0]) for r in rows)
+        B = len(rows)
+        pad = self.tokenizer.pad_id
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        positions = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, T, dtype=torch.bool)
+        for b, (row_ids, row_targets, row_positions, row_segments) in enumerate(rows):
+            n = len(row_ids)
+            ids[b, :n] = torch.tensor(row_ids)
+            labels[b, :n] = torch.where(torch.tensor(row_targets), torch.tensor(row_ids), torch.tensor(-100))
+            positions[b, :n] = torch.tensor(row_positions)
+            segment = torch.tensor(row_segments)
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            same = (segment[:, None] == segment[None, :]) | (segment[None, :] == 0)
+            mask[b, :n, :n] = causal & same
+            mask[b, n:, n:] = torch.eye(T - n, dtype=torch.bool)  # padding attends to itself only
+        positions_of_images = [self.store.position(s) for u in units for s in u.images]
+        pixels = self.store.batch(positions_of_images) if positions_of_images else None
+        return {"ids": ids, "labels": labels, "positions": positions, "mask": mask[:, None], "pixels": pixels,
+                "examples": sum(len(u.segments) for u in units), "tokens": int((labels != -100).sum())}
+
+    def evaluate(self, model, limit: int) -> dict:
+        """VQA accuracy, caption metrics (+ grounding on Shapes), dialogue turn accuracy on the eval split."""
+        from ..evaluate.harness import first_images, vlm_split_scores
+
+        split = first_images(self.eval_split, limit)
+        if self.eval_store is None:  # the same images every evaluation: decode them once
+            sources = [r.image for r in split.captions] + [r.image for r in split.vqa]
+            sources += [s for r in split.conversations for s in r.images]
+            self.eval_store = ImageStore(sources, model.image_processor, progress=False)
+        return vlm_split_scores(model, split, store=self.eval_store)
+
+    @staticmethod
+    def primary_metric(flat: dict) -> float:
+        """The number that picks the best checkpoint (higher is better)."""
+        for key in ("vqa", "dialogue", "cider"):
+            if flat.get(key) is not None:
+                return flat[key]
+        return 0.0
+
+    @staticmethod
+    def loss(model, batch: dict) -> torch.Tensor:
+        return model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
+                     labels=batch["labels"]).loss
+
+
+def pack(unit: Unit, max_length: int) -> tuple[list[int], list[bool], list[int], list[int]]:
+    """ids, targets, positions and segment numbers (0 = prefix) of a packed sequence.
+
+    Segments that would run past max_length are left for another step (dropped here)."""
+    ids, targets = list(unit.prefix), [False] * len(unit.prefix)
+    positions, segments = list(range(len(unit.prefix))), [0] * len(unit.prefix)
+    for number, (seg_ids, seg_targets) in enumerate(unit.segments, start=1):
+        if len(unit.prefix) + len(seg_ids) > max_length:
+            continue
+        ids += seg_ids
+        targets += seg_targets
+        positions += range(len(unit.prefix), len(unit.prefix) + len(seg_ids))
+        segments += [number] * len(seg_ids)
+    return ids, targets, positions, segments
+
