@@ -1,3 +1,21 @@
-"""MultimodalModels: image+text AI you can run, train, evaluate and serve on a laptop CPU."""
+"""MultimodalModels: image+text AI you can run, train, evaluate and serve on a laptop CPU.
+
+    import multimodal_models
+    vlm = multimodal_models.load("shapes-vlm")
+    vlm.caption("photo.png"); vlm.ask("photo.png", "how many circles are there?")
+    for piece in vlm.chat([{"role": "user", "content": "<image> what is this?"}], images=["photo.png"], stream=True): ...
+    clip = multimodal_models.load("shapes-clip")
+    clip.classify("photo.png", ["a red circle", "a blue star"])
+"""
 
 __version__ = "0.1.0"
+
+
+def load(name_or_path, *, device: str = "cpu"):
+    """A shipped model by name ("shapes-vlm", "shapes-clip") or a saved model folder."""
+    from .loading import load as _load
+
+    return _load(name_or_path, device=device)
+
+
+__all__ = ["load", "__version__"]

@@ -130,6 +130,116 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), seed=args.seed)
 
 
+# --- models ---------------------------------------------------------------------------
+
+
+def _load(name: str, expected: str | None = None):
+    from .loading import load
+
+    model = load(name)
+    if expected and model.model_type != expected:
+        raise MultimodalError(f"{name} is a {model.model_type} model; this command needs a {expected} model")
+    return model
+
+
+def _generation_options(args) -> dict:
+    options = {"max_new_tokens": args.max_tokens, "num_beams": args.beams}
+    if args.temperature is not None:
+        options.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return options
+
+
+def cmd_train(args) -> None:
+    from .training.config import load_config
+    from .training.loop import train
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config, resume=args.resume, progress=not args.quiet)
+    _print_json(summary)
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate.report import evaluate_model
+
+    results = evaluate_model(_load(args.model), args.data, args.out, split=args.split, limit=args.limit,
+                             progress=not args.quiet)
+    from .evaluate.harness import headline
+
+    _print_json({"report": str(Path(args.out) / "report.md"), **headline(results)})
+
+
+def cmd_caption(args) -> None:
+    model = _load(args.model, "vlm")
+    for image in args.images:
+        print(f"{image}\t{model.caption(str(image), **_generation_options(args))}")
+
+
+def cmd_ask(args) -> None:
+    model = _load(args.model)
+    if model.model_type == "fusion_classifier":
+        answer, confidence = model.answer(str(args.image), args.question)
+        print(f"{answer}\t(confidence {confidence:.3f})")
+        return
+    if model.model_type != "vlm":
+        raise MultimodalError(f"{args.model} is a {model.model_type} model; 'ask' needs a vlm or fusion_classifier")
+    print(model.ask(str(args.image), args.question, **_generation_options(args)))
+
+
+def cmd_chat(args) -> None:
+    model = _load(args.model, "vlm")
+    images = [str(p) for p in args.images]
+    messages: list[dict] = []
+    print(f"Chatting about {len(images)} image(s). An empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        content = [{"type": "image"} for _ in images] if not messages else []  # the images open the chat
+        messages.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
+        print("model> ", end="", flush=True)
+        reply = ""
+        for piece in model.chat(messages, images=images, stream=True, **_generation_options(args)):
+            print(piece, end="", flush=True)
+            reply += piece
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_classify(args) -> None:
+    model = _load(args.model, "dual_encoder")
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if len(labels) < 2:
+        raise MultimodalError("--labels needs at least two comma-separated labels")
+    for label, probability in model.classify(str(args.image), labels):
+        print(f"{probability:.4f}\t{label}")
+
+
+def cmd_embed(args) -> None:
+    import numpy as np
+
+    model = _load(args.model, "dual_encoder")
+    if bool(args.images) == bool(args.texts):
+        raise MultimodalError("give --images FILE... or --texts TEXT... (one of the two)")
+    vectors = model.embed_images([str(p) for p in args.images]) if args.images else model.embed_texts(args.texts)
+    array = vectors.float().cpu().numpy()
+    if args.out:
+        np.save(args.out, array)
+        print(f"{args.out}: {array.shape[0]} vectors of dimension {array.shape[1]}")
+    else:
+        for item, row in zip(args.images or args.texts, array):
+            print(json.dumps({"input": str(item), "embedding": [round(float(x), 6) for x in row]}))
+
+
+def cmd_experiment_fusion(args) -> None:
+    from .experiments.fusion import run_fusion_experiment
+
+    _print_json(run_fusion_experiment(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
+                                      eval_samples=args.eval_samples, progress=not args.quiet))
+
+
 # --- parser ---------------------------------------------------------------------------
 
 
@@ -213,6 +323,72 @@ def build_parser() -> argparse.ArgumentParser:
     freq.add_argument("--split", default="test", help="split to predict (default test)")
     freq.add_argument("--out", type=Path, required=True, help="COCO results JSON to write")
     freq.set_defaults(func=cmd_baseline_caption)
+
+    tr = commands.add_parser("train", help="train a model from a YAML config (one loop for every task)")
+    tr.add_argument("config", type=Path, help="YAML config, e.g. configs/shapes-vlm.yaml")
+    tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
+    tr.add_argument("--resume", action="store_true", help="continue the run in the config's output folder")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    ev = commands.add_parser("evaluate", help="run a model on a benchmark split; write metrics, a report and plots")
+    ev.add_argument("--model", default="shapes-vlm", help="shipped model name or saved model folder (default shapes-vlm)")
+    ev.add_argument("--data", required=True, help="dataset folder with dataset.json (e.g. from 'multimodal shapes generate')")
+    ev.add_argument("--split", default="test", help="split to evaluate (default test)")
+    ev.add_argument("--out", required=True, type=Path, help="report folder to write")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_evaluate)
+
+    def generation_options(p):
+        p.add_argument("--max-tokens", type=int, default=48, help="most tokens to generate (default 48)")
+        p.add_argument("--beams", type=int, default=1, help="beam search width (default 1: greedy)")
+        p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default greedy)")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+        p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+    cp = commands.add_parser("caption", help="caption images with a native multimodal LM")
+    cp.add_argument("images", nargs="+", type=Path, help="image files")
+    cp.add_argument("--model", default="shapes-vlm", help="model name or folder (default shapes-vlm)")
+    generation_options(cp)
+    cp.set_defaults(func=cmd_caption)
+
+    ask = commands.add_parser("ask", help="answer a question about an image")
+    ask.add_argument("image", type=Path, help="image file")
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--model", default="shapes-vlm", help="model name or folder (default shapes-vlm)")
+    generation_options(ask)
+    ask.set_defaults(func=cmd_ask)
+
+    ch = commands.add_parser("chat", help="chat about images, several turns, answers streamed")
+    ch.add_argument("images", nargs="+", type=Path, help="image files the chat is about")
+    ch.add_argument("--model", default="shapes-vlm", help="model name or folder (default shapes-vlm)")
+    generation_options(ch)
+    ch.set_defaults(func=cmd_chat)
+
+    cl = commands.add_parser("classify", help="zero-shot classification with a dual encoder")
+    cl.add_argument("image", type=Path, help="image file")
+    cl.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'a red circle,a blue star'")
+    cl.add_argument("--model", default="shapes-clip", help="model name or folder (default shapes-clip)")
+    cl.set_defaults(func=cmd_classify)
+
+    em = commands.add_parser("embed", help="embed images or texts with a dual encoder")
+    em.add_argument("--images", nargs="*", type=Path, default=[], help="image files")
+    em.add_argument("--texts", nargs="*", default=[], help="texts")
+    em.add_argument("--model", default="shapes-clip", help="model name or folder (default shapes-clip)")
+    em.add_argument("--out", type=Path, default=None, help=".npy file for the vectors (default: JSON lines on stdout)")
+    em.set_defaults(func=cmd_embed)
+
+    ex = commands.add_parser("experiment", help="experiments that compare architectures")
+    ex_commands = ex.add_subparsers(dest="experiment_command", required=True, metavar="NAME")
+    fu = ex_commands.add_parser("fusion", help="early vs middle vs late fusion vs native LM, same data and budget")
+    fu.add_argument("--data", required=True, help="dataset folder with dataset.json")
+    fu.add_argument("--out", required=True, type=Path, help="report folder")
+    fu.add_argument("--steps", type=int, default=600, help="optimizer steps per model (default 600)")
+    fu.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    fu.add_argument("--eval-samples", type=int, default=300, help="test images per split to evaluate (default 300)")
+    fu.add_argument("--quiet", action="store_true", help="no progress bars")
+    fu.set_defaults(func=cmd_experiment_fusion)
 
     demo = commands.add_parser("demo", help="the main job: generate data, score baselines, draw a preview")
     demo.add_argument("--out", default="demo_output", help="folder for everything the demo writes (default demo_output)")

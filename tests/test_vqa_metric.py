@@ -277,3 +277,9 @@ def test_fixture_is_in_the_published_layout():
         assert len(ann["answers"]) == 10
         assert [a["answer_id"] for a in ann["answers"]] == list(range(1, 11))
         assert all(set(a) == {"answer", "answer_confidence", "answer_id"} for a in ann["answers"])
+
+
+def test_a_single_reference_answer_scores_normalised_exact_match():
+    """Datasets with one answer per question (a plain JSONL) are not scored 0 by leave-one-out."""
+    assert single_question_accuracy("Two.", ["2"]) == 1.0
+    assert single_question_accuracy("three", ["2"]) == 0.0

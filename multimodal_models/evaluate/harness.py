@@ -41,6 +41,7 @@ def first_images(split: SplitData, limit: int | None) -> SplitData:
         captions=[r for r in split.captions if image_key(r.image) in keep],
         vqa=[r for r in split.vqa if image_key(r.image) in keep],
         conversations=[r for r in split.conversations if r.images and all(image_key(s) in keep for s in r.images)],
+        multiple_choice=split.multiple_choice[: 2 * limit],
         scenes=split.scenes,
     )
 
@@ -168,3 +169,64 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
         flat["t2i_R@1"] = results["retrieval"]["text_to_image"]["R@1"]
         flat["i2t_R@1"] = results["retrieval"]["image_to_text"]["R@1"]
     return flat
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, records: list[CaptionRecord], store: ImageStore, *, scenes: dict | None = None,
+                       batch_size: int = 256, progress: bool = False) -> dict:
+    """Image->text and text->image recall@K over all captions of the split, with the ambiguity ceiling."""
+    from .metrics.retrieval import retrieval_metrics
+
+    image_embeds = torch.cat([
+        model.encode_image(store.batch([store.position(r.image) for r in chunk]).to(model.device))
+        for chunk in _batches(records, batch_size, "embed images", progress)
+    ])
+    texts = [c for r in records for c in r.captions]
+    text_to_image = [i for i, r in enumerate(records) for _ in r.captions]
+    text_embeds = model.embed_texts(texts)
+    similarity = (image_embeds.float() @ text_embeds.float().T).cpu()
+    scores = retrieval_metrics(similarity, text_to_image, ks=tuple(range(1, 11)))
+    scores["ceiling"] = retrieval_ceiling(records, scenes)
+    scores["num_images"], scores["num_texts"] = len(records), len(texts)
+    return scores
+
+
+def retrieval_ceiling(records: list[CaptionRecord], scenes: dict | None = None) -> dict:
+    """The best R@1 any model can expect when several images fit a caption equally well.
+
+    A caption "fits" an image when everything it claims holds there: on Shapes this is
+    decided from the scene graphs (the caption's parsed claims); elsewhere only an
+    identical caption of another image counts. Among images that fit a caption equally
+    well, a perfect model can do no better than a random order: text->image expects
+    R@1 = 1 / (#images the caption fits); image->text expects the share of the image's
+    own captions among all captions that fit it.
+    """
+    texts = [(i, c) for i, r in enumerate(records) for c in r.captions]
+    if scenes is not None and all(r.image_id in scenes for r in records):
+        from ..data.shapes.grounding import fits, parse_caption
+
+        parsed = {}
+        scene_list = [scenes[r.image_id] for r in records]
+        fitting = []
+        for _, caption in texts:
+            if caption not in parsed:
+                parsed[caption] = [k for k, scene in enumerate(scene_list) if fits(parse_caption(caption), scene)]
+            fitting.append(parsed[caption])
+        basis = "scene graphs"
+    else:
+        by_text: dict[str, list[int]] = defaultdict(list)
+        for i, caption in texts:
+            key = " ".join(caption.lower().split())
+            if i not in by_text[key]:
+                by_text[key].append(i)
+        fitting = [by_text[" ".join(c.lower().split())] for _, c in texts]
+        basis = "identical captions"
+    t2i = [1.0 / max(1, len(set(f) | {i})) for (i, _), f in zip(texts, fitting)]
+    fits_image: dict[int, list[bool]] = defaultdict(list)  # image -> for each fitting text: is it its own?
+    for (owner, _), images in zip(texts, fitting):
+        for k in set(images) | {owner}:
+            fits_image[k].append(k == owner)
+    i2t = [sum(v) / len(v) for _, v in sorted(fits_image.items())]
+    return {"text_to_image_R@1": round(100 * sum(t2i) / len(t2i), 2) if t2i else None,
+            "image_to_text_R@1": round(100 * sum(i2t) / len(i2t), 2) if i2t else None,
+            "basis": basis}

@@ -7,13 +7,14 @@ vector, and an MLP head scores every answer in `config.answers`.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .dual_encoder import evaluating, preprocess_images, require_preprocessing, tokenize
+from .inputs import as_image_list, evaluating, preprocess_images, require_preprocessing, tokenize
 from .fusion import FusionConfig, build_fusion
 from .layers import init_weights
 from .pretrained import PretrainedModel
@@ -32,8 +33,7 @@ class FusionClassifierConfig:
     def validate(self) -> None:
         if not self.answers:
             raise ValueError("the answer vocabulary is empty; give at least one answer")
-        seen: set[str] = set()
-        duplicates = sorted({a for a in self.answers if a in seen or seen.add(a)})
+        duplicates = sorted(a for a, n in Counter(self.answers).items() if n > 1)
         if duplicates:
             raise ValueError(f"answers appear more than once: {duplicates}")
 
@@ -78,25 +78,43 @@ class FusionClassifier(PretrainedModel):
 
     def answer(self, image, question: str) -> tuple[str, float]:
         """One image and one question -> (answer, softmax confidence)."""
-        return self.answer_batch([image], [question])[0]
+        answers, confidences = self.predict([question], images=[image])
+        return answers[0], confidences[0]
 
-    def answer_batch(self, images: Sequence, questions: Sequence[str], *, batch_size: int = 64
-                     ) -> list[tuple[str, float]]:
-        """Pairs images[i], questions[i] -> [(answer, confidence)], in order."""
-        require_preprocessing(self, tokenizer=True, image_processor=True)
-        images, questions = list(images), list(questions)
-        if len(images) != len(questions):
-            raise ValueError(f"got {len(images)} images but {len(questions)} questions; give one question per image")
-        if not images:
-            raise ValueError("no images given (empty list)")
-        results: list[tuple[str, float]] = []
+    def answer_batch(self, questions: Sequence[str], *, images: Sequence | None = None,
+                     pixels: torch.Tensor | None = None) -> list[str]:
+        """questions[i] about images[i] (files, PIL images) or pixels[i] (preprocessed) -> answers."""
+        return self.predict(questions, images=images, pixels=pixels)[0]
+
+    def predict(self, questions: Sequence[str], *, images: Sequence | None = None, pixels: torch.Tensor | None = None,
+                batch_size: int = 64) -> tuple[list[str], list[float]]:
+        """Answers and their softmax confidences, in order."""
+        require_preprocessing(self, tokenizer=True, image_processor=pixels is None)
+        if isinstance(questions, str):
+            raise TypeError("expected a list of questions, got one string; use answer() for one pair")
+        questions = list(questions)
+        if pixels is None:
+            images = as_image_list(images if images is not None else [])
+            count = len(images)
+        else:
+            count = pixels.shape[0]
+        if count != len(questions):
+            raise ValueError(f"got {count} images but {len(questions)} questions; give one question per image")
+        if not questions:
+            raise ValueError("no questions given (empty list)")
+        answers: list[str] = []
+        confidences: list[float] = []
         with evaluating(self):
-            for start in range(0, len(images), batch_size):
-                pixels = preprocess_images(self.image_processor, images[start : start + batch_size],
-                                           self.config.vision.image_size, self.device)
+            for start in range(0, count, batch_size):
+                if pixels is None:
+                    chunk = preprocess_images(self.image_processor, images[start : start + batch_size],
+                                              self.config.vision.image_size, self.device)
+                else:
+                    chunk = pixels[start : start + batch_size].to(self.device)
                 ids, mask = tokenize(self.tokenizer, questions[start : start + batch_size],
                                      self.config.text.max_length, self.device)
-                probs = self(pixels, ids, mask).float().softmax(dim=-1)  # (b, A)
+                probs = self(chunk, ids, mask).float().softmax(dim=-1)  # (b, A)
                 confidence, index = probs.max(dim=-1)
-                results += [(self.config.answers[i], float(c)) for i, c in zip(index.tolist(), confidence)]
-        return results
+                answers += [self.config.answers[i] for i in index.tolist()]
+                confidences += confidence.tolist()
+        return answers, confidences

@@ -9,8 +9,7 @@ the tokenizer and image processor that travel with the weights.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inputs import as_image_list, evaluating, preprocess_images, require_preprocessing, tokenize
 from .losses import ContrastiveLoss, SigmoidLoss
 from .pretrained import PretrainedModel
 from .text import TextEncoder, TextEncoderConfig
@@ -67,65 +67,6 @@ class DualEncoderOutput(NamedTuple):
     loss: torch.Tensor  # () the config's alignment loss, row i of each side being a pair
 
 
-# --- batching helpers (shared with the fusion classifier) ------------------------------------
-
-
-def tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """texts -> ids (B, T), attention_mask (B, T): <bos> ... <eos>, right-padded with the pad id.
-
-    A text longer than `max_length` tokens is an error (nothing is cut off silently).
-    """
-    if isinstance(texts, str):
-        raise TypeError("expected a list of texts, got one string; wrap it in a list")
-    if not texts:
-        raise ValueError("no texts given (empty list)")
-    encoded = tokenizer.encode_batch(list(texts), add_special_tokens=True)
-    for text, ids in zip(texts, encoded):
-        if len(ids) > max_length:
-            raise ValueError(f"text {text[:60]!r} is {len(ids)} tokens long; the model reads at most {max_length}")
-    T = max(len(ids) for ids in encoded)
-    ids = torch.full((len(encoded), T), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(encoded), T, dtype=torch.long)
-    for i, row in enumerate(encoded):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def preprocess_images(image_processor, images, image_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A list of images (paths, bytes, PIL images, uint8 arrays) -> pixels (B, 3, S, S) on `device`."""
-    pixels = image_processor(images)
-    if tuple(pixels.shape[-2:]) != (image_size, image_size):
-        raise ValueError(
-            f"the image processor makes {pixels.shape[-2]}x{pixels.shape[-1]} pixels but the model expects "
-            f"{image_size}x{image_size}; set its size (and crop_size) to {image_size}"
-        )
-    return pixels.to(device)
-
-
-def require_preprocessing(model: PretrainedModel, *, tokenizer: bool = False, image_processor: bool = False) -> None:
-    """A clear error when a helper needs the tokenizer or image processor and none is attached."""
-    for needed, name in ((tokenizer, "tokenizer"), (image_processor, "image_processor")):
-        if needed and getattr(model, name) is None:
-            raise RuntimeError(
-                f"this {type(model).__name__} has no {name} attached; load it with from_pretrained(folder) "
-                f"from a folder that has one, or set model.{name} yourself"
-            )
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients for the duration; restores the training flag afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 # --- the model ----------------------------------------------------------------------------
 
 
@@ -169,9 +110,10 @@ class DualEncoder(PretrainedModel):
     # -- user-level helpers --------------------------------------------------------------
 
     def embed_images(self, images: Sequence, *, batch_size: int = 64) -> torch.Tensor:
-        """Images (paths, encoded bytes, PIL images) -> (N, E) unit vectors on the CPU."""
+        """Images (paths, encoded bytes, PIL images, uint8 arrays) -> (N, E) unit vectors on the CPU.
+        A single image is taken as a list of one."""
         require_preprocessing(self, image_processor=True)
-        images = list(images)
+        images = as_image_list(images)
         if not images:
             raise ValueError("no images given (empty list)")
         out = []

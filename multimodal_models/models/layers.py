@@ -178,7 +178,8 @@ class GatedMLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)) [+ cross_attn(norm(x), context)] + mlp(norm(x))."""
+    """Pre-norm block, each step a residual update:
+    x = x + attn(norm1(x));  [x = x + cross_attn(cross_norm(x), context)];  x = x + mlp(norm2(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, *, norm: str = "layernorm", norm_eps: float = 1e-5,
                  mlp: str = "gelu", act: str = "gelu", kv_heads: int | None = None, qkv_bias: bool = True,
@@ -187,7 +188,9 @@ class TransformerBlock(nn.Module):
         self.norm1 = make_norm(norm, dim, norm_eps)
         self.attn = Attention(dim, heads, kv_heads=kv_heads, qkv_bias=qkv_bias, out_bias=out_bias)
         self.cross_norm = make_norm(norm, dim, norm_eps) if context_dim else None
-        self.cross_attn = Attention(dim, heads, context_dim=context_dim) if context_dim else None
+        self.cross_attn = (
+            Attention(dim, heads, context_dim=context_dim, qkv_bias=qkv_bias, out_bias=out_bias) if context_dim else None
+        )
         self.norm2 = make_norm(norm, dim, norm_eps)
         if mlp == "gelu":
             self.mlp = MLP(dim, mlp_hidden, act, bias=mlp_bias)

@@ -1,9 +1,10 @@
 """Saving and loading models as folders: config.json + model.safetensors + tokenizer.json +
 preprocessor_config.json (the Hugging Face layout, so the folders look like any checkpoint).
 
-Configs are dataclasses (nested for composite models) turned into JSON and back with
-strict checking: an unknown or missing key is an error naming it, and loading weights
-demands every key and shape to match (no silent `strict=False`).
+Configs are dataclasses (nested for composite models) turned into JSON and back: an
+unknown key is an error naming it (a typo never passes silently), a missing key takes
+the field's default (so YAML files name only what they change). Loading weights demands
+every key and shape to match (no silent `strict=False`).
 """
 
 from __future__ import annotations
@@ -113,11 +114,12 @@ class PretrainedModel(nn.Module):
 
     def _tensors_to_save(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
-        seen: dict[int, str] = {}
+        seen: dict[tuple, str] = {}
         for name, tensor in self.state_dict().items():
-            if tensor.data_ptr() in seen:  # tied weights are stored once
+            storage = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+            if tensor.numel() and storage in seen:  # tied weights are stored once
                 continue
-            seen[tensor.data_ptr()] = name
+            seen[storage] = name
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             tensors[name] = tensor.detach().contiguous().cpu()
@@ -143,9 +145,9 @@ class PretrainedModel(nn.Module):
     def load_weights(self, path: Path, *, map_location: str = "cpu") -> None:
         stored = load_file(str(path), device=map_location)
         own = self.state_dict()
-        by_storage: dict[int, list[str]] = {}
+        by_storage: dict[tuple, list[str]] = {}
         for name, tensor in own.items():
-            by_storage.setdefault(tensor.data_ptr(), []).append(name)
+            by_storage.setdefault((tensor.data_ptr(), tuple(tensor.shape), tensor.stride()), []).append(name)
         covered = {n for names in by_storage.values() if any(n in stored for n in names) for n in names}  # tied weights
         missing = sorted(set(own) - covered)
         unexpected = sorted(set(stored) - set(own))

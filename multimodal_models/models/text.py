@@ -65,8 +65,8 @@ class TextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask=keys, causal=self.config.causal)
         x = self.final_norm(x)
-        if self.config.pool == "eot":
-            last = attention_mask.long().sum(dim=1).clamp(min=1) - 1
+        if self.config.pool == "eot":  # the last real token, wherever the padding is
+            last = (attention_mask.long() * torch.arange(T, device=ids.device)).argmax(dim=1)
             pooled = x[torch.arange(B, device=x.device), last]
         elif self.config.pool == "first":
             pooled = x[:, 0]

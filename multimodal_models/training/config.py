@@ -36,6 +36,7 @@ class SplitFiles:
     dialogues: str | None = None  # LLaVA conversation JSON / JSONL
     table: str | None = None  # plain JSONL / CSV next to an image folder
     scenes: str | None = None  # Shapes scene graphs (grounded caption metrics)
+    mmmu: str | None = None  # MMMU-layout parquet file or folder (multiple-choice evaluation)
 
 
 @dataclass

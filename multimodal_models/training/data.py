@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..data import formats
 from ..data.preprocess import ImageProcessor
-from ..data.records import CaptionRecord, ConversationRecord, ImageSource, VQARecord
+from ..data.records import CaptionRecord, ConversationRecord, ImageSource, MultipleChoiceRecord, VQARecord
 from .config import DataConfig, SplitFiles
 
 
@@ -29,6 +29,7 @@ class SplitData:
     captions: list[CaptionRecord] = field(default_factory=list)
     vqa: list[VQARecord] = field(default_factory=list)
     conversations: list[ConversationRecord] = field(default_factory=list)
+    multiple_choice: list[MultipleChoiceRecord] = field(default_factory=list)
     scenes: dict | None = None  # image_id -> Shapes scene graph, when the split has one
 
     def texts(self) -> list[str]:
@@ -39,7 +40,7 @@ class SplitData:
         return out
 
     def is_empty(self) -> bool:
-        return not (self.captions or self.vqa or self.conversations)
+        return not (self.captions or self.vqa or self.conversations or self.multiple_choice)
 
 
 def ensure_dataset(data: DataConfig) -> None:
@@ -95,6 +96,8 @@ def load_split(data: DataConfig, which: str) -> SplitData:
             split.vqa += rows
         else:
             split.captions += rows
+    if files.mmmu:
+        split.multiple_choice = formats.read_mmmu(files.mmmu)
     if files.scenes:
         from ..data.shapes.layout import read_scenes
 

@@ -233,7 +233,7 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
                 with autocast_context(t.precision, device):
                     loss = task.loss(runner, batch) / t.accumulate
                 (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
             window["examples"] += batch.get("examples", micro_batch) * dist.world
             window["tokens"] += batch.get("tokens", 0) * dist.world
         if scaler:

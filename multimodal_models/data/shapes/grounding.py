@@ -106,22 +106,26 @@ def _words(m: Mention) -> str:
     return " ".join(w for w in (str(m.count) if m.count is not None else "", d.size, d.color, d.shape or "object") if w)
 
 
-def check_caption(caption: str, scene: Scene) -> CaptionCheck:
-    """Every claim the caption makes, each checked against the scene graph."""
+@dataclass(frozen=True)
+class ParsedCaption:
+    """What a caption says, before it is checked against any scene."""
+
+    extremes: tuple[tuple[str, Mention], ...]  # ("leftmost", what it is said to be)
+    relations: tuple[tuple[Mention, str, Mention], ...]  # (A, "left"|"right"|"above"|"below", B)
+    mentions: tuple[Mention, ...]
+
+
+def parse_caption(caption: str) -> ParsedCaption:
     tokens = tokenize(caption)
-    claims: list[Claim] = []
-    mentions: list[Mention] = []
+    extremes, relations, mentions = [], [], []
     i = 0
     previous: Mention | None = None
     while i < len(tokens):
         # "the leftmost shape is a red circle"
         if tokens[i] == "the" and i + 3 < len(tokens) and tokens[i + 1] in EXTREMES and tokens[i + 2] in _GENERIC:
-            j = i + 3 + (tokens[i + 3] in ("is", "was"))
-            target = parse_mention(tokens, j)
+            target = parse_mention(tokens, i + 3 + (tokens[i + 3] in ("is", "was")))
             if target is not None:
-                extreme = min(scene.objects, key=EXTREMES[tokens[i + 1]]) if scene.objects else None
-                holds = extreme is not None and target.description.matches(extreme)
-                claims.append(Claim("extreme", f"{tokens[i + 1]} is {_words(target)}", holds))
+                extremes.append((tokens[i + 1], target))
                 mentions.append(target)
                 previous, i = target, target.end
                 continue
@@ -130,14 +134,7 @@ def check_caption(caption: str, scene: Scene) -> CaptionCheck:
             phrase, after = relation
             other = parse_mention(tokens, after)
             if other is not None:
-                holds = any(
-                    _GEOMETRY[phrase](a, b)
-                    for a in scene.objects
-                    if previous.description.matches(a)
-                    for b in scene.objects
-                    if b is not a and other.description.matches(b)
-                )
-                claims.append(Claim("relation", f"{_words(previous)} {phrase} {_words(other)}", holds))
+                relations.append((previous, phrase, other))
                 mentions.append(other)
                 previous, i = other, other.end
                 continue
@@ -147,15 +144,44 @@ def check_caption(caption: str, scene: Scene) -> CaptionCheck:
             previous, i = mention, mention.end
             continue
         i += 1
-    for m in mentions:
+    return ParsedCaption(tuple(extremes), tuple(relations), tuple(mentions))
+
+
+def check_parsed(parsed: ParsedCaption, scene: Scene) -> CaptionCheck:
+    """Every claim of a parsed caption, each checked against the scene graph."""
+    claims: list[Claim] = []
+    for word, target in parsed.extremes:
+        extreme = min(scene.objects, key=EXTREMES[word]) if scene.objects else None
+        claims.append(Claim("extreme", f"{word} is {_words(target)}", extreme is not None and target.description.matches(extreme)))
+    for a, phrase, b in parsed.relations:
+        holds = any(
+            _GEOMETRY[phrase](x, y)
+            for x in scene.objects
+            if a.description.matches(x)
+            for y in scene.objects
+            if y is not x and b.description.matches(y)
+        )
+        claims.append(Claim("relation", f"{_words(a)} {phrase} {_words(b)}", holds))
+    for m in parsed.mentions:
         n = m.description.count(scene)
         if m.count is not None:
             claims.append(Claim("count", _words(m), n == m.count))
         elif not m.description.is_generic:
             claims.append(Claim("exists", _words(m), n > 0))
-    attributed = [m for m in mentions if not m.description.is_generic]
+    attributed = [m for m in parsed.mentions if not m.description.is_generic]
     hallucinated = tuple(_words(m) for m in attributed if m.description.count(scene) == 0)
     return CaptionCheck(tuple(claims), len(attributed), hallucinated)
+
+
+def check_caption(caption: str, scene: Scene) -> CaptionCheck:
+    """Every claim the caption makes, each checked against the scene graph."""
+    return check_parsed(parse_caption(caption), scene)
+
+
+def fits(parsed: ParsedCaption, scene: Scene) -> bool:
+    """True when every claim of the caption holds in the scene (it describes the scene correctly)."""
+    check = check_parsed(parsed, scene)
+    return bool(check.claims) and all(c.holds for c in check.claims)
 
 
 def _relation_at(tokens: list[str], i: int) -> tuple[str, int] | None:

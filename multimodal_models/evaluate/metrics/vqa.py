@@ -176,10 +176,15 @@ def single_question_accuracy(prediction: str, human_answers: list[str] | tuple[s
 
     Implements steps 1-3 of the module docstring: whitespace cleaning always,
     normalisation only when the (cleaned) human answers are not all identical, then the
-    mean over leave-one-out subsets of min(1, #matching other humans / 3).
+    mean over leave-one-out subsets of min(1, #matching other humans / 3). A record with a
+    single reference answer (not VQA v2) scores normalised exact match instead.
     """
     if not human_answers:
         raise ValueError("single_question_accuracy needs at least one human answer")
+    if len(human_answers) == 1:
+        # Not VQA v2 (ten humans) but a single-reference dataset, e.g. a plain JSONL: the
+        # leave-one-out formula would always give 0, so score exact match after normalising.
+        return float(normalize_answer(_clean_whitespace(prediction)) == normalize_answer(_clean_whitespace(human_answers[0])))
     humans = [_clean_whitespace(h) for h in human_answers]
     pred = _clean_whitespace(prediction)
     if len(set(humans)) > 1:

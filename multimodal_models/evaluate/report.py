@@ -1,0 +1,204 @@
+"""`multimodal evaluate`: run a model on a benchmark split, write metrics.json, a Markdown
+report and plots (accuracy per question type, recall@K curves, a grid of predictions)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..training.config import DataConfig
+from ..training.data import ImageStore, load_split
+from .harness import (
+    evaluate_captions,
+    evaluate_dialogues,
+    evaluate_multiple_choice,
+    evaluate_retrieval,
+    evaluate_vqa,
+    first_images,
+)
+from .metrics.caption import java_available
+
+
+def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "test", limit: int | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    out = Path(out)
+    split_data = first_images(load_split(DataConfig(root=str(data), eval_split=split), "eval"), limit)
+    sources = [r.image for r in split_data.captions] + [r.image for r in split_data.vqa]
+    sources += [s for r in split_data.conversations for s in r.images]
+    store = ImageStore(sources, model.image_processor, progress=progress, desc="images")
+    results: dict[str, Any] = {"model_type": model.model_type, "data": str(data), "split": split}
+    start = time.perf_counter()
+    if hasattr(model, "answer_batch") and split_data.vqa:
+        results["vqa"] = evaluate_vqa(model, split_data.vqa, store, progress=progress)
+    if hasattr(model, "caption_batch") and split_data.captions:
+        java = java_available()
+        results["captions"] = evaluate_captions(model, split_data.captions, store, scenes=split_data.scenes,
+                                                tokenizer="auto", use_meteor=java, progress=progress)
+    if hasattr(model, "generate_batch") and split_data.conversations:
+        results["dialogue"] = evaluate_dialogues(model, split_data.conversations, store, progress=progress)
+    if hasattr(model, "chat") and split_data.multiple_choice:
+        results["multiple_choice"] = evaluate_multiple_choice(model, split_data.multiple_choice, progress=progress)
+    if hasattr(model, "encode_image") and split_data.captions:
+        results["retrieval"] = evaluate_retrieval(model, split_data.captions, store, scenes=split_data.scenes,
+                                                  progress=progress)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    write_report(results, split_data, store, out)
+    return results
+
+
+def _without_predictions(value):
+    if isinstance(value, dict):
+        return {k: _without_predictions(v) for k, v in value.items() if k not in ("predictions", "perQuestion", "correct")}
+    return value
+
+
+def write_report(results: dict, split_data, store: ImageStore, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = _without_predictions(results)
+    atomic_write_json(out / "metrics.json", metrics, indent=2)
+    predictions = {k: v["predictions"] for k, v in results.items() if isinstance(v, dict) and "predictions" in v}
+    if predictions:
+        atomic_write_json(out / "predictions.json", {k: {str(i): p for i, p in v.items()} for k, v in predictions.items()})
+    plots = []
+    if "vqa" in results:
+        plots.append(_bar_plot(out / "vqa_per_question_type.png", results["vqa"]["perQuestionType"],
+                               "VQA accuracy per question type", "accuracy (%)"))
+        plots.append(_prediction_grid(out / "vqa_samples.png", split_data, store, results["vqa"]["predictions"]))
+    if "captions" in results:
+        plots.append(_caption_grid(out / "caption_samples.png", split_data, store, results["captions"]["predictions"]))
+    if "retrieval" in results:
+        plots.append(_recall_plot(out / "recall_at_k.png", results["retrieval"]))
+    atomic_write_text(out / "report.md", markdown_report(metrics, [p.name for p in plots if p]))
+
+
+def markdown_report(metrics: dict, plots: list[str]) -> str:
+    lines = [f"# Evaluation: {metrics['model_type']} on {metrics['data']} ({metrics['split']})", ""]
+    if "vqa" in metrics:
+        v = metrics["vqa"]
+        lines += ["## VQA (official VQA v2 accuracy)", "", f"Overall: **{v['overall']}** on {v['num_questions']} questions", "",
+                  "| question type | accuracy |", "|---|---|"]
+        lines += [f"| {k} | {a} |" for k, a in sorted(v["perQuestionType"].items())]
+        lines += ["", "| answer type | accuracy |", "|---|---|"]
+        lines += [f"| {k} | {a} |" for k, a in sorted(v["perAnswerType"].items())]
+        lines.append("")
+    if "captions" in metrics:
+        c = metrics["captions"]
+        keys = [k for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in c]
+        lines += ["## Captions (coco-caption metrics)", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                  "| " + " | ".join(f"{c[k]:.4f}" for k in keys) + " |", ""]
+        if "grounding" in c:
+            g = c["grounding"]
+            lines += [f"Grounded claim precision **{g['claim_precision']}%**, hallucination rate **{g['hallucination_rate']}%** "
+                      f"(object-level {g['object_hallucination_rate']}%) over {g['num_captions']} captions.", ""]
+        lines += [f"- {note}" for note in c.get("notes", [])] + [""]
+    if "dialogue" in metrics:
+        d = metrics["dialogue"]
+        lines += ["## Dialogue", "", f"Turn accuracy **{d['turn_accuracy']}%** over {d['num_turns']} turns "
+                  f"({d['num_dialogues']} dialogues); per turn: {d['perTurn']}", ""]
+    if "multiple_choice" in metrics:
+        m = metrics["multiple_choice"]
+        lines += ["## Multiple choice (MMMU layout, official answer extraction)", "",
+                  f"Accuracy {m['overall']['acc']} on {m['overall']['num']} items", ""]
+    if "retrieval" in metrics:
+        r = metrics["retrieval"]
+        lines += ["## Retrieval", "", "| direction | R@1 | R@5 | R@10 | median rank | ceiling R@1 |", "|---|---|---|---|---|---|"]
+        for direction, key in (("text→image", "text_to_image"), ("image→text", "image_to_text")):
+            x = r[key]
+            lines.append(f"| {direction} | {x['R@1']} | {x['R@5']} | {x['R@10']} | {x['median_rank']} | "
+                         f"{r['ceiling'][key + '_R@1']} |")
+        lines += ["", f"Ceiling: the best expected R@1 when several images fit a caption equally well "
+                  f"(decided from {r['ceiling']['basis']}).", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bar_plot(path: Path, values: dict[str, float], title: str, ylabel: str) -> Path:
+    plt = _pyplot()
+    names = sorted(values)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4))
+    bars = ax.bar(names, [values[n] for n in names], color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=45)
+    return _save(fig, path)
+
+
+def _recall_plot(path: Path, retrieval: dict) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("text_to_image", "text→image"), ("image_to_text", "image→text")):
+        ks = sorted(int(k[2:]) for k in retrieval[key] if k.startswith("R@"))
+        line = ax.plot(ks, [retrieval[key][f"R@{k}"] for k in ks], marker="o", label=label)[0]
+        ceiling = retrieval["ceiling"][f"{key}_R@1"]
+        ax.axhline(ceiling, color=line.get_color(), linestyle="--", alpha=0.6, label=f"{label} R@1 ceiling")
+    ax.set_xlabel("K")
+    ax.set_ylabel("recall@K (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("cross-modal retrieval")
+    return _save(fig, path)
+
+
+def _prediction_grid(path: Path, split_data, store: ImageStore, predictions: dict, count: int = 12) -> Path:
+    plt = _pyplot()
+    from ..data.images import load_image
+
+    rng = random.Random(0)
+    records = rng.sample(split_data.vqa, min(count, len(split_data.vqa)))
+    columns = 4
+    rows = (len(records) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, record in zip(axes.flat, records):
+        ax.imshow(load_image(record.image), interpolation="nearest")
+        predicted = predictions.get(record.question_id, "")
+        ok = predicted == record.answer
+        ax.set_title("\n".join(textwrap.wrap(record.question, 34)) + f"\n→ {predicted}  (gold: {record.answer})",
+                     fontsize=8, color="tab:green" if ok else "tab:red")
+    return _save(fig, path)
+
+
+def _caption_grid(path: Path, split_data, store: ImageStore, predictions: dict, count: int = 8) -> Path:
+    plt = _pyplot()
+    from ..data.images import load_image
+
+    records = split_data.captions[:count]
+    columns = 4
+    rows = (len(records) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, record in zip(axes.flat, records):
+        ax.imshow(load_image(record.image), interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(predictions.get(record.image_id, ""), 36)), fontsize=8)
+    return _save(fig, path)

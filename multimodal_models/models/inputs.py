@@ -1,0 +1,77 @@
+"""Turning user inputs (image files, PIL images, texts) into model tensors, shared by the models."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .pretrained import PretrainedModel
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """texts -> ids (B, T), attention_mask (B, T): <bos> ... <eos>, right-padded with the pad id.
+
+    A text longer than `max_length` tokens is an error (nothing is cut off silently).
+    """
+    if isinstance(texts, str):
+        raise TypeError("expected a list of texts, got one string; wrap it in a list")
+    if not texts:
+        raise ValueError("no texts given (empty list)")
+    encoded = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+    for text, ids in zip(texts, encoded):
+        if len(ids) > max_length:
+            raise ValueError(f"text {text[:60]!r} is {len(ids)} tokens long; the model reads at most {max_length}")
+    T = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), T), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(encoded), T, dtype=torch.long)
+    for i, row in enumerate(encoded):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def as_image_list(images) -> list:
+    """One image (path, bytes, PIL image, uint8 array) or a sequence of them -> a list."""
+    if isinstance(images, (str, bytes, bytearray, os.PathLike, Image.Image, np.ndarray)):
+        return [images]
+    return list(images)
+
+
+def preprocess_images(image_processor, images, image_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A list of images (paths, bytes, PIL images, uint8 arrays) -> pixels (B, 3, S, S) on `device`."""
+    pixels = image_processor(images)
+    if tuple(pixels.shape[-2:]) != (image_size, image_size):
+        raise ValueError(
+            f"the image processor makes {pixels.shape[-2]}x{pixels.shape[-1]} pixels but the model expects "
+            f"{image_size}x{image_size}; set its size (and crop_size) to {image_size}"
+        )
+    return pixels.to(device)
+
+
+def require_preprocessing(model: PretrainedModel, *, tokenizer: bool = False, image_processor: bool = False) -> None:
+    """A clear error when a helper needs the tokenizer or image processor and none is attached."""
+    for needed, name in ((tokenizer, "tokenizer"), (image_processor, "image_processor")):
+        if needed and getattr(model, name) is None:
+            raise RuntimeError(
+                f"this {type(model).__name__} has no {name} attached; load it with from_pretrained(folder) "
+                f"from a folder that has one, or set model.{name} yourself"
+            )
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for the duration; restores the training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
