@@ -167,13 +167,14 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
         flat["dialogue"] = results["dialogue"]["turn_accuracy"]
     if "retrieval" in results:
         flat["t2i_R@1"] = results["retrieval"]["text_to_image"]["R@1"]
+        flat["t2i_ceiling"] = results["retrieval"]["ceiling"]["text_to_image_R@1"]
         flat["i2t_R@1"] = results["retrieval"]["image_to_text"]["R@1"]
     return flat
 
 
 @torch.no_grad()
 def evaluate_retrieval(model, records: list[CaptionRecord], store: ImageStore, *, scenes: dict | None = None,
-                       batch_size: int = 256, progress: bool = False) -> dict:
+                       ceiling: dict | None = None, batch_size: int = 256, progress: bool = False) -> dict:
     """Image->text and text->image recall@K over all captions of the split, with the ambiguity ceiling."""
     from .metrics.retrieval import retrieval_metrics
 
@@ -186,47 +187,36 @@ def evaluate_retrieval(model, records: list[CaptionRecord], store: ImageStore, *
     text_embeds = model.embed_texts(texts)
     similarity = (image_embeds.float() @ text_embeds.float().T).cpu()
     scores = retrieval_metrics(similarity, text_to_image, ks=tuple(range(1, 11)))
-    scores["ceiling"] = retrieval_ceiling(records, scenes)
+    scores["ceiling"] = ceiling if ceiling is not None else retrieval_ceiling(records, scenes)
     scores["num_images"], scores["num_texts"] = len(records), len(texts)
     return scores
 
 
 def retrieval_ceiling(records: list[CaptionRecord], scenes: dict | None = None) -> dict:
-    """The best R@1 any model can expect when several images fit a caption equally well.
+    """The best text->image R@1 any model can expect when several images fit a caption equally well.
 
     A caption "fits" an image when everything it claims holds there: on Shapes this is
     decided from the scene graphs (the caption's parsed claims); elsewhere only an
-    identical caption of another image counts. Among images that fit a caption equally
-    well, a perfect model can do no better than a random order: text->image expects
-    R@1 = 1 / (#images the caption fits); image->text expects the share of the image's
-    own captions among all captions that fit it.
+    identical caption of another image counts. A perfect model can rank the images a
+    caption fits in no better than random order, so it expects R@1 = 1 / (#images fitting).
     """
     texts = [(i, c) for i, r in enumerate(records) for c in r.captions]
     if scenes is not None and all(r.image_id in scenes for r in records):
         from ..data.shapes.grounding import fits, parse_caption
 
-        parsed = {}
         scene_list = [scenes[r.image_id] for r in records]
-        fitting = []
+        fitting_images: dict[str, set[int]] = {}
         for _, caption in texts:
-            if caption not in parsed:
-                parsed[caption] = [k for k, scene in enumerate(scene_list) if fits(parse_caption(caption), scene)]
-            fitting.append(parsed[caption])
+            if caption not in fitting_images:
+                parsed = parse_caption(caption)
+                fitting_images[caption] = {k for k, scene in enumerate(scene_list) if fits(parsed, scene)}
+        fitting = [fitting_images[c] for _, c in texts]
         basis = "scene graphs"
     else:
-        by_text: dict[str, list[int]] = defaultdict(list)
+        by_text: dict[str, set[int]] = defaultdict(set)
         for i, caption in texts:
-            key = " ".join(caption.lower().split())
-            if i not in by_text[key]:
-                by_text[key].append(i)
+            by_text[" ".join(caption.lower().split())].add(i)
         fitting = [by_text[" ".join(c.lower().split())] for _, c in texts]
         basis = "identical captions"
-    t2i = [1.0 / max(1, len(set(f) | {i})) for (i, _), f in zip(texts, fitting)]
-    fits_image: dict[int, list[bool]] = defaultdict(list)  # image -> for each fitting text: is it its own?
-    for (owner, _), images in zip(texts, fitting):
-        for k in set(images) | {owner}:
-            fits_image[k].append(k == owner)
-    i2t = [sum(v) / len(v) for _, v in sorted(fits_image.items())]
-    return {"text_to_image_R@1": round(100 * sum(t2i) / len(t2i), 2) if t2i else None,
-            "image_to_text_R@1": round(100 * sum(i2t) / len(i2t), 2) if i2t else None,
-            "basis": basis}
+    expected = [1.0 / len(f | {i}) for (i, _), f in zip(texts, fitting)]
+    return {"text_to_image_R@1": round(100 * sum(expected) / len(expected), 2) if expected else None, "basis": basis}

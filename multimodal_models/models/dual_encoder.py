@@ -100,12 +100,17 @@ class DualEncoder(PretrainedModel):
         """(B_img, E), (B_txt, E) -> (B_img, B_txt): scaled cosine similarity (+ bias for SigLIP)."""
         return self.criterion.logits(image_embeds, text_embeds)
 
-    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                negative_ids: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None
                 ) -> DualEncoderOutput:
+        """Pairs (pixels[i], ids[i]); negative_ids (N, T) are extra captions that match no image."""
         image_embeds = self.encode_image(pixels)
         text_embeds = self.encode_text(ids, attention_mask)
+        candidates = text_embeds
+        if negative_ids is not None:
+            candidates = torch.cat([text_embeds, self.encode_text(negative_ids, negative_mask)])
         return DualEncoderOutput(image_embeds, text_embeds, self.logits(image_embeds, text_embeds),
-                                 self.criterion(image_embeds, text_embeds))
+                                 self.criterion(image_embeds, candidates))
 
     # -- user-level helpers --------------------------------------------------------------
 

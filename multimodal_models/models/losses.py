@@ -2,9 +2,11 @@
 
 Each loss is a pure function of the two embedding batches and the temperature (and bias),
 plus a thin module that holds those learnable scalars. Row i of the image batch and row i
-of the text batch are a matching pair; every other row is a negative.
+of the text batch are a matching pair; every other row is a negative. The text batch may
+hold N more rows than the image batch: extra negatives for the images (hard negatives, as
+NegCLIP adds captions with swapped words), which take part on the image->text side only.
 
-Shapes: B batch, E embedding width.
+Shapes: B batch, N extra negative texts, E embedding width.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from torch import nn
 def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP, Radford et al. 2021).
 
-    image_embeds, text_embeds (B, E) are L2-normalised here (a no-op if they already are);
-    logits = exp(logit_scale) * img @ txt.T (B, B); the loss is the mean of the
-    image->text and text->image cross-entropies with the diagonal as targets.
+    image_embeds (B, E), text_embeds (B + N, E) are L2-normalised here (a no-op if they
+    already are); logits = exp(logit_scale) * img @ txt.T (B, B + N); the loss is the mean
+    of the image->text cross-entropy (over all B + N texts) and the text->image one (the B
+    paired texts over the B images), with the diagonal as targets.
     """
     image = F.normalize(image_embeds, dim=-1)
     text = F.normalize(text_embeds, dim=-1)
-    logits = torch.as_tensor(logit_scale, dtype=image.dtype, device=image.device).exp() * image @ text.T  # (B, B)
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    logits = torch.as_tensor(logit_scale, dtype=image.dtype, device=image.device).exp() * image @ text.T  # (B, B+N)
+    B = logits.shape[0]
+    targets = torch.arange(B, device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits[:, :B].T, targets)) / 2
 
 
 def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float,
@@ -44,8 +48,8 @@ def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_sca
     image = F.normalize(image_embeds, dim=-1)
     text = F.normalize(text_embeds, dim=-1)
     scale = torch.as_tensor(logit_scale, dtype=image.dtype, device=image.device).exp()
-    logits = scale * image @ text.T + logit_bias  # (B, B)
-    labels = 2 * torch.eye(logits.shape[0], dtype=logits.dtype, device=logits.device) - 1  # +1 diagonal, -1 elsewhere
+    logits = scale * image @ text.T + logit_bias  # (B, B+N)
+    labels = 2 * torch.eye(*logits.shape, dtype=logits.dtype, device=logits.device) - 1  # +1 diagonal, -1 elsewhere
     return -F.logsigmoid(labels * logits).sum(dim=1).mean()
 
 

@@ -13,9 +13,10 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from ..data.negatives import hard_negative
 from ..data.preprocess import ImageProcessor
 from ..data.tokenizer import WordTokenizer
-from ..evaluate.harness import evaluate_retrieval, evaluate_vqa, first_images
+from ..evaluate.harness import evaluate_retrieval, evaluate_vqa, first_images, retrieval_ceiling
 from ..models.classifier import FusionClassifier, FusionClassifierConfig
 from ..models.dual_encoder import DualEncoder, DualEncoderConfig
 from ..models.inputs import tokenize
@@ -58,6 +59,11 @@ class ContrastiveTask(_ImageTask):
         self.model = DualEncoder(model_config)
         self._attach(self.model, model_config.vision.image_size)
         self.records = train.captions
+        self.hard_negatives = bool(config.task_options.get("hard_negatives", False))
+        unknown = set(config.task_options) - {"hard_negatives"}
+        if unknown:
+            raise ValueError(f"unknown task_options for the contrastive task: {sorted(unknown)}")
+        self.ceiling: dict | None = None
         self.store = ImageStore([r.image for r in self.records], self.model.image_processor,
                                 preload=config.data.preload_images, progress=progress, desc="train images")
 
@@ -66,17 +72,28 @@ class ContrastiveTask(_ImageTask):
 
     def make_batch(self, indices: list[int], rng: random.Random) -> dict:
         records = [self.records[i] for i in indices]
-        ids, mask = tokenize(self.tokenizer, [rng.choice(r.captions) for r in records], self.model.config.text.max_length)
+        captions = [rng.choice(r.captions) for r in records]
+        max_length = self.model.config.text.max_length
+        ids, mask = tokenize(self.tokenizer, captions, max_length)
         pixels = self.store.batch([self.store.position(r.image) for r in records])
-        return {"pixels": pixels, "ids": ids, "mask": mask, "examples": len(records)}
+        batch = {"pixels": pixels, "ids": ids, "mask": mask, "examples": len(records)}
+        if self.hard_negatives:  # NegCLIP: each caption with a few words changed, as an extra negative
+            negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
+            if negatives:
+                batch["negative_ids"], batch["negative_mask"] = tokenize(self.tokenizer, negatives, max_length)
+        return batch
 
     @staticmethod
     def loss(model, batch: dict) -> torch.Tensor:
-        return model(batch["pixels"], batch["ids"], batch["mask"]).loss
+        return model(batch["pixels"], batch["ids"], batch["mask"], negative_ids=batch.get("negative_ids"),
+                     negative_mask=batch.get("negative_mask")).loss
 
     def evaluate(self, model, limit: int) -> dict:
         split = first_images(self.eval_split, limit)
-        return {"retrieval": evaluate_retrieval(model, split.captions, self._eval_store(split, model), scenes=split.scenes)}
+        if self.ceiling is None:  # the same captions every time: the ceiling does not change
+            self.ceiling = retrieval_ceiling(split.captions, split.scenes)
+        return {"retrieval": evaluate_retrieval(model, split.captions, self._eval_store(split, model), scenes=split.scenes,
+                                                ceiling=self.ceiling)}
 
     @staticmethod
     def primary_metric(flat: dict) -> float:

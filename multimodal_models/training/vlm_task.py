@@ -23,6 +23,7 @@ from ..data.records import ImageSource
 from ..data.tokenizer import WordTokenizer
 from ..models.chat import CHAT_SPECIAL_TOKENS, WordChatTemplate, conversation_to_messages
 from ..models.pretrained import config_from_dict
+from ..models.vision import VisionConfig
 from ..models.vlm import CAPTION_PROMPT, VisionLanguageModel, VLMConfig
 from .data import ImageStore, SplitData, image_key
 
@@ -55,7 +56,11 @@ class VLMTask:
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         self.config = config
-        options = {"questions_per_image": 0, "captions_per_image": 1, "max_length": None, **config.task_options}
+        options = {"questions_per_image": 0, "captions_per_image": 1, "max_length": None, "vision_from": None,
+                   **config.task_options}
+        unknown = set(options) - {"questions_per_image", "captions_per_image", "max_length", "vision_from"}
+        if unknown:
+            raise ValueError(f"unknown task_options for the vlm task: {sorted(unknown)}")
         self.questions_per_image = options["questions_per_image"]  # 0: all of them
         self.captions_per_image = options["captions_per_image"]
         self.tokenizer = WordTokenizer.train(train.texts() + list(CAPTION_PROMPTS),
@@ -63,7 +68,16 @@ class VLMTask:
         model_config: VLMConfig = config_from_dict(VLMConfig, config.model, source="model")
         model_config.decoder.vocab_size = self.tokenizer.vocab_size
         model_config.image_token_id = self.tokenizer.image_id
+        pretrained_vision = None
+        if options["vision_from"]:  # LLaVA's recipe: start from a contrastively trained vision tower
+            pretrained_vision = load_vision_tower(options["vision_from"])
+            if "vision" in config.model and config_from_dict(VisionConfig, config.model["vision"]) != pretrained_vision.config:
+                raise ValueError(f"model.vision differs from the vision tower of {options['vision_from']}; "
+                                 "leave model.vision out to take the tower's own config")
+            model_config.vision = pretrained_vision.config
         self.model = VisionLanguageModel(model_config)
+        if pretrained_vision is not None:
+            self.model.vision.load_state_dict(pretrained_vision.state_dict())
         size = model_config.vision.image_size
         self.model.tokenizer = self.tokenizer
         self.model.image_processor = ImageProcessor(size={"height": size, "width": size})
@@ -174,6 +188,16 @@ class VLMTask:
     def loss(model, batch: dict) -> torch.Tensor:
         return model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
                      labels=batch["labels"]).loss
+
+
+def load_vision_tower(name_or_path: str):
+    """The vision encoder of a saved model (a dual encoder such as shapes-clip, or another VLM)."""
+    from ..loading import load
+
+    model = load(name_or_path)
+    if not hasattr(model, "vision"):
+        raise ValueError(f"{name_or_path} ({model.model_type}) has no vision encoder to start from")
+    return model.vision
 
 
 def pack(unit: Unit, max_length: int) -> tuple[list[int], list[bool], list[int], list[int]]:

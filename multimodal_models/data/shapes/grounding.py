@@ -7,7 +7,8 @@ noun phrases ("A to the left of B"), and extremes ("the leftmost shape is A").
 
 Claims:
 - exists:   "a red circle"            at least one red circle
-- count:    "two red circles"          exactly two red circles ("a single X" = exactly one)
+- count:    "two red circles"          exactly two red circles
+- only:     "a single red circle"      the scene holds one object, a red circle
 - relation: "A to the left of B"       some A is left of some other B
 - extreme:  "the leftmost shape is A"  the leftmost object is an A
 
@@ -53,6 +54,7 @@ class Mention:
     count: int | None  # exact count claimed, or None for "at least one"
     start: int  # token span
     end: int
+    alone: bool = False  # "a single X": X is the only object in the scene
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,13 @@ def parse_mention(tokens: list[str], i: int) -> Mention | None:
     """A noun phrase starting at token i, or None."""
     start = i
     count: int | None = None
+    alone = False
     if i < len(tokens) and tokens[i] in ("a", "an", "the", "one") | _NUMBERS.keys():
         if tokens[i] in _NUMBERS:
             count = _NUMBERS[tokens[i]]
         i += 1
         if tokens[i - 1] in ("a", "an") and i < len(tokens) and tokens[i] in ("single", "lone"):
-            count, i = 1, i + 1
+            count, alone, i = 1, True, i + 1
     size = color = shape = None
     if i < len(tokens) and tokens[i] in _SIZE_WORDS:
         size, i = _SIZE_WORDS[tokens[i]], i + 1
@@ -98,7 +101,7 @@ def parse_mention(tokens: list[str], i: int) -> Mention | None:
         i += 1
     else:
         return None
-    return Mention(Description(size, color, shape), count, start, i)
+    return Mention(Description(size, color, shape), count, start, i, alone)
 
 
 def _words(m: Mention) -> str:
@@ -164,7 +167,10 @@ def check_parsed(parsed: ParsedCaption, scene: Scene) -> CaptionCheck:
         claims.append(Claim("relation", f"{_words(a)} {phrase} {_words(b)}", holds))
     for m in parsed.mentions:
         n = m.description.count(scene)
-        if m.count is not None:
+        if m.alone:
+            only = len(scene.objects) == 1 and m.description.matches(scene.objects[0])
+            claims.append(Claim("only", f"only {_words(m)}", only))
+        elif m.count is not None:
             claims.append(Claim("count", _words(m), n == m.count))
         elif not m.description.is_generic:
             claims.append(Claim("exists", _words(m), n > 0))

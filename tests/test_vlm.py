@@ -1,0 +1,142 @@
+"""The native multimodal LM: cached decoding equals full recomputation, batched generation equals
+one-by-one, streaming equals the whole answer, the chat template, sampling and beam search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from multimodal_models.data.preprocess import ImageProcessor
+from multimodal_models.data.tokenizer import WordTokenizer
+from multimodal_models.models.chat import CHAT_SPECIAL_TOKENS, WordChatTemplate, normalize_messages
+from multimodal_models.models.generation import GenerationConfig, TextStream, filter_logits
+from multimodal_models.models.text import CausalDecoder, DecoderConfig
+from multimodal_models.models.vision import VisionConfig
+from multimodal_models.models.vlm import VisionLanguageModel, VLMConfig, pixel_shuffle
+
+WORDS = "is there a red blue green circle square star what color shape size yes no two one describe the image . ?"
+
+
+def tiny_vlm(seed: int = 0) -> VisionLanguageModel:
+    torch.manual_seed(seed)
+    tokenizer = WordTokenizer.train([WORDS], extra_special_tokens=CHAT_SPECIAL_TOKENS)
+    config = VLMConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, pool="mean", class_token=False),
+        decoder=DecoderConfig(vocab_size=tokenizer.vocab_size, width=32, depth=2, heads=2, max_length=128),
+        pixel_shuffle=2, image_token_id=tokenizer.image_id)
+    model = VisionLanguageModel(config).eval()
+    with torch.no_grad():  # larger random weights so that generation does not stop at once
+        for p in model.decoder.parameters():
+            p.mul_(8)
+        model.decoder.lm_head.weight[tokenizer.eos_id] -= 1.0
+        model.decoder.lm_head.weight[tokenizer.token_to_id("<user>")] -= 1.0
+    model.tokenizer = tokenizer
+    model.image_processor = ImageProcessor(size={"height": 32, "width": 32})
+    return model
+
+
+IMAGES = [Image.new("RGB", (40, 40), c) for c in ((250, 0, 0), (0, 0, 250), (0, 200, 0))]
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_cached_decoding_equals_full_forward(position):
+    torch.manual_seed(0)
+    decoder = CausalDecoder(DecoderConfig(vocab_size=40, width=32, depth=2, heads=4, kv_heads=2, position=position,
+                                          norm="rmsnorm", mlp="gated", act="silu")).eval()
+    ids = torch.randint(0, 40, (2, 12))
+    full = decoder(ids)
+    cache = decoder.new_cache(2, 16)
+    pieces = [decoder(ids[:, :5], cache=cache)] + [decoder(ids[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_with_and_without_cache_and_batched_are_identical():
+    model = tiny_vlm()
+    questions = ["is there a red circle?", "what color is the star?", "describe the image."]
+    with_cache = [model.ask(i, q, max_new_tokens=6) for i, q in zip(IMAGES, questions)]
+    without_cache = [model.ask(i, q, max_new_tokens=6, use_cache=False) for i, q in zip(IMAGES, questions)]
+    assert with_cache == without_cache
+    assert any(with_cache)  # something was generated
+    assert model.answer_batch(questions, images=IMAGES, max_new_tokens=6) == with_cache
+
+
+def test_streaming_gives_the_same_text_in_pieces():
+    model = tiny_vlm()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image."}]}]
+    pieces = list(model.chat(messages, images=IMAGES[:1], stream=True, max_new_tokens=8))
+    assert len(pieces) > 1
+    assert "".join(pieces) == model.chat(messages, images=IMAGES[:1], max_new_tokens=8)
+
+
+def test_several_images_and_turns():
+    model = tiny_vlm()
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": IMAGES[0]}, {"type": "image", "image": IMAGES[1]},
+                                     {"type": "text", "text": "what color is the circle?"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "what shape is the blue square?"},
+    ]
+    reply = model.chat(messages, max_new_tokens=5)
+    assert isinstance(reply, str)
+    with pytest.raises(ValueError, match="more image parts"):
+        model.chat([{"role": "user", "content": "<image> <image> what color?"}], images=IMAGES[:1])
+    with pytest.raises(ValueError, match="no place"):
+        model.chat([{"role": "user", "content": "what color?"}], images=IMAGES[:1])
+
+
+def test_sampling_is_reproducible_with_a_seed_and_beam_search_runs():
+    model = tiny_vlm()
+    a = model.ask(IMAGES[0], "describe the image.", do_sample=True, temperature=1.5, top_p=0.9, seed=3, max_new_tokens=8)
+    b = model.ask(IMAGES[0], "describe the image.", do_sample=True, temperature=1.5, top_p=0.9, seed=3, max_new_tokens=8)
+    assert a == b
+    beam = model.ask(IMAGES[0], "describe the image.", num_beams=3, max_new_tokens=6)
+    assert isinstance(beam, str)
+    with pytest.raises(ValueError, match="cannot stream"):
+        model.chat([{"role": "user", "content": "<image> hi"}], images=IMAGES[:1], stream=True, num_beams=2)
+
+
+def test_stop_strings_cut_the_text_and_are_never_shown():
+    pieces = ["a", " red", " cir", "cle", " and", " more"]
+    stream = TextStream(lambda ids: "".join(pieces[: len(ids)]), stop=(" and",))
+    shown = "".join(stream.push(k) for k in range(len(pieces)))
+    assert shown == "a red circle" and stream.stopped
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = filter_logits(logits, GenerationConfig(top_p=0.75)).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = filter_logits(logits, GenerationConfig(top_k=1)).isfinite()
+    assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_chat_template_marks_only_assistant_words_as_targets():
+    tokenizer = WordTokenizer.train([WORDS], extra_special_tokens=CHAT_SPECIAL_TOKENS)
+    template = WordChatTemplate(tokenizer, image_tokens=4)
+    encoding = template.encode([{"role": "user", "content": "<image>\nwhat color is the star?"},
+                                {"role": "assistant", "content": "red"}])
+    tokens = [tokenizer.id_to_token(i) for i in encoding.ids]
+    assert tokens[:7] == ["<bos>", "<user>", "<image>", "<image>", "<image>", "<image>", "what"]
+    assert [t for t, target in zip(tokens, encoding.targets) if target] == ["red", "<eos>"]
+    assert normalize_messages([{"role": "user", "content": "a <image> b"}])[0][1] == [
+        {"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}]
+    with pytest.raises(ValueError, match="role"):
+        normalize_messages([{"role": "robot", "content": "hi"}])
+
+
+def test_pixel_shuffle_groups_neighbouring_patches():
+    tokens = torch.arange(16).float().view(1, 16, 1)  # a 4x4 grid, one channel
+    shuffled = pixel_shuffle(tokens, 2)
+    assert shuffled.shape == (1, 4, 4)
+    assert shuffled[0, 0].tolist() == [0, 1, 4, 5]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_vlm()
+    model.save_pretrained(tmp_path / "m", dtype=torch.float16)
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "m")
+    assert loaded.tokenizer.vocab_size == model.tokenizer.vocab_size
+    assert loaded.config == model.config
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a.half().float(), b, msg=name)
