@@ -1,8 +1,8 @@
 """Vision Transformer: image -> patch tokens (+ a pooled vector).
 
 A stem turns pixels into a grid of tokens: a patch embedding (one strided convolution,
-as in ViT/CLIP/SigLIP) or, for tiny images, a small convolutional stem (strided 3x3
-convolutions) that sees edges before it cuts patches. Position embeddings are learned;
+as in ViT/CLIP/SigLIP) or, for tiny images, a small convolutional stem (3x3 convolutions
+and max-pooling) that sees edges and shapes before it cuts patches. Position embeddings are learned;
 pre-norm transformer blocks follow; the pooled vector is the class token, the mean of the
 patch tokens, or an attention-pooling head (SigLIP's "MAP" head).
 """
@@ -29,7 +29,7 @@ class VisionConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     stem: str = "patch"  # "patch" (one strided conv) | "conv" (strided 3x3 convs, for tiny images)
-    pool: str = "cls"  # "cls" | "mean" | "map" (attention pooling head)
+    pool: str = "cls"  # "cls" | "mean" | "max" (over patch tokens) | "map" (attention pooling head)
     class_token: bool = True  # prepend a learned class token (CLIP); SigLIP has none
     pre_norm: bool = False  # a LayerNorm before the blocks (CLIP's pre_layrnorm)
     final_norm: str = "all"  # "all": norm every output token (SigLIP) | "pooled": only the pooled vector (CLIP)
@@ -71,7 +71,9 @@ class PatchEmbedding(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """log2(patch) stride-2 3x3 convolutions (widths doubling up to width/2), then a 1x1 to width."""
+    """VGG-style: log2(patch) stages of 3x3 conv + ReLU + 2x2 max-pool (widths 32, 64, ...), then a
+    1x1 conv to the model width. On tiny images of small objects it learns shapes from far
+    fewer examples than one strided patch projection does."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -79,8 +81,8 @@ class ConvStem(nn.Module):
         layers: list[nn.Module] = []
         channels = config.channels
         for i in range(steps):
-            out = min(config.width // 2, 32 * 2**i)
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GroupNorm(1, out), nn.GELU()]
+            out = min(config.width, 32 * 2**i)
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             channels = out
         layers.append(nn.Conv2d(channels, config.width, 1))
         self.layers = nn.Sequential(*layers)
@@ -131,8 +133,13 @@ class VisionTransformer(nn.Module):
         if self.class_token is not None:
             nn.init.normal_(self.class_token, std=0.02)
 
-    def forward(self, pixels: torch.Tensor) -> VisionOutput:
-        """pixels (B, 3, H, W), preprocessed -> tokens (B, N, C), pooled (B, C)."""
+    def forward(self, pixels: torch.Tensor, *, layer: int | None = None) -> VisionOutput:
+        """pixels (B, 3, H, W), preprocessed -> tokens (B, N, C), pooled (B, C).
+
+        layer: return the tokens after that block instead (negative counts from the end,
+        -1 = last block, before the final norm), as LLaVA reads its vision tower's
+        penultimate layer; `pooled` is then computed from the full stack as usual.
+        """
         expected = (self.config.channels, self.config.image_size, self.config.image_size)
         if tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"expected pixels of shape (B, {', '.join(map(str, expected))}), got {tuple(pixels.shape)}")
@@ -142,16 +149,22 @@ class VisionTransformer(nn.Module):
         x = x + self.position
         if self.pre_norm is not None:
             x = self.pre_norm(x)
-        for block in self.blocks:
+        chosen = None
+        wanted = None if layer is None else layer % len(self.blocks)
+        for index, block in enumerate(self.blocks):
             x = block(x)
+            if index == wanted:
+                chosen = x
         if self.config.final_norm == "all":
             x = self.final_norm(x)
         if self.config.pool == "cls":
             pooled = x[:, 0]
         elif self.config.pool == "mean":
             pooled = x[:, int(self.class_token is not None):].mean(dim=1)
+        elif self.config.pool == "max":
+            pooled = x[:, int(self.class_token is not None):].amax(dim=1)
         else:
             pooled = self.pool_head(x)
         if self.config.final_norm == "pooled":
             pooled = self.final_norm(pooled)
-        return VisionOutput(x, pooled)
+        return VisionOutput(x if chosen is None else chosen, pooled)
