@@ -63,6 +63,11 @@ def hard_negative(caption: str, rng: random.Random) -> str | None:
             if base in (a, b):
                 swap.append((s, e, (b if base == a else a) + plural))
         edits.append(swap)
+    if nouns:  # replace one noun by another of the list: the object is not what the caption says
+        s, e, w = rng.choice(nouns)
+        base, plural = (w[:-1], "s") if w not in NOUNS else (w, "")
+        group = NOUNS[:6] if base in NOUNS[:6] else NOUNS[6:]
+        edits.append([(s, e, rng.choice([n for n in group if n != base]) + plural)])
     sizes = [(s, e, SIZES[w]) for s, e, w in words if w in SIZES]
     if sizes:
         edits.append([rng.choice(sizes)])

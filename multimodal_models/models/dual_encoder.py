@@ -1,7 +1,8 @@
 """A CLIP/SigLIP-style dual encoder: an image tower and a text tower meeting in one embedding space.
 
-Both towers end in a bias-free linear projection of their pooled vector; the embeddings
-are L2-normalised, so a dot product is a cosine similarity. Training aligns matching
+Both towers end in a linear projection of their pooled vector (bias-free, as CLIP's; SigLIP's
+text head has a bias and its image embedding is the pooled vector itself: see the config); the
+embeddings are L2-normalised, so a dot product is a cosine similarity. Training aligns matching
 image-text pairs with CLIP's softmax InfoNCE or SigLIP's pairwise sigmoid loss
 (`config.loss`). The user-level helpers (`embed_images`, `embed_texts`, `classify`) use
 the tokenizer and image processor that travel with the weights.
@@ -9,8 +10,10 @@ the tokenizer and image processor that travel with the weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -24,6 +27,8 @@ from .text import TextEncoder, TextEncoderConfig
 from .vision import VisionConfig, VisionTransformer
 
 LOSSES = ("clip", "siglip")
+IMAGE_PROJECTIONS = ("linear", "none")
+PROMPT_SETS = ("shapes", "imagenet", "imagenet7")
 
 # Zero-shot prompts for Shapes-world labels. The labels are noun phrases with their
 # article, as the captions say them ("a red circle", "two stars"); each template is
@@ -38,6 +43,7 @@ SHAPES_TEMPLATES: tuple[str, ...] = (
 )
 
 # A few of the generic ImageNet prompts from the CLIP paper's prompt-ensembling study, for real photos.
+# All 80 of them (and the 7 its forward selection kept) are in multimodal_models.pretrained.templates.
 IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
     "a bad photo of a {}.",
@@ -58,6 +64,16 @@ class DualEncoderConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 256  # width of the shared image-text embedding space
     loss: str = "clip"  # "clip" (softmax InfoNCE, learnable temperature) | "siglip" (sigmoid, temperature + bias)
+    # "linear": a bias-free linear map of the pooled image vector (CLIP) | "none": the pooled vector is the
+    # embedding (SigLIP; needs vision.width == embed_dim)
+    image_projection: str = "linear"
+    text_projection_bias: bool = False  # SigLIP's text head is a linear layer with a bias
+    # Cap on the learned log-temperature for the "clip" loss (CLIP clamps exp(logit_scale) at 100);
+    # None: no cap, as transformers' CLIPModel applies none (checkpoints imported from it)
+    max_logit_scale: float | None = math.log(100.0)
+    # classify()'s default prompts: "shapes" (SHAPES_TEMPLATES) | "imagenet" (the CLIP paper's 80
+    # ImageNet templates) | "imagenet7" (the 7 of them its forward selection kept)
+    prompts: str = "shapes"
 
 
 class DualEncoderOutput(NamedTuple):
@@ -78,13 +94,30 @@ class DualEncoder(PretrainedModel):
         super().__init__(config)
         if config.loss not in LOSSES:
             raise ValueError(f"unknown loss {config.loss!r}; expected one of {LOSSES}")
+        if config.prompts not in PROMPT_SETS:
+            raise ValueError(f"unknown prompts {config.prompts!r}; expected one of {PROMPT_SETS}")
+        if config.image_projection not in IMAGE_PROJECTIONS:
+            raise ValueError(f"unknown image_projection {config.image_projection!r}; "
+                             f"expected one of {IMAGE_PROJECTIONS}")
+        if config.image_projection == "none" and config.vision.width != config.embed_dim:
+            raise ValueError(f"image_projection='none' needs vision.width ({config.vision.width}) == embed_dim "
+                             f"({config.embed_dim})")
         self.vision = VisionTransformer(config.vision)
         self.text = TextEncoder(config.text)
-        self.image_projection = nn.Linear(config.vision.width, config.embed_dim, bias=False)
-        self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)
-        nn.init.normal_(self.image_projection.weight, std=config.vision.width**-0.5)
+        if config.image_projection == "linear":
+            self.image_projection = nn.Linear(config.vision.width, config.embed_dim, bias=False)
+            nn.init.normal_(self.image_projection.weight, std=config.vision.width**-0.5)
+        else:
+            self.image_projection = nn.Identity()
+        self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=config.text_projection_bias)
         nn.init.normal_(self.text_projection.weight, std=config.text.width**-0.5)
-        self.criterion = ContrastiveLoss() if config.loss == "clip" else SigmoidLoss()
+        if config.text_projection_bias:
+            nn.init.zeros_(self.text_projection.bias)
+        if config.loss == "clip":
+            cap = math.inf if config.max_logit_scale is None else config.max_logit_scale
+            self.criterion = ContrastiveLoss(max_scale=cap)
+        else:
+            self.criterion = SigmoidLoss()
 
     # -- tensors in, tensors out ---------------------------------------------------------
 
@@ -139,7 +172,7 @@ class DualEncoder(PretrainedModel):
         with evaluating(self):
             for start in range(0, max(len(texts), 1), batch_size):
                 ids, mask = tokenize(self.tokenizer, texts[start : start + batch_size], self.config.text.max_length,
-                                     self.device)
+                                     self.device, padding=self.config.text.padding)
                 out.append(self.encode_text(ids, mask).float().cpu())
         return torch.cat(out)
 
@@ -148,7 +181,7 @@ class DualEncoder(PretrainedModel):
         template embeddings, renormalised (CLIP's prompt ensembling)."""
         if isinstance(labels, str) or not labels:
             raise ValueError("labels must be a non-empty list of label names")
-        templates = SHAPES_TEMPLATES if templates is None else tuple(templates)
+        templates = self.default_templates() if templates is None else tuple(templates)
         if isinstance(templates, str) or not templates:
             raise ValueError("templates must be a non-empty list such as ['a photo of a {}.']")
         for template in templates:
@@ -165,7 +198,8 @@ class DualEncoder(PretrainedModel):
         CLIP loss: softmax over exp(logit_scale) * cosine, so the probabilities sum to 1.
         SigLIP loss: sigmoid(exp(logit_scale) * cosine + bias) per label, each an independent
         probability that the label matches (they need not sum to 1).
-        `templates` default to SHAPES_TEMPLATES; use IMAGENET_TEMPLATES for real photos.
+        `templates` default to the config's `prompts` set (SHAPES_TEMPLATES for models trained
+        here, the CLIP paper's 80 ImageNet templates for imported CLIP/SigLIP checkpoints).
         """
         classes = self.label_embeddings(labels, templates)  # (L, E)
         image_embed = self.embed_images([image])  # (1, E)
@@ -174,3 +208,24 @@ class DualEncoder(PretrainedModel):
             logits = self.logits(image_embed.to(ref), classes.to(ref))[0].float().cpu()  # (L,)
         probs = logits.softmax(dim=-1) if self.config.loss == "clip" else torch.sigmoid(logits)
         return [(label, float(p)) for label, p in zip(labels, probs)]
+
+    def default_templates(self) -> tuple[str, ...]:
+        """The prompt templates named by `config.prompts`."""
+        if self.config.prompts == "shapes":
+            return SHAPES_TEMPLATES
+        from ..pretrained.templates import CLIP_IMAGENET_TEMPLATES, CLIP_IMAGENET_TEMPLATES_7
+
+        return CLIP_IMAGENET_TEMPLATES if self.config.prompts == "imagenet" else CLIP_IMAGENET_TEMPLATES_7
+
+    def attach_preprocessing(self, directory: Path) -> None:
+        """As the base class does, except that a tokenizer saved with its tokenizer_config.json (one
+        imported from a Hugging Face checkpoint) comes back as an HFTokenizer."""
+        from ..pretrained.tokenizer import HFTokenizer
+
+        if not HFTokenizer.saved_in(directory):
+            return super().attach_preprocessing(directory)
+        from ..data.preprocess import ImageProcessor
+
+        self.tokenizer = HFTokenizer.from_folder(directory)
+        if (directory / "preprocessor_config.json").is_file():
+            self.image_processor = ImageProcessor.from_pretrained(directory)

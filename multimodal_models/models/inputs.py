@@ -14,23 +14,32 @@ from torch import nn
 from .pretrained import PretrainedModel
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """texts -> ids (B, T), attention_mask (B, T): <bos> ... <eos>, right-padded with the pad id.
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.device | str = "cpu", *,
+             padding: str = "longest") -> tuple[torch.Tensor, torch.Tensor]:
+    """texts -> ids (B, T), attention_mask (B, T): the tokenizer's special tokens around each text
+    (<bos> ... <eos> here, <|startoftext|> ... <|endoftext|> for CLIP), right-padded with the pad id.
 
+    padding="longest": T is the longest text of the batch and the mask is 1 on real tokens.
+    padding="max_length": T is max_length and the mask is all ones, for models trained to attend
+    to their padding (SigLIP; see TextEncoderConfig.padding).
     A text longer than `max_length` tokens is an error (nothing is cut off silently).
     """
     if isinstance(texts, str):
         raise TypeError("expected a list of texts, got one string; wrap it in a list")
     if not texts:
         raise ValueError("no texts given (empty list)")
+    if padding not in ("longest", "max_length"):
+        raise ValueError(f"unknown padding {padding!r}; expected 'longest' or 'max_length'")
     encoded = tokenizer.encode_batch(list(texts), add_special_tokens=True)
     for text, ids in zip(texts, encoded):
         if len(ids) > max_length:
             raise ValueError(f"text {text[:60]!r} is {len(ids)} tokens long; the model reads at most {max_length}")
-    T = max(len(ids) for ids in encoded)
-    ids = torch.full((len(encoded), T), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(encoded), T, dtype=torch.long)
+    T = max_length if padding == "max_length" else max(len(ids) for ids in encoded)
+    pad_id = tokenizer.pad_id
+    if pad_id is None and any(len(row) < T for row in encoded):
+        raise ValueError("the texts need padding but the tokenizer has no pad token (tokenizer_config.json: pad_token)")
+    ids = torch.full((len(encoded), T), pad_id if pad_id is not None else 0, dtype=torch.long)
+    mask = torch.full((len(encoded), T), int(padding == "max_length"), dtype=torch.long)
     for i, row in enumerate(encoded):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1

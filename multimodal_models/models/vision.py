@@ -28,6 +28,7 @@ class VisionConfig:
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    mlp_hidden: int | None = None  # MLP width; None: int(width * mlp_ratio) (SigLIP so400m's 4304 is no round ratio)
     stem: str = "patch"  # "patch" (one strided conv) | "conv" (strided 3x3 convs, for tiny images)
     pool: str = "cls"  # "cls" | "mean" | "max" (over patch tokens) | "map" (attention pooling head)
     class_token: bool = True  # prepend a learned class token (CLIP); SigLIP has none
@@ -118,7 +119,7 @@ class VisionTransformer(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(1, 1, config.width)) if config.class_token else None
         self.position = nn.Parameter(torch.zeros(1, tokens, config.width))
         self.pre_norm = nn.LayerNorm(config.width, eps=config.norm_eps) if config.pre_norm else None
-        hidden = int(config.width * config.mlp_ratio)
+        hidden = config.mlp_hidden or int(config.width * config.mlp_ratio)
         self.blocks = nn.ModuleList(
             TransformerBlock(config.width, config.heads, hidden, norm_eps=config.norm_eps, act=config.act,
                              dropout=config.dropout)

@@ -1,0 +1,343 @@
+"""Hugging Face CLIP and SigLIP checkpoints in our modules: the same numbers as transformers.
+
+Tiny random CLIPModel / SiglipModel (width 32, 2 layers, 32x32 images, 8x8 patches) are
+built with transformers, saved with their tokenizer and image processor, loaded by our code
+and compared: token ids, pixels, embeddings and logits (within 1e-5 in float32), the prompt
+ensemble of zero-shot classification, export back to the Hugging Face layout, and the errors
+for bad weights and for an unreachable hub. No network is used.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+import multimodal_models
+from multimodal_models.errors import DataFormatError
+from multimodal_models.models.dual_encoder import DualEncoder, DualEncoderConfig
+from multimodal_models.models.inputs import tokenize
+from multimodal_models.models.text import TextEncoderConfig
+from multimodal_models.models.vision import VisionConfig
+from multimodal_models.pretrained import (
+    CLIP_IMAGENET_TEMPLATES,
+    CLIP_IMAGENET_TEMPLATES_7,
+    HFTokenizer,
+    HubDownloadError,
+    export_hf,
+    resolve_checkpoint,
+)
+
+torch.set_num_threads(1)
+transformers = pytest.importorskip("transformers")
+
+TOL = dict(atol=1e-5, rtol=0)
+TEXTS = ["a photo of a cat.", "dog", "A Photo of the DOG!", "cat cat cat"]
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+IMAGE = dict(image_size=32, patch_size=8)
+
+
+def random_images(seed: int = 0) -> list[Image.Image]:
+    """Photos of several shapes and sizes (landscape, portrait, small, square)."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in
+            [(50, 40), (30, 61), (20, 20), (33, 33)]]
+
+
+def clip_tokenizer():
+    """A tiny CLIP BPE: byte-level letters, word-final "</w>" pieces and a few merges."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for piece in list("abcdefghijklmnopqrstuvwxyz.!") + [c + "</w>" for c in "abcdefghijklmnopqrstuvwxyz.!"]:
+        vocab[piece] = len(vocab)
+    merges = [("p", "h"), ("ph", "o"), ("pho", "t"), ("phot", "o</w>"), ("o", "f</w>"), ("c", "a"), ("ca", "t</w>"),
+              ("d", "o"), ("do", "g</w>"), ("t", "h"), ("th", "e</w>")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def siglip_tokenizer():
+    """A tiny word-level tokenizer that appends </s> and pads with it, as SigLIP's does."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in "a photo of the cat dog . ! bad many art".split():
+        vocab[word] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>",
+                                                unk_token="<unk>", add_eos_token=True, model_max_length=64)
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    tokenizer = clip_tokenizer()
+    ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **TINY_TOWER, **ids),
+        vision_config=dict(**TINY_TOWER, **IMAGE), projection_dim=24)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, tokenizer, processor
+
+
+@pytest.fixture(scope="module")
+def siglip_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("siglip")
+    tokenizer = siglip_tokenizer()
+    config = transformers.SiglipConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=64, **TINY_TOWER,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None),
+        vision_config=dict(**TINY_TOWER, **IMAGE))
+    torch.manual_seed(1)
+    model = transformers.SiglipModel(config).eval()
+    processor = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, tokenizer, processor
+
+
+def hf_text_inputs(family: str, tokenizer, texts) -> dict:
+    """What each checkpoint's processor gives its model: CLIP pads to the longest with a mask,
+    SigLIP pads to max_length and the model reads the ids alone."""
+    if family == "clip":
+        return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    return {"input_ids": tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")["input_ids"]}
+
+
+def hf_outputs(model, text_inputs: dict, pixels: torch.Tensor):
+    with torch.no_grad():
+        return model(pixel_values=pixels, **text_inputs)
+
+
+@pytest.fixture(params=["clip", "siglip"])
+def checkpoint(request, clip_checkpoint, siglip_checkpoint):
+    return request.param, *(clip_checkpoint if request.param == "clip" else siglip_checkpoint)
+
+
+# -- loading: the same ids, pixels, embeddings and logits ------------------------------------------
+
+
+def test_loads_with_same_tokens_pixels_embeddings_and_logits(checkpoint):
+    family, folder, hf_model, hf_tokenizer, hf_processor = checkpoint
+    model = multimodal_models.load(folder)
+    assert isinstance(model, DualEncoder) and isinstance(model.tokenizer, HFTokenizer) and not model.training
+
+    text_inputs = hf_text_inputs(family, hf_tokenizer, TEXTS)
+    ids, mask = tokenize(model.tokenizer, TEXTS, model.config.text.max_length, padding=model.config.text.padding)
+    assert torch.equal(ids, text_inputs["input_ids"])
+    if family == "clip":
+        assert torch.equal(mask, text_inputs["attention_mask"])
+    else:
+        assert model.config.text.padding == "max_length" and bool(mask.all())
+
+    images = random_images()
+    pixels = model.image_processor(images)
+    reference_pixels = hf_processor(images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, reference_pixels)
+
+    expected = hf_outputs(hf_model, text_inputs, reference_pixels)
+    with torch.no_grad():
+        ours = model(pixels, ids, mask)
+    torch.testing.assert_close(ours.image_embeds, expected.image_embeds, **TOL)
+    torch.testing.assert_close(ours.text_embeds, expected.text_embeds, **TOL)
+    torch.testing.assert_close(ours.logits_per_image, expected.logits_per_image, **TOL)
+    # the user-level helpers: files in, unit vectors out
+    torch.testing.assert_close(model.embed_images(images), expected.image_embeds, **TOL)
+    torch.testing.assert_close(model.embed_texts(TEXTS), expected.text_embeds, **TOL)
+
+
+def test_clip_legacy_eos_id_pools_at_the_highest_id(clip_checkpoint, tmp_path):
+    """Configs written before transformers fixed eos_token_id (it reads 2) pool at argmax(ids)."""
+    folder, _, hf_tokenizer, _ = clip_checkpoint
+    legacy = tmp_path / "legacy"
+    shutil.copytree(folder, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = 2
+    (legacy / "config.json").write_text(json.dumps(config))
+    model = multimodal_models.load(legacy)
+    assert model.config.text.pool == "argmax"
+    hf_model = transformers.CLIPModel.from_pretrained(legacy).eval()
+    inputs = hf_text_inputs("clip", hf_tokenizer, TEXTS)
+    with torch.no_grad():
+        expected = hf_model.get_text_features(**inputs).pooler_output
+        ours = model.text_projection(model.text(inputs["input_ids"], inputs["attention_mask"]).pooled)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+def test_zero_shot_prompt_ensemble_matches_transformers(clip_checkpoint):
+    """classify(): the CLIP paper's 80 templates, each label the renormalised mean of its prompts."""
+    folder, hf_model, hf_tokenizer, hf_processor = clip_checkpoint
+    assert len(CLIP_IMAGENET_TEMPLATES) == 80 == len(set(CLIP_IMAGENET_TEMPLATES))
+    assert set(CLIP_IMAGENET_TEMPLATES_7) <= set(CLIP_IMAGENET_TEMPLATES) and len(CLIP_IMAGENET_TEMPLATES_7) == 7
+    assert CLIP_IMAGENET_TEMPLATES[0] == "a bad photo of a {}." and CLIP_IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+    model = multimodal_models.load(folder)
+    image, labels = random_images()[0], ["cat", "dog", "photo"]
+    probabilities = model.classify(image, labels)
+
+    normalize = torch.nn.functional.normalize
+    with torch.no_grad():
+        classes = []
+        for label in labels:
+            prompts = hf_tokenizer([template.format(label) for template in CLIP_IMAGENET_TEMPLATES], padding=True,
+                                   return_tensors="pt")
+            embeds = hf_model.get_text_features(**prompts).pooler_output
+            classes.append(normalize(normalize(embeds, dim=-1).mean(0), dim=-1))
+        pixels = hf_processor(image, return_tensors="pt")["pixel_values"]
+        image_embed = normalize(hf_model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        expected = (hf_model.logit_scale.exp() * image_embed @ torch.stack(classes).T)[0].softmax(-1)
+    assert [label for label, _ in probabilities] == labels
+    torch.testing.assert_close(torch.tensor([p for _, p in probabilities]), expected, **TOL)
+
+
+# -- writing back: the Hugging Face layout and our own ---------------------------------------------
+
+
+def test_export_to_hf_layout_reloads_in_transformers(checkpoint, tmp_path):
+    family, folder, _, hf_tokenizer, hf_processor = checkpoint
+    model = multimodal_models.load(folder)
+    out = export_hf(model, tmp_path / "exported")
+    hf_class = transformers.CLIPModel if family == "clip" else transformers.SiglipModel
+    reloaded = hf_class.from_pretrained(out).eval()
+    images = random_images(seed=3)
+    pixels = hf_processor(images, return_tensors="pt")["pixel_values"]
+    text_inputs = hf_text_inputs(family, hf_tokenizer, TEXTS)
+    expected = hf_outputs(reloaded, text_inputs, pixels)
+    with torch.no_grad():
+        ours = model(pixels, text_inputs["input_ids"], text_inputs.get("attention_mask"))
+    torch.testing.assert_close(ours.logits_per_image, expected.logits_per_image, **TOL)
+    torch.testing.assert_close(ours.image_embeds, expected.image_embeds, **TOL)
+    torch.testing.assert_close(ours.text_embeds, expected.text_embeds, **TOL)
+    # tokenizer and preprocessing travel along, and our loader reads the export again
+    again = multimodal_models.load(out)
+    assert again.tokenizer.encode_batch(TEXTS, add_special_tokens=True) == \
+        model.tokenizer.encode_batch(TEXTS, add_special_tokens=True)
+    assert again.image_processor == model.image_processor
+
+
+def test_our_own_layout_keeps_the_hf_tokenizer(checkpoint, tmp_path):
+    _, folder, *_ = checkpoint
+    model = multimodal_models.load(folder)
+    model.save_pretrained(tmp_path / "ours")
+    again = multimodal_models.load(tmp_path / "ours")
+    assert isinstance(again.tokenizer, HFTokenizer) and again.config == model.config
+    torch.testing.assert_close(again.embed_texts(TEXTS), model.embed_texts(TEXTS), atol=0, rtol=0)
+
+
+def test_export_refuses_a_model_the_layout_cannot_hold(tmp_path):
+    # as trained here: mean-pooled patches (CLIP pools its class token), text pooled by the mask ('eot')
+    model = DualEncoder(DualEncoderConfig(vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2,
+                                                              pool="mean"),
+                                          text=TextEncoderConfig(vocab_size=50, width=32, depth=1, heads=2)))
+    with pytest.raises(ValueError, match=r"cannot be written as a CLIPModel: .*vision.pool is 'mean'.*text.pool"):
+        export_hf(model, tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+
+
+# -- bad weights -----------------------------------------------------------------------------------
+
+
+def test_missing_unexpected_and_misshapen_keys_are_named(clip_checkpoint, tmp_path):
+    folder, *_ = clip_checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["text_model.encoder.layers.1.mlp.fc2.bias"]
+    tensors["vision_model.extra_head.weight"] = torch.zeros(2)
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(DataFormatError, match=r"missing keys: text_model\.encoder\.layers\.1\.mlp\.fc2\.bias.*"
+                                              r"unexpected keys: vision_model\.extra_head\.weight"):
+        multimodal_models.load(broken)
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["visual_projection.weight"] = torch.zeros(24, 31)
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(DataFormatError, match=r"visual_projection\.weight.*\(24, 31\).*\(24, 32\)"):
+        multimodal_models.load(broken)
+
+
+# -- tokenizers ------------------------------------------------------------------------------------
+
+
+def test_hf_tokenizer_decodes_and_saves_like_transformers(clip_checkpoint, tmp_path):
+    folder, _, hf_tokenizer, _ = clip_checkpoint
+    tokenizer = HFTokenizer.from_folder(folder)
+    ids = tokenizer.encode("a photo of the cat.", add_special_tokens=True)
+    assert ids == hf_tokenizer("a photo of the cat.")["input_ids"]
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (hf_tokenizer.bos_token_id,
+                                                                      hf_tokenizer.eos_token_id,
+                                                                      hf_tokenizer.pad_token_id)
+    assert tokenizer.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True) == "a photo of the cat ."
+    assert tokenizer.model_max_length == 77 and tokenizer.vocab_size == len(hf_tokenizer)
+    tokenizer.save(tmp_path / "tok")
+    assert HFTokenizer.saved_in(tmp_path / "tok")
+    assert HFTokenizer.from_folder(tmp_path / "tok").encode_batch(TEXTS) == tokenizer.encode_batch(TEXTS)
+
+
+def test_special_tokens_come_from_tokenizer_json_as_in_transformers(siglip_checkpoint, tmp_path):
+    """tokenizer.json's post-processor decides which special tokens a text gets; transformers 5
+    ignores tokenizer_config.json's add_bos_token / add_eos_token next to a tokenizer.json, and so do we."""
+    folder, *_ = siglip_checkpoint
+    shutil.copytree(folder, tmp_path / "tok")
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    backend.add_special_tokens(["<bos>"])
+    bos_id = backend.token_to_id("<bos>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A </s>", pair="<bos> $A </s> $B </s>", special_tokens=[("<bos>", bos_id), ("</s>", 1)])
+    backend.save(str(tmp_path / "tok" / "tokenizer.json"))
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    config.update(bos_token="<bos>", add_bos_token=False, add_eos_token=False, chat_template="{{ messages }}")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = HFTokenizer.from_folder(tmp_path / "tok")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert ours.encode_batch(TEXTS, add_special_tokens=True) == theirs(TEXTS)["input_ids"]
+    assert ours.encode("a cat", add_special_tokens=True) == [bos_id, ours.token_to_id("a"), ours.token_to_id("cat"), 1]
+    assert ours.bos_id == bos_id and ours.chat_template == "{{ messages }}"
+
+
+# -- the hub, without a network --------------------------------------------------------------------
+
+
+def test_local_folders_resolve_without_the_hub(clip_checkpoint, tmp_path):
+    folder, *_ = clip_checkpoint
+    assert resolve_checkpoint(folder) == folder
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_offline_hub_id_fails_with_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubDownloadError) as error:
+        resolve_checkpoint("openai/clip-vit-base-patch32", cache_dir=tmp_path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("cannot download 'openai/clip-vit-base-patch32': HF_HUB_OFFLINE is set")
+    assert "huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR) and pass DIR." in message
+    with pytest.raises(HubDownloadError, match="cannot download 'mm-tests/no-such-model'"):
+        multimodal_models.load("mm-tests/no-such-model")
+
+
+def test_unreachable_hub_says_no_network(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    with pytest.raises(HubDownloadError) as error:
+        resolve_checkpoint("openai/clip-vit-base-patch32", cache_dir=tmp_path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("cannot download 'openai/clip-vit-base-patch32': no network (")
+    assert message.endswith("--local-dir DIR) and pass DIR.")
