@@ -1,4 +1,5 @@
-"""`multimodal_models.load(name_or_path)`: a shipped model by name, or a saved model folder.
+"""`multimodal_models.load(name_or_path)`: a shipped model by name, a saved model folder, or a
+Hugging Face CLIP/SigLIP checkpoint (a folder in that layout, or a hub id; see `pretrained`).
 
 The one table of names in the package lives here: the model types this package saves
 (config.json's "model_type") and the shipped checkpoints.
@@ -28,8 +29,16 @@ def model_classes() -> dict[str, type]:
     return {cls.model_type: cls for cls in (VisionLanguageModel, DualEncoder, FusionClassifier)}
 
 
+def hf_vlm_loaders() -> dict[str, object]:
+    """Hugging Face vision-language layouts (config.json "model_type") -> the function that loads one."""
+    from .pretrained.idefics3 import load_idefics3
+    from .pretrained.llava import load_llava
+
+    return {"llava": load_llava, "idefics3": load_idefics3, "smolvlm": load_idefics3}
+
+
 def resolve(name_or_path: str | Path) -> Path:
-    """The folder of a shipped model name or a local path."""
+    """The folder of a shipped model name, a local path, or a Hugging Face hub id ("org/name")."""
     text = str(name_or_path)
     if text in SHIPPED:
         folder = SHIPPED_DIR / text
@@ -42,8 +51,13 @@ def resolve(name_or_path: str | Path) -> Path:
     path = Path(text).expanduser()
     if path.is_dir():
         return path
+    from .pretrained.hub import looks_like_hub_id, resolve_checkpoint
+
+    if looks_like_hub_id(text):
+        return resolve_checkpoint(text)
     raise FileNotFoundError(
-        f"'{text}' is neither a shipped model ({', '.join(SHIPPED)}) nor a folder with a saved model"
+        f"'{text}' is neither a shipped model ({', '.join(SHIPPED)}), a folder with a saved model, nor a "
+        f"Hugging Face hub id ('org/name')"
     )
 
 
@@ -53,7 +67,14 @@ def load(name_or_path: str | Path, *, device: str = "cpu"):
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: {folder} is not a saved model folder")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    config = json.loads(config_file.read_text())
+    from .pretrained import is_hf_checkpoint, load_hf
+
+    if is_hf_checkpoint(config):  # transformers' CLIPModel / SiglipModel layout
+        return load_hf(folder).to(device).eval()
+    if config.get("model_type") in ("llava", "idefics3", "smolvlm"):  # LLaVA / Idefics3 / SmolVLM layout
+        return hf_vlm_loaders()[config["model_type"]](folder, config).to(device).eval()
+    model_type = config.get("model_type")
     classes = model_classes()
     if model_type not in classes:
         raise DataFormatError(config_file, f"unknown model_type {model_type!r}; this package reads {sorted(classes)}",

@@ -12,11 +12,21 @@ The word-level template writes
 and marks the assistant's words and the <eos> after them as training targets. Each image
 becomes K copies of the <image> token; the model replaces those positions with the
 projected image features.
+
+`JinjaChatTemplate` is the same interface for pretrained checkpoints: their own Jinja chat
+template (tokenizer_config.json, chat_template.json or chat_template.jinja) rendered as
+transformers renders it, each image placeholder in the text expanded to that model's image
+tokens, and the whole string tokenized at once (as transformers' processors do).
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from ..data.records import ConversationRecord
@@ -100,3 +110,245 @@ class WordChatTemplate:
     def stop_ids(self) -> set[int]:
         """Tokens that end an assistant turn."""
         return {self.tokenizer.eos_id, self.role_ids["user"]}
+
+
+def attach_images(messages: list[dict], images: list[Any] | None) -> list[dict]:
+    """The messages with every image part holding its image: parts without one take the next of
+    `images` in order ("<image>" markers in string contents become image parts first).
+
+    Raises when there are more image parts than images, or images left over.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    pending = list(images or [])
+    attached = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content'")
+        content = message["content"]
+        if isinstance(content, str):
+            if IMAGE not in content:
+                attached.append(dict(message))
+                continue
+            content = _split_image_markers(content)
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is None:
+                if not pending:
+                    raise ValueError("the messages have more image parts than images were given")
+                part = {**part, "image": pending.pop(0)}
+            parts.append(part)
+        attached.append({**message, "content": parts})
+    if pending:
+        raise ValueError(f"{len(pending)} images were given but the messages have no place for them")
+    return attached
+
+
+def _split_image_markers(text: str) -> list[dict]:
+    """"<image>\nwhat is it?" -> [{"type": "image"}, {"type": "text", "text": "what is it?"}] (pieces stripped)."""
+    parts: list[dict] = []
+    for k, piece in enumerate(text.split(IMAGE)):
+        if k:
+            parts.append({"type": "image"})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece.strip()})
+    return parts
+
+
+# -- a checkpoint's own (Jinja) chat template ---------------------------------------------------
+
+_GENERATION_SPANS: ContextVar[list | None] = ContextVar("generation_spans", default=None)
+
+
+def _compile_template(source: str):
+    """Compile a chat template in the environment transformers renders them in: sandboxed,
+    trim_blocks + lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson`
+    that does not escape HTML, and `{% generation %}` blocks marking what the assistant says."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlocks(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            call = self.call_method("_mark", [nodes.ContextReference()])
+            return nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+        def _mark(self, context, caller):
+            text = caller()
+            spans = _GENERATION_SPANS.get()
+            if spans is not None:  # where the text lands is found after rendering, by a sentinel
+                spans.append(text)
+                return f"\x00{len(spans) - 1}\x00{text}\x00"
+            return text
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[GenerationBlocks, "jinja2.ext.loopcontrols"])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return environment.from_string(source)
+
+
+def _template_value(value: Any) -> Any:
+    """What a template may see: JSON-like data; any other object (an image) becomes "<TypeName>"."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _template_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_template_value(v) for v in value]
+    return f"<{type(value).__name__}>"
+
+
+class JinjaChatTemplate:
+    """A pretrained checkpoint's chat format: its Jinja template, rendered as transformers does.
+
+    tokenizer: an HFTokenizer (pretrained.tokenizer); template: the Jinja source;
+    image_token: the placeholder the template writes for an image ("<image>");
+    image_text(image) -> the text that replaces one placeholder (e.g. K copies of "<image>",
+    or Idefics3's tile layout), given that image (None when it was not given inline);
+    stop_ids: the token ids that end an assistant turn (with the tokenizer's eos).
+
+    The rendered text gets the tokenizer's special tokens (a Llama <s>) unless it already
+    starts with the bos token, which is the rule of transformers' processors. Training targets
+    are the tokens inside `{% generation %}` blocks when the template has them, else the text
+    each assistant message adds to the render of the conversation before it.
+    """
+
+    def __init__(self, tokenizer, template: str, *, image_token: str = IMAGE,
+                 image_text: Callable[[Any], str] | None = None, stop_ids: Iterable[int] = ()):
+        if not isinstance(template, str) or not template.strip():
+            raise ValueError("the checkpoint has no chat template (tokenizer_config.json 'chat_template', "
+                             "chat_template.json or chat_template.jinja)")
+        self.tokenizer = tokenizer
+        self.source = template
+        self.template = _compile_template(template)
+        self.image_token = image_token
+        self.image_text = image_text or (lambda image: image_token)
+        self.extra_stop_ids = {int(i) for i in stop_ids}
+        self.has_generation_blocks = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+        special = getattr(tokenizer, "special_tokens", {}) or {}
+        self.special_tokens = {f"{name}_token": token for name, token in special.items()}
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False, **kwargs) -> str:
+        """The prompt text, placeholders not yet expanded (transformers' apply_chat_template(tokenize=False))."""
+        chat, _ = self._template_messages(messages)
+        return self.template.render(messages=chat, add_generation_prompt=add_generation_prompt,
+                                    **{**self.special_tokens, **kwargs})
+
+    def _template_messages(self, messages: list[dict]) -> tuple[list[dict], list[Any]]:
+        """(messages as the template sees them, the images of the image parts in order)."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+        chat, images = [], []
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"messages[{index}] must be an object with 'role' and 'content'")
+            content = message["content"]
+            if isinstance(content, str):  # multimodal templates read a list of typed parts
+                content = _split_image_markers(content) if IMAGE in content else [{"type": "text", "text": content}]
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
+                    raise ValueError(f"messages[{index}].content parts must be {{'type': 'text'|'image', ...}}, "
+                                     f"got {part!r}")
+                if part["type"] == "image":
+                    images.append(part.get("image"))
+                parts.append({k: v for k, v in part.items() if v is not None})
+            message = {k: v for k, v in message.items() if v is not None and k != "content"}
+            chat.append(_template_value({**message, "content": parts}))
+        return chat, images
+
+    # -- the interface of WordChatTemplate -----------------------------------------------------
+
+    def encode(self, messages: list[dict], *, add_generation_prompt: bool = False) -> ChatEncoding:
+        chat, images = self._template_messages(messages)
+        spans: list[tuple[int, int]] = []
+        if self.has_generation_blocks:
+            text, spans = self._render_marked(chat, add_generation_prompt)
+        else:
+            text = self.template.render(messages=chat, add_generation_prompt=add_generation_prompt,
+                                        **self.special_tokens)
+            spans = self._assistant_spans(chat, text, strict=not add_generation_prompt)
+        text, spans = self._expand_images(text, images, spans)
+        bos = self.special_tokens.get("bos_token")
+        encoded = self.tokenizer.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+        targets = [any(start < span_end and end > span_start for span_start, span_end in spans) and end > start
+                   for start, end in encoded.offsets]
+        return ChatEncoding(list(encoded.ids), targets, images)
+
+    def stop_ids(self) -> set[int]:
+        """Tokens that end an assistant turn: the tokenizer's eos and the checkpoint's own."""
+        eos = self.tokenizer.eos_id
+        return self.extra_stop_ids | ({eos} if eos is not None else set())
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _render_marked(self, chat: list[dict], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+        """Render with the `{% generation %}` blocks located: (text, [(start, end)] of each block)."""
+        token = _GENERATION_SPANS.set([])
+        try:
+            marked = self.template.render(messages=chat, add_generation_prompt=add_generation_prompt,
+                                          **self.special_tokens)
+        finally:
+            _GENERATION_SPANS.reset(token)
+        pieces, spans, position = [], [], 0
+        for k, piece in enumerate(marked.split("\x00")):
+            # pieces alternate: text, block number, block text, text, ...
+            if k % 3 == 0:
+                pieces.append(piece)
+                position += len(piece)
+            elif k % 3 == 2:
+                spans.append((position, position + len(piece)))
+                pieces.append(piece)
+                position += len(piece)
+        return "".join(pieces), spans
+
+    def _assistant_spans(self, chat: list[dict], text: str, *, strict: bool) -> list[tuple[int, int]]:
+        """Where each assistant message's text is: what it adds to the render of the conversation
+        before it (with the generation prompt). strict: raise when the template is not
+        prefix-stable there (its training targets cannot be told apart); else leave it unmarked."""
+        spans = []
+        for i, message in enumerate(chat):
+            if message.get("role") != "assistant":
+                continue
+            before = self.template.render(messages=chat[:i], add_generation_prompt=True, **self.special_tokens)
+            through = self.template.render(messages=chat[: i + 1], add_generation_prompt=False, **self.special_tokens)
+            if through.startswith(before) and text.startswith(through):
+                spans.append((len(before), len(through)))
+            elif strict:
+                raise ValueError(f"cannot tell which tokens assistant message {i} says with this chat template (it "
+                                 "re-renders earlier turns); add {% generation %} blocks to the template")
+        return spans
+
+    def _expand_images(self, text: str, images: list[Any], spans: list[tuple[int, int]]
+                       ) -> tuple[str, list[tuple[int, int]]]:
+        """Replace the k-th image placeholder by image_text(images[k]); move the spans with the text."""
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(images):
+            raise ValueError(f"the rendered prompt has {len(pieces) - 1} {self.image_token} placeholders for "
+                             f"{len(images)} images (an image token typed in a text part counts too)")
+        out, shifts, position = [pieces[0]], [], len(pieces[0])
+        for image, piece in zip(images, pieces[1:]):
+            expansion = self.image_text(image)
+            shifts.append((position, len(expansion) - len(self.image_token)))
+            out += [expansion, piece]
+            position += len(self.image_token) + len(piece)
+
+        def moved(offset: int) -> int:
+            return offset + sum(delta for at, delta in shifts if at < offset)
+
+        return "".join(out), [(moved(a), moved(b)) for a, b in spans]

@@ -26,11 +26,24 @@ class TextEncoderConfig:
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    mlp_hidden: int | None = None  # MLP width; None: int(width * mlp_ratio)
     causal: bool = True  # CLIP's text tower is causal
-    pool: str = "eot"  # "eot": last non-padding token | "first" | "last" (fixed last position) | "mean"
+    # "eot": last non-padding token | "first" | "last" (fixed last position: SigLIP) | "mean" |
+    # "eos": first position of eos_token_id in the ids (CLIP in transformers) |
+    # "argmax": position of the highest id (original CLIP: <|endoftext|> is the last id of its vocabulary)
+    pool: str = "eot"
+    eos_token_id: int | None = None  # for pool="eos"
+    # How texts are padded for this encoder (models/inputs.tokenize): "longest" (pad to the longest text in
+    # the batch, pads masked out) | "max_length" (pad every text to max_length and attend to the pads too,
+    # as SigLIP was trained)
+    padding: str = "longest"
     act: str = "gelu"
     norm_eps: float = 1e-5
     dropout: float = 0.0
+
+
+TEXT_POOLS = ("eot", "first", "last", "mean", "eos", "argmax")
+TEXT_PADDINGS = ("longest", "max_length")
 
 
 class TextOutput(NamedTuple):
@@ -41,11 +54,18 @@ class TextOutput(NamedTuple):
 class TextEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
+        if config.pool not in TEXT_POOLS:
+            raise ValueError(f"unknown pool {config.pool!r}; expected one of {TEXT_POOLS}")
+        if config.pool == "eos" and config.eos_token_id is None:
+            raise ValueError("pool='eos' needs eos_token_id")
+        if config.padding not in TEXT_PADDINGS:
+            raise ValueError(f"unknown padding {config.padding!r}; expected one of {TEXT_PADDINGS}")
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position = nn.Parameter(torch.zeros(1, config.max_length, config.width))
+        hidden = config.mlp_hidden or int(config.width * config.mlp_ratio)
         self.blocks = nn.ModuleList(
-            TransformerBlock(config.width, config.heads, int(config.width * config.mlp_ratio), act=config.act,
+            TransformerBlock(config.width, config.heads, hidden, act=config.act,
                              norm_eps=config.norm_eps, dropout=config.dropout)
             for _ in range(config.depth)
         )
@@ -75,8 +95,9 @@ class TextEncoder(nn.Module):
         elif self.config.pool == "mean":
             weights = attention_mask.to(x.dtype)[..., None]
             pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
-        else:
-            raise ValueError(f"unknown pool {self.config.pool!r}")
+        else:  # "eos": the first end-of-text id (position 0 if a row has none) | "argmax": the highest id
+            marker = (ids == self.config.eos_token_id).int() if self.config.pool == "eos" else ids
+            pooled = x[torch.arange(B, device=x.device), marker.argmax(dim=1)]
         return TextOutput(x, pooled)
 
 

@@ -6,6 +6,11 @@
 
 It captions, answers and chats (several images, several turns, streamed tokens) through
 the same decoder and the same chat template; `generation.py` holds the decoding strategies.
+
+The same composition holds pretrained LLaVA and Idefics3/SmolVLM checkpoints
+(`multimodal_models.pretrained.llava` / `.idefics3`): a few config options below choose
+which vision layer and tokens feed the projector, the projector's activation and biases,
+and the checkpoint's own (Jinja) chat template with its image-token layout.
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chat import WordChatTemplate
+from .chat import JinjaChatTemplate, WordChatTemplate, attach_images
 from .generation import GenerationConfig, beam_search, generate_tokens, stream_text
-from .layers import init_weights
+from .layers import activation, init_weights
 from .pretrained import PretrainedModel
 from .text import CausalDecoder, DecoderConfig
 from .vision import VisionConfig, VisionTransformer
 
 CAPTION_PROMPT = "describe the image."
+VISION_TOKENS = ("patches", "skip_first", "all")
+CHAT_FORMATS = ("word", "jinja")
+IMAGE_PROMPTS = ("repeat", "idefics3")
 
 
 @dataclass
@@ -33,12 +41,41 @@ class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     pixel_shuffle: int = 1  # merge s x s neighbouring patch tokens into one image token (s*s fewer tokens)
-    projector: str = "mlp"  # "mlp" (Linear-GELU-Linear, LLaVA-1.5) | "linear"
+    projector: str = "mlp"  # "mlp" (Linear-GELU-Linear, LLaVA-1.5) | "linear" (Idefics3: after pixel shuffle)
+    projector_act: str = "gelu"  # the mlp projector's activation (models.layers.ACTIVATIONS)
+    projector_bias: bool = True  # Idefics3's projection has no bias
     image_token_id: int = 4  # id of the <image> placeholder token in the tokenizer
+    # Which vision tokens feed the projector. vision_layer: the output of that block (negative counts
+    # from the end: LLaVA's penultimate layer is -2; before any final norm), None: the tower's final
+    # output. vision_tokens: "patches" (drop the class token if there is one) | "skip_first" (drop the
+    # first token whatever it is: LLaVA's "default" strategy) | "all" (keep them all: LLaVA's "full")
+    vision_layer: int | None = None
+    vision_tokens: str = "patches"
+    # The prompt format: "word" (WordChatTemplate, the models trained here) | "jinja" (the tokenizer's
+    # own chat template, pretrained checkpoints). image_token: the placeholder such a template writes
+    # for an image; image_prompt: what replaces it, "repeat" (tokens_per_image image tokens) | "idefics3"
+    # (<fake_token_around_image>, <row_i_col_j> / <global-img> and the image tokens of each tile)
+    chat_format: str = "word"
+    image_token: str = "<image>"
+    image_prompt: str = "repeat"
+    stop_token_ids: tuple[int, ...] = ()  # token ids that end an assistant turn besides the tokenizer's eos
 
     @property
     def tokens_per_image(self) -> int:
-        return self.vision.num_patches // self.pixel_shuffle**2
+        """Image tokens per image (per tile for Idefics3's split images)."""
+        tokens = self.vision.num_patches
+        if self.vision_tokens == "all":
+            tokens += int(self.vision.class_token)
+        elif self.vision_tokens == "skip_first":
+            tokens += int(self.vision.class_token) - 1
+        return tokens // self.pixel_shuffle**2
+
+    def validate(self) -> None:
+        for name, value, allowed in (("vision_tokens", self.vision_tokens, VISION_TOKENS),
+                                     ("chat_format", self.chat_format, CHAT_FORMATS),
+                                     ("image_prompt", self.image_prompt, IMAGE_PROMPTS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
 
 
 class VLMOutput(NamedTuple):
@@ -58,16 +95,33 @@ def pixel_shuffle(tokens: torch.Tensor, factor: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, (g // factor) ** 2, factor * factor * C)
 
 
+class Activation(nn.Module):
+    """An activation function by name, as a module (no parameters)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.fn = activation(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
 class ModalityProjector(nn.Module):
     def __init__(self, config: VLMConfig):
         super().__init__()
         self.factor = config.pixel_shuffle
         source = config.vision.width * config.pixel_shuffle**2
         target = config.decoder.width
+        bias = config.projector_bias
         if config.projector == "mlp":
-            self.layers = nn.Sequential(nn.Linear(source, target), nn.GELU(), nn.Linear(target, target))
+            self.layers = nn.Sequential(nn.Linear(source, target, bias=bias), Activation(config.projector_act),
+                                        nn.Linear(target, target, bias=bias))
         elif config.projector == "linear":
-            self.layers = nn.Sequential(nn.Linear(source, target))
+            self.layers = nn.Sequential(nn.Linear(source, target, bias=bias))
         else:
             raise ValueError(f"unknown projector {config.projector!r}; expected 'mlp' or 'linear'")
 
@@ -81,6 +135,7 @@ class VisionLanguageModel(PretrainedModel):
 
     def __init__(self, config: VLMConfig):
         super().__init__(config)
+        config.validate()
         self.vision = VisionTransformer(config.vision)
         self.projector = ModalityProjector(config)
         init_weights(self.projector)
@@ -90,8 +145,9 @@ class VisionLanguageModel(PretrainedModel):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, H, W) -> image embeddings (N, K, C_decoder)."""
-        tokens = self.vision(pixels).tokens
-        if self.config.vision.class_token:
+        tokens = self.vision(pixels, layer=self.config.vision_layer).tokens
+        if self.config.vision_tokens == "skip_first" or (self.config.vision_tokens == "patches"
+                                                          and self.config.vision.class_token):
             tokens = tokens[:, 1:]
         return self.projector(tokens)
 
@@ -126,10 +182,43 @@ class VisionLanguageModel(PretrainedModel):
 
     # -- using it -------------------------------------------------------------------------
 
-    def chat_template(self) -> WordChatTemplate:
+    def chat_template(self) -> WordChatTemplate | JinjaChatTemplate:
         if self.tokenizer is None:
             raise RuntimeError("this model has no tokenizer attached; load it with multimodal_models.load()")
-        return WordChatTemplate(self.tokenizer, self.config.tokens_per_image)
+        if self.config.chat_format == "word":
+            return WordChatTemplate(self.tokenizer, self.config.tokens_per_image)
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, list):  # tokenizer_config.json may hold named templates
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        return JinjaChatTemplate(self.tokenizer, template, image_token=self.config.image_token,
+                                 image_text=self._image_text, stop_ids=self.config.stop_token_ids)
+
+    def _image_text(self, image: Any) -> str:
+        """The prompt text one image becomes in a Jinja-templated prompt."""
+        token, count = self.config.image_token, self.config.tokens_per_image
+        if self.config.image_prompt == "repeat":
+            return token * count
+        from ..pretrained.idefics3 import idefics3_image_text
+
+        rows, cols = 0, 0
+        if getattr(self.image_processor, "do_image_splitting", False):
+            if image is None:
+                raise ValueError("this model splits each image into tiles, so the prompt needs the image itself")
+            rows, cols = self.image_processor.grid(image)
+        return idefics3_image_text(rows, cols, count, image_token=token)
+
+    def attach_preprocessing(self, directory) -> None:
+        """As the base class does; a tokenizer saved with its tokenizer_config.json (a pretrained
+        checkpoint's) comes back as an HFTokenizer, an Idefics3 image processor as itself."""
+        from ..pretrained.tokenizer import HFTokenizer
+
+        if not HFTokenizer.saved_in(directory):
+            return super().attach_preprocessing(directory)
+        self.tokenizer = HFTokenizer.from_folder(directory)
+        if (directory / "preprocessor_config.json").is_file():
+            from ..pretrained.idefics3 import load_image_processor
+
+            self.image_processor = load_image_processor(directory)
 
     def _pixels(self, images: list[Any]) -> torch.Tensor | None:
         if not images:
@@ -144,19 +233,10 @@ class VisionLanguageModel(PretrainedModel):
         """The assistant's next turn. Images come inline ({"type": "image", "image": ...}) or, for
         parts without one, from `images` in order. stream=True returns an iterator of text pieces."""
         template = self.chat_template()
-        encoding = template.encode(messages, add_generation_prompt=True)
-        pending = list(images or [])
-        resolved = []
-        for image in encoding.images:
-            if image is None:
-                if not pending:
-                    raise ValueError("the messages have more image parts than images were given")
-                image = pending.pop(0)
-            resolved.append(image)
-        if pending:
-            raise ValueError(f"{len(pending)} images were given but the messages have no place for them")
+        encoding = template.encode(attach_images(messages, images), add_generation_prompt=True)
         config = generation or GenerationConfig(**options)
-        session = VLMSession(self, torch.tensor([encoding.ids], device=self.device), self._pixels(resolved), config)
+        session = VLMSession(self, torch.tensor([encoding.ids], device=self.device), self._pixels(encoding.images),
+                             config)
         stop_ids = template.stop_ids()
         decode = self.tokenizer.decode
         if config.num_beams > 1:
@@ -176,7 +256,8 @@ class VisionLanguageModel(PretrainedModel):
         each prompt, without the stop token.
         """
         B, longest = len(prompts), max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
+        pad = getattr(self.tokenizer, "pad_id", None)
+        pad = 0 if pad is None else pad  # any id: padding is masked out
         ids = torch.full((B, longest), pad, dtype=torch.long, device=self.device)
         valid = torch.zeros(B, longest, dtype=torch.bool, device=self.device)
         for row, prompt in enumerate(prompts):
@@ -210,20 +291,25 @@ class VisionLanguageModel(PretrainedModel):
             next_position = next_position + 1
         return outputs
 
-    def _user_prompts(self, texts: list[str]) -> list[list[int]]:
+    def _user_prompts(self, texts: list[str], images: list[Any] | None = None) -> list[list[int]]:
+        """One user turn per text, each about one image (given when the prompt depends on it)."""
         template = self.chat_template()
+        images = images if images is not None else [None] * len(texts)
         return [
-            template.encode([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
+            template.encode([{"role": "user", "content": [{"type": "image", "image": image},
+                                                          {"type": "text", "text": t}]}],
                             add_generation_prompt=True).ids
-            for t in texts
+            for t, image in zip(texts, images)
         ]
 
     @torch.no_grad()
     def answer_batch(self, questions: list[str], *, images: list[Any] | None = None, pixels: torch.Tensor | None = None,
                      max_new_tokens: int = 8) -> list[str]:
         """Answer one question about each image (images as files/PIL, or preprocessed pixels)."""
+        if pixels is not None and getattr(self.image_processor, "do_image_splitting", False):
+            raise ValueError("this model splits each image into tiles: pass the images, not preprocessed pixels")
         pixels = pixels.to(self.device) if pixels is not None else self._pixels(images)
-        outputs = self.generate_batch(self._user_prompts(questions), self.image_features(pixels),
+        outputs = self.generate_batch(self._user_prompts(questions, images), self.image_features(pixels),
                                       max_new_tokens=max_new_tokens)
         return [self.tokenizer.decode(o) for o in outputs]
 

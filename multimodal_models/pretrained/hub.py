@@ -24,6 +24,8 @@ ALLOW_PATTERNS = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
     "preprocessor_config.json",
     "processor_config.json",
 )
