@@ -314,6 +314,8 @@ def _export(out: Path, task, checkpoint: Path, dtype_name: str) -> None:
     """The final model folder: the best checkpoint's weights in the configured dtype."""
     model = task.model
     model.load_weights(checkpoint / "model.safetensors", map_location=str(model.device))
+    if hasattr(task, "export_model"):
+        model = task.export_model(model)
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
     model.save_pretrained(out / "model", dtype=dtype)
 

@@ -27,12 +27,28 @@ from .data import ImageStore, SplitData
 class _ImageTask:
     """What both tasks share: the tokenizer, the image processor, train and eval image stores."""
 
+    OPTIONS: tuple[str, ...] = ("init_from",)
+
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool):
         self.config = config
         self.train_split, self.eval_split = train, evaluation
-        self.tokenizer = WordTokenizer.train(train.texts(), **config.tokenizer)
+        unknown = set(config.task_options) - set(self.OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown task_options for the {config.task} task: {sorted(unknown)}; known: {list(self.OPTIONS)}")
+        self.init_from = config.task_options.get("init_from")
+        self.tokenizer = None if self.init_from else WordTokenizer.train(train.texts(), **config.tokenizer)
         self.progress = progress
         self.eval_store: ImageStore | None = None
+
+    def _start_from(self, model_type: str):
+        """The model named by task_options.init_from (shipped, saved or Hugging Face), to fine-tune."""
+        from ..loading import load
+
+        model = load(self.init_from)
+        if model.model_type != model_type:
+            raise ValueError(f"{self.init_from} is a {model.model_type} model; this task trains a {model_type}")
+        self.tokenizer = model.tokenizer
+        return model
 
     def _attach(self, model, image_size: int) -> None:
         model.tokenizer = self.tokenizer
@@ -49,20 +65,21 @@ class ContrastiveTask(_ImageTask):
     """CLIP/SigLIP training on image-caption pairs; evaluated by cross-modal retrieval."""
 
     name = "contrastive"
+    OPTIONS = ("init_from", "hard_negatives")
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         super().__init__(config, train, evaluation, progress=progress)
         if not train.captions:
             raise ValueError("the contrastive task needs captions in the training data (COCO captions, Karpathy or a table)")
-        model_config: DualEncoderConfig = config_from_dict(DualEncoderConfig, config.model, source="model")
-        model_config.text.vocab_size = self.tokenizer.vocab_size
-        self.model = DualEncoder(model_config)
-        self._attach(self.model, model_config.vision.image_size)
+        if self.init_from:
+            self.model = self._start_from("dual_encoder")
+        else:
+            model_config: DualEncoderConfig = config_from_dict(DualEncoderConfig, config.model, source="model")
+            model_config.text.vocab_size = self.tokenizer.vocab_size
+            self.model = DualEncoder(model_config)
+            self._attach(self.model, model_config.vision.image_size)
         self.records = train.captions
         self.hard_negatives = bool(config.task_options.get("hard_negatives", False))
-        unknown = set(config.task_options) - {"hard_negatives"}
-        if unknown:
-            raise ValueError(f"unknown task_options for the contrastive task: {sorted(unknown)}")
         self.ceiling: dict | None = None
         self.store = ImageStore([r.image for r in self.records], self.model.image_processor,
                                 preload=config.data.preload_images, progress=progress, desc="train images")
@@ -73,14 +90,15 @@ class ContrastiveTask(_ImageTask):
     def make_batch(self, indices: list[int], rng: random.Random) -> dict:
         records = [self.records[i] for i in indices]
         captions = [rng.choice(r.captions) for r in records]
-        max_length = self.model.config.text.max_length
-        ids, mask = tokenize(self.tokenizer, captions, max_length)
+        text = self.model.config.text
+        ids, mask = tokenize(self.tokenizer, captions, text.max_length, padding=text.padding)
         pixels = self.store.batch([self.store.position(r.image) for r in records])
         batch = {"pixels": pixels, "ids": ids, "mask": mask, "examples": len(records)}
         if self.hard_negatives:  # NegCLIP: each caption with a few words changed, as an extra negative
             negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
             if negatives:
-                batch["negative_ids"], batch["negative_mask"] = tokenize(self.tokenizer, negatives, max_length)
+                batch["negative_ids"], batch["negative_mask"] = tokenize(self.tokenizer, negatives, text.max_length,
+                                                                         padding=text.padding)
         return batch
 
     @staticmethod

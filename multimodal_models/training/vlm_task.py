@@ -21,7 +21,7 @@ import torch
 from ..data.preprocess import ImageProcessor
 from ..data.records import ImageSource
 from ..data.tokenizer import WordTokenizer
-from ..models.chat import CHAT_SPECIAL_TOKENS, WordChatTemplate, conversation_to_messages
+from ..models.chat import CHAT_SPECIAL_TOKENS, conversation_to_messages
 from ..models.pretrained import config_from_dict
 from ..models.vision import VisionConfig
 from ..models.vlm import CAPTION_PROMPT, VisionLanguageModel, VLMConfig
@@ -54,40 +54,68 @@ class Unit:
 class VLMTask:
     name = "vlm"
 
+    OPTIONS = ("questions_per_image", "captions_per_image", "max_length", "vision_from", "init_from", "lora")
+
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         self.config = config
         options = {"questions_per_image": 0, "captions_per_image": 1, "max_length": None, "vision_from": None,
-                   **config.task_options}
-        unknown = set(options) - {"questions_per_image", "captions_per_image", "max_length", "vision_from"}
+                   "init_from": None, "lora": None, **config.task_options}
+        unknown = set(options) - set(self.OPTIONS)
         if unknown:
-            raise ValueError(f"unknown task_options for the vlm task: {sorted(unknown)}")
+            raise ValueError(f"unknown task_options for the vlm task: {sorted(unknown)}; known: {list(self.OPTIONS)}")
         self.questions_per_image = options["questions_per_image"]  # 0: all of them
         self.captions_per_image = options["captions_per_image"]
-        self.tokenizer = WordTokenizer.train(train.texts() + list(CAPTION_PROMPTS),
-                                             extra_special_tokens=CHAT_SPECIAL_TOKENS, **config.tokenizer)
-        model_config: VLMConfig = config_from_dict(VLMConfig, config.model, source="model")
-        model_config.decoder.vocab_size = self.tokenizer.vocab_size
-        model_config.image_token_id = self.tokenizer.image_id
-        pretrained_vision = None
-        if options["vision_from"]:  # LLaVA's recipe: start from a contrastively trained vision tower
-            pretrained_vision = load_vision_tower(options["vision_from"])
-            if "vision" in config.model and config_from_dict(VisionConfig, config.model["vision"]) != pretrained_vision.config:
-                raise ValueError(f"model.vision differs from the vision tower of {options['vision_from']}; "
-                                 "leave model.vision out to take the tower's own config")
-            model_config.vision = pretrained_vision.config
-        self.model = VisionLanguageModel(model_config)
-        if pretrained_vision is not None:
-            self.model.vision.load_state_dict(pretrained_vision.state_dict())
-        size = model_config.vision.image_size
-        self.model.tokenizer = self.tokenizer
-        self.model.image_processor = ImageProcessor(size={"height": size, "width": size})
-        self.template = WordChatTemplate(self.tokenizer, model_config.tokens_per_image)
+        if options["init_from"]:  # fine-tune a saved or Hugging Face model with its own tokenizer and template
+            self.model = load_model(options["init_from"], "vlm")
+            self.tokenizer = self.model.tokenizer
+        else:
+            self.model = self._fresh_model(config, train, options["vision_from"])
+            self.tokenizer = self.model.tokenizer
+        self.lora = options["lora"]
+        if self.lora is not None:  # LoRA on the decoder; everything else frozen
+            from ..models.lora import apply_lora
+
+            for parameter in self.model.parameters():
+                parameter.requires_grad_(False)
+            apply_lora(self.model.decoder, **{"targets": ("q", "k", "v", "out"), **self.lora})
+        self.template = self.model.chat_template()
         self.train_split, self.eval_split = train, evaluation
         self.units = self._build_units(train)
-        self.max_length = options["max_length"] or model_config.decoder.max_length
+        self.max_length = options["max_length"] or self.model.config.decoder.max_length
         self.store = ImageStore([s for u in self.units for s in u.images], self.model.image_processor,
                                 preload=config.data.preload_images, progress=progress, desc="train images")
         self.eval_store: ImageStore | None = None
+
+    @staticmethod
+    def _fresh_model(config, train: SplitData, vision_from: str | None) -> VisionLanguageModel:
+        """A new model with a word tokenizer built from the training text."""
+        tokenizer = WordTokenizer.train(train.texts() + list(CAPTION_PROMPTS), extra_special_tokens=CHAT_SPECIAL_TOKENS,
+                                        **config.tokenizer)
+        model_config: VLMConfig = config_from_dict(VLMConfig, config.model, source="model")
+        model_config.decoder.vocab_size = tokenizer.vocab_size
+        model_config.image_token_id = tokenizer.image_id
+        pretrained_vision = None
+        if vision_from:  # LLaVA's recipe: start from a contrastively trained vision tower
+            pretrained_vision = load_model(vision_from).vision
+            if "vision" in config.model and config_from_dict(VisionConfig, config.model["vision"]) != pretrained_vision.config:
+                raise ValueError(f"model.vision differs from the vision tower of {vision_from}; "
+                                 "leave model.vision out to take the tower's own config")
+            model_config.vision = pretrained_vision.config
+        model = VisionLanguageModel(model_config)
+        if pretrained_vision is not None:
+            model.vision.load_state_dict(pretrained_vision.state_dict())
+        size = model_config.vision.image_size
+        model.tokenizer = tokenizer
+        model.image_processor = ImageProcessor(size={"height": size, "width": size})
+        return model
+
+    def export_model(self, model: VisionLanguageModel) -> VisionLanguageModel:
+        """The model to save at the end: LoRA updates folded into the weights."""
+        if self.lora is not None:
+            from ..models.lora import merge_lora
+
+            merge_lora(model)
+        return model
 
     # -- building sequences ----------------------------------------------------------------
 
@@ -113,12 +141,31 @@ class VLMTask:
         return list(by_image.values()) + free_form
 
     def unit_sequence(self, item: ImageExamples, rng: random.Random) -> Unit:
-        """The packed sequence of one image for this step (captions and questions sampled by rng)."""
-        if not item.shared_prefix:
-            encoding = self.template.encode(item.chats[0])
+        """The packed sequence of one image for this step (captions and questions sampled by rng).
+
+        The shared prefix is the longest common start of all the image's chats that ends before
+        the first trained token; it must hold every image placeholder (the image comes first)."""
+        encodings = [self.template.encode(messages) for messages in self._chats(item, rng)]
+        if not item.shared_prefix or len(encodings) == 1:
+            encoding = encodings[0]
             return Unit(item.images, encoding.ids[:1], [(encoding.ids[1:], encoding.targets[1:])])
+        common = 0
+        shortest = min(len(e.ids) for e in encodings)
+        while common < shortest and len({e.ids[common] for e in encodings}) == 1:
+            common += 1
+        common = min([common] + [e.targets.index(True) for e in encodings if True in e.targets])
+        image_id = self.model.config.image_token_id
+        if any(image_id in e.ids[common:] for e in encodings):
+            raise ValueError("the chat template does not put the image before the text it varies; "
+                             "these conversations cannot share one image prefix")
+        segments = [(e.ids[common:], e.targets[common:]) for e in encodings]
+        rng.shuffle(segments)
+        return Unit(item.images, encodings[0].ids[:common], segments)
+
+    def _chats(self, item: ImageExamples, rng: random.Random) -> list[list[dict]]:
+        if not item.shared_prefix:
+            return item.chats
         image_part = {"type": "image"}
-        prefix = self.template.encode([{"role": "user", "content": [image_part]}]).ids
         chats = []
         for caption in rng.sample(item.captions, min(self.captions_per_image, len(item.captions))):
             chats.append([{"role": "user", "content": [image_part, {"type": "text", "text": rng.choice(CAPTION_PROMPTS)}]},
@@ -127,15 +174,7 @@ class VLMTask:
         for question, answer in qa:
             chats.append([{"role": "user", "content": [image_part, {"type": "text", "text": question}]},
                           {"role": "assistant", "content": answer}])
-        chats.extend(item.chats)
-        segments = []
-        for messages in chats:
-            encoding = self.template.encode(messages)
-            if encoding.ids[: len(prefix)] != prefix:
-                raise AssertionError("a chat does not start with the shared image prefix")
-            segments.append((encoding.ids[len(prefix):], encoding.targets[len(prefix):]))
-        rng.shuffle(segments)
-        return Unit(item.images, prefix, segments)
+        return chats + item.chats
 
     def __len__(self) -> int:
         return len(self.units)
@@ -190,14 +229,16 @@ class VLMTask:
                      labels=batch["labels"]).loss
 
 
-def load_vision_tower(name_or_path: str):
-    """The vision encoder of a saved model (a dual encoder such as shapes-clip, or another VLM)."""
+def load_model(name_or_path: str, model_type: str | None = None):
+    """A saved, shipped or Hugging Face model to start from (for its vision tower, or all of it)."""
     from ..loading import load
 
     model = load(name_or_path)
+    if model_type is not None and model.model_type != model_type:
+        raise ValueError(f"{name_or_path} is a {model.model_type} model; the {model_type} task needs a {model_type}")
     if not hasattr(model, "vision"):
         raise ValueError(f"{name_or_path} ({model.model_type}) has no vision encoder to start from")
-    return model.vision
+    return model
 
 
 def pack(unit: Unit, max_length: int) -> tuple[list[int], list[bool], list[int], list[int]]:
