@@ -5,6 +5,9 @@
     multimodal score caption|vqa|mmmu|grounding
                                         score a predictions file with the official metrics
     multimodal baseline blind|caption   write the predictions of a model-free baseline
+    multimodal index DIR                index a folder of images (incremental, resumable)
+    multimodal search INDEX "query"     search it by text and/or --image
+    multimodal serve                    HTTP API (OpenAI-compatible) and web page on 127.0.0.1:8000
     multimodal demo                     the main job on the shipped defaults
 
 Every subcommand has --help. Errors in the user's input are printed as one line naming
@@ -233,6 +236,24 @@ def cmd_embed(args) -> None:
             print(json.dumps({"input": str(item), "embedding": [round(float(x), 6) for x in row]}))
 
 
+def cmd_index(args) -> None:
+    from .index.commands import run_index
+
+    run_index(args)
+
+
+def cmd_search(args) -> None:
+    from .index.commands import run_search
+
+    run_search(args)
+
+
+def cmd_serve(args) -> None:
+    from .serve.runner import run_from_args
+
+    run_from_args(args)
+
+
 def cmd_experiment_fusion(args) -> None:
     from .experiments.fusion import run_fusion_experiment
 
@@ -378,6 +399,38 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--model", default="shapes-clip", help="model name or folder (default shapes-clip)")
     em.add_argument("--out", type=Path, default=None, help=".npy file for the vectors (default: JSON lines on stdout)")
     em.set_defaults(func=cmd_embed)
+
+    ix = commands.add_parser("index", help="index a folder of images for search (incremental, resumable)")
+    ix.add_argument("folder", type=Path, help="folder of images, searched recursively (hidden entries skipped)")
+    ix.add_argument("--model", default=None,
+                    help="dual encoder: name or folder (default: the model that built the index, else shapes-clip)")
+    ix.add_argument("--out", type=Path, default=None, help="index folder (default FOLDER/.multimodal-index)")
+    ix.add_argument("--caption", action="store_true", help="also store a caption of each image, written by a VLM")
+    ix.add_argument("--caption-model", default="shapes-vlm", help="the VLM for --caption (default shapes-vlm)")
+    ix.add_argument("--batch-size", type=int, default=32,
+                    help="images embedded and committed together; a killed run resumes after the last batch (default 32)")
+    ix.add_argument("--approx-threshold", type=int, default=None,
+                    help="from this many images up search is approximate (IVF), below it exact; kept by the index "
+                         "(default 100000)")
+    ix.add_argument("--quiet", action="store_true", help="no progress bar")
+    ix.set_defaults(func=cmd_index)
+
+    se = commands.add_parser("search", help="search an image index by text and/or by image")
+    se.add_argument("index", type=Path, help="index folder, or the image folder holding .multimodal-index")
+    se.add_argument("query", nargs="?", default=None, help="text query")
+    se.add_argument("--image", type=Path, default=None, help="image query (with a text query too: both embeddings added)")
+    se.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    se.add_argument("--model", default=None, help="dual encoder (default: the model that built the index)")
+    se.add_argument("--nprobe", type=int, default=None,
+                    help="approximate indexes: lists scanned per query; more is slower and finds more (default 32)")
+    se.add_argument("--json", action="store_true", help='JSON lines {"rank", "path", "score", "file", "caption"}')
+    se.set_defaults(func=cmd_search)
+
+    from .serve.runner import add_arguments as serve_arguments
+
+    sv = commands.add_parser("serve", help="serve the models over HTTP: OpenAI-compatible API, search, web page")
+    serve_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
 
     ex = commands.add_parser("experiment", help="experiments that compare architectures")
     ex_commands = ex.add_subparsers(dest="experiment_command", required=True, metavar="NAME")

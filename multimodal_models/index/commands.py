@@ -1,0 +1,68 @@
+"""What `multimodal index` and `multimodal search` do (their options are defined in `cli.py`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import MultimodalError
+from .image_index import DEFAULT_INDEX_DIRNAME, ImageIndex
+from .vectors import DEFAULT_NPROBE
+
+
+def _model_name(name: str) -> str:
+    """How the index records a model: a shipped name as is, a folder as an absolute path
+    (so `multimodal search` finds it from any working directory)."""
+    from ..loading import SHIPPED
+
+    return name if name in SHIPPED else str(Path(name).expanduser().resolve())
+
+
+def _load(name: str, model_type: str):
+    from ..loading import load
+
+    model = load(name)
+    if model.model_type != model_type:
+        raise MultimodalError(f"{name} is a {model.model_type} model; this needs a {model_type} model")
+    return model
+
+
+def run_index(args) -> None:
+    from ..loading import DEFAULT_DUAL_ENCODER
+
+    if not args.folder.is_dir():
+        raise FileNotFoundError(f"{args.folder} is not a folder")
+    with ImageIndex.open(args.out or args.folder / DEFAULT_INDEX_DIRNAME, create=True) as index:
+        name = args.model or index.info.get("model_name") or DEFAULT_DUAL_ENCODER
+        model = _load(name, "dual_encoder")
+        captioner = _load(args.caption_model, "vlm") if args.caption else None
+        report = index.update(args.folder, model, model_name=_model_name(name), batch_size=args.batch_size,
+                              captioner=captioner,
+                              captioner_name=_model_name(args.caption_model) if captioner is not None else None,
+                              approximate_threshold=args.approx_threshold, progress=not args.quiet)
+    for path, error in report.rejected:
+        print(f"multimodal: not indexed: {path}: {error}", file=sys.stderr)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+
+
+def run_search(args) -> None:
+    if args.query is None and args.image is None:
+        raise MultimodalError('give a text query, --image IMG, or both: multimodal search INDEX "a red circle"')
+    if args.k < 1:
+        raise MultimodalError(f"-k must be at least 1, got {args.k}")
+    nprobe = DEFAULT_NPROBE if args.nprobe is None else args.nprobe
+    with ImageIndex.open(args.index, nprobe=nprobe) as index:
+        name = args.model or index.info.get("model_name")
+        if name is None:
+            raise MultimodalError(f"the index {index.path} is empty: no model has indexed anything yet")
+        hits = index.search(_load(name, "dual_encoder"), text=args.query,
+                            image=str(args.image) if args.image else None, k=args.k)
+        root = index.root
+    for rank, hit in enumerate(hits, 1):
+        file = str(root / hit.path) if root else hit.path
+        if args.json:
+            print(json.dumps({"rank": rank, "path": hit.path, "score": round(hit.score, 6), "file": file,
+                              "caption": hit.caption}, ensure_ascii=False))
+        else:
+            print(f"{hit.score:.4f}\t{file}" + (f"\t{hit.caption}" if hit.caption else ""))
