@@ -1,0 +1,759 @@
+"""The FastAPI app: `create_app(settings)`.
+
+Endpoints (OpenAPI schema at /openapi.json, rendered at /docs; the web page at /):
+
+    POST /v1/chat/completions   OpenAI chat: text + image_url parts, streamed (SSE) or not
+    POST /v1/embeddings         OpenAI embeddings of texts and (extension) images
+    POST /v1/search             the image index by text and/or image: paths, scores, thumbnails
+    POST /v1/caption            caption an image     (JSON with a data: URI, or a multipart upload)
+    POST /v1/answer             answer a question about an image                  (same)
+    POST /v1/classify           zero-shot classification over given labels       (same)
+    GET  /v1/models             the served models
+    GET  /health                liveness and load
+
+Models run in a thread pool (`Settings.workers`); the event loop only parses, checks and
+streams. Errors are OpenAI's error JSON (`errors.py`); the request checks that come before
+any endpoint are in `guards.py`; image references are resolved in `images.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..data.images import encode_png, load_image
+from ..data.tokenizer import IMAGE
+from ..errors import ImageLoadError, MultimodalError
+from . import images as image_refs
+from . import schemas as S
+from .errors import APIError, bad_request, error_response
+from .generation import REFUSAL, GenerationJob, GenerationOptions, OutputFilter
+from .guards import RequestGuard
+from .settings import Settings
+
+log = logging.getLogger("multimodal_models.serve")
+STATIC = Path(__file__).parent / "static"
+MAX_STOP_STRINGS = 4
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": S.ErrorResponse, "description": why}
+    for status, why in ((400, "invalid request: the message says which field and why"),
+                        (401, "missing or wrong API key"),
+                        (403, "not allowed: a file outside --image-root, a cross-origin request"),
+                        (404, "unknown model, or no index configured"),
+                        (413, "request body or image too large"),
+                        (415, "unsupported content type"),
+                        (429, "too many requests in progress; see Retry-After"),
+                        (504, "the request ran past the server's time limit"))
+}
+
+
+def model_id(name: str) -> str:
+    """How /v1/models names a model: a shipped name as is, a folder by its last part (the
+    server's file layout stays private)."""
+    from ..loading import SHIPPED
+
+    return name if name in SHIPPED else Path(name).expanduser().resolve().name or name
+
+
+@dataclass
+class ServedModel:
+    model: Any
+    id: str
+    name: str  # as given (name or folder)
+    kind: str  # "vlm" | "dual_encoder"
+    created: int
+
+
+class Engine:
+    """The models, the index and the worker threads behind the endpoints."""
+
+    def __init__(self, settings: Settings, vlm: ServedModel | None, embedder: ServedModel | None, index):
+        self.settings = settings
+        self.vlm = vlm
+        self.embedder = embedder
+        self.index = index
+        self._executor: ThreadPoolExecutor | None = None
+        self.filter = OutputFilter.from_settings(settings)
+        self.active = 0  # requests holding a concurrency slot (RequestGuard)
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The worker threads (made on first use, so an app can be started again after a shutdown)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="multimodal-model")
+        return self._executor
+
+    async def run(self, fn, *args, **kwargs):
+        """fn(*args) in a worker thread; errors in the user's input become 400s."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        except APIError:
+            raise
+        except ImageLoadError as exc:
+            raise bad_request(str(exc), code="invalid_image") from None
+        except (MultimodalError, ValueError) as exc:
+            raise bad_request(str(exc)) from None
+
+    def require(self, kind: str, requested: str | None, *, what: str) -> ServedModel:
+        served = self.vlm if kind == "vlm" else self.embedder
+        others = [m for m in (self.vlm, self.embedder) if m is not None and m is not served]
+        if requested is not None and served is not None and requested in (served.id, served.name):
+            return served
+        if requested is not None and any(requested in (m.id, m.name) for m in others):
+            need = "a vision-language model (VLM)" if kind == "vlm" else "a dual encoder"
+            have = f"; this server's is '{served.id}'" if served else ""
+            raise APIError(400, f"model '{requested}' cannot do {what}: that needs {need}{have}", param="model",
+                           code="model_not_supported")
+        if served is None:
+            raise APIError(404, f"this server runs no model for {what} (start it with "
+                                f"{'--model' if kind == 'vlm' else '--embedder'} NAME)", param="model",
+                           code="model_not_found")
+        if requested is not None:
+            raise APIError(404, f"the model '{requested}' is not served here; for {what} use '{served.id}' "
+                                "(GET /v1/models lists them)", param="model", code="model_not_found")
+        return served
+
+    def close(self) -> None:
+        """Stop the worker threads (at the server's shutdown); the index stays open for a restart."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_served(name: str, kind: str) -> ServedModel:
+    from ..loading import load
+
+    model = load(name)
+    if model.model_type != kind:
+        need = "--model needs a vision-language model (vlm)" if kind == "vlm" else "--embedder needs a dual encoder"
+        raise MultimodalError(f"{name} is a {model.model_type} model; {need}")
+    return ServedModel(model, model_id(name), name, kind, int(time.time()))
+
+
+def _served(given, name: str | None, kind: str) -> ServedModel | None:
+    if given is not None:  # a model object passed in (tests, benchmarks): named after `name` if any
+        return ServedModel(given, model_id(name or kind), name or kind, kind, int(time.time()))
+    return load_served(name, kind) if name else None
+
+
+def build_engine(settings: Settings, *, vlm=None, embedder=None) -> Engine:
+    """Load what the settings name (a model object passed in is used as is, for tests and benchmarks)."""
+    from ..loading import DEFAULT_DUAL_ENCODER
+
+    index = None
+    embedder_name = settings.embedder
+    if settings.index is not None:
+        from ..index import ImageIndex
+
+        index = ImageIndex.open(settings.index)
+    if embedder_name == "auto":  # the model that built the index, else the shipped one
+        embedder_name = (index.info.get("model_name") if index is not None else None) or DEFAULT_DUAL_ENCODER
+    served_vlm = _served(vlm, settings.model, "vlm")
+    served_embedder = _served(embedder, embedder_name, "dual_encoder")
+    if index is not None:
+        if served_embedder is None:
+            raise MultimodalError(f"--index {settings.index} needs the dual encoder that built it (--embedder)")
+        index.check_model(served_embedder.model)
+    return Engine(settings, served_vlm, served_embedder, index)
+
+
+# --- request helpers ----------------------------------------------------------------------------
+
+
+_TYPE_NAMES = ("str", "int", "float", "bool", "list", "dict", "none", "null")
+
+
+def _field_path(loc) -> list[str]:
+    """pydantic's error location as the request's field path: without the union branches it tried
+    ("str", "list[...]", "ImageURL", "function-after[...]") and without repeated discriminator tags."""
+    path: list[str] = []
+    for part in (str(p) for p in loc if p != "body"):
+        if part.lower() in _TYPE_NAMES or "[" in part or "-" in part or part[:1].isupper():
+            continue
+        if path and path[-1] == part and not part.isdigit():  # the tag of a tagged union, then its field
+            continue
+        path.append(part)
+    return path
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    """The most specific of pydantic's errors, as an OpenAI error naming the field."""
+    errors = exc.errors()
+    first = max(errors, key=lambda e: len(e.get("loc", ())))  # the deepest is the most specific (unions)
+    path = _field_path(first.get("loc", ()))
+    param = ".".join(path)
+    kind = first.get("type")
+    if kind == "json_invalid":
+        message, code, param = "the request body is not valid JSON", "invalid_json", ""
+    elif kind == "missing" and not param:
+        message, code = "the request body is empty; send a JSON object", "invalid_json"
+    elif kind == "missing":
+        message, code = f"missing required field '{param}'", "missing_required_parameter"
+    elif kind in ("model_attributes_type", "dict_type", "model_type") and not param:
+        message, code = "the request body must be a JSON object (Content-Type: application/json)", "invalid_json"
+    else:
+        message, code = f"{param or 'body'}: {first.get('msg', 'invalid value')}", "invalid_value"
+        given = first.get("input")
+        if given is None or (isinstance(given, (str, int, float)) and not isinstance(given, bool)):
+            message += f" (got {json.dumps(given)[:80]})"
+    others = {tuple(_field_path(e.get("loc", ()))[:1]) for e in errors} - {tuple(path[:1])}
+    if others:  # other fields are wrong too (alternatives of one union field are not counted)
+        message += f" (also wrong: {', '.join(sorted('.'.join(o) or 'body' for o in others))})"
+    return APIError(400, message, param=param or None, code=code)
+
+
+def check_text(text: str, settings: Settings, *, param: str) -> str:
+    if len(text) > settings.max_prompt_chars:
+        raise APIError(400, f"{param} is {len(text):,} characters; this server accepts at most "
+                            f"{settings.max_prompt_chars:,}", param=param, code="prompt_too_long")
+    if IMAGE in text:
+        raise bad_request(f"{param} contains the reserved marker '{IMAGE}'; send images as image parts",
+                          param=param)
+    return text
+
+
+def check_images(count: int, settings: Settings) -> None:
+    if count > settings.max_images:
+        raise APIError(400, f"the request has {count} images; this server accepts at most {settings.max_images}",
+                       code="too_many_images")
+
+
+def decode_all(sources: list[tuple[Any, str]], settings: Settings) -> list:
+    return [image_refs.decode(source, settings, param=param) for source, param in sources]
+
+
+def image_url_of(part) -> str:
+    return part.image_url if isinstance(part.image_url, str) else part.image_url.url
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def thumbnail(root: Path | None, relative: str, size: int, settings: Settings) -> str | None:
+    """A PNG data: URI of an indexed image (metadata stripped), if it lies inside the index's folder."""
+    if root is None:
+        return None
+    real_root = Path(os.path.realpath(root))
+    path = Path(os.path.realpath(real_root / relative))
+    if real_root not in path.parents:
+        return None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _thumbnail(str(path), stat.st_mtime_ns, stat.st_size, size, settings.max_image_pixels)
+
+
+@functools.lru_cache(maxsize=2048)
+def _thumbnail(path: str, _mtime_ns: int, _size: int, side: int, max_pixels: int) -> str | None:
+    """Cached by file, modification time and size: a changed file gets a new thumbnail."""
+    try:
+        image = load_image(path, max_pixels=max_pixels)
+    except ImageLoadError:
+        return None
+    image.thumbnail((side, side))
+    return data_uri(encode_png(image))
+
+
+async def read_upload_body(request: Request, model: type[BaseModel], engine: Engine, *,
+                           list_fields: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """JSON (image as a data: URI, path or URL) or multipart (image as an uploaded file) ->
+    (validated body, image source)."""
+    settings = engine.settings
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            data = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request("the request body is not valid JSON", code="invalid_json") from None
+        try:
+            body = model.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        return body, await image_refs.image_source(body.image, settings, param="image")
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartException
+
+        try:  # two files: the image, and one misplaced file that gets a precise error below
+            form = await request.form(max_files=2, max_fields=settings.max_labels + 16,
+                                      max_part_size=settings.max_body_bytes)
+        except MultiPartException as exc:
+            raise bad_request(f"invalid multipart body: {exc.message}", code="invalid_multipart") from None
+        except StarletteHTTPException as exc:  # Starlette's own wrapping of the parser's errors
+            raise bad_request(f"invalid form body: {exc.detail}", code="invalid_multipart") from None
+        except (ValueError, KeyError, AssertionError) as exc:
+            raise bad_request(f"invalid multipart body: {exc}", code="invalid_multipart") from None
+        fields: dict[str, Any] = {}
+        for key in form.keys():
+            values = form.getlist(key)
+            if key == "image":
+                continue
+            if any(not isinstance(v, str) for v in values):
+                raise bad_request(f"field '{key}' must be text, not a file", param=key)
+            if key in list_fields:
+                fields[key] = [s.strip() for v in values for s in (v.split(",") if len(values) == 1 else [v])
+                               if s.strip()]
+            else:
+                fields[key] = values[-1]
+        upload = form.get("image")
+        if upload is None:
+            raise APIError(400, "missing required field 'image' (the image file)", param="image",
+                           code="missing_required_parameter")
+        try:
+            body = model.model_validate({**fields, "image": "upload"})
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        if isinstance(upload, UploadFile):
+            source = await upload.read()
+            if not source:
+                raise bad_request("image: the uploaded file is empty", param="image", code="invalid_image")
+            return body, source
+        return body, await image_refs.image_source(upload, settings, param="image")
+    raise APIError(415, f"unsupported content type {content_type or '(none)'!r}: send application/json (image as a "
+                        "data: URI) or multipart/form-data (image as a file in the field 'image')",
+                   code="unsupported_media_type")
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> FastAPI:
+    """The app for `settings` (models loaded now; model objects passed in are used as they are)."""
+    settings = settings or Settings()
+    settings.check()
+    engine = build_engine(settings, vlm=vlm, embedder=embedder)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        engine.close()
+
+    app = FastAPI(
+        title="MultimodalModels server",
+        version=_version(),
+        description="Image+text AI over HTTP: OpenAI-compatible chat completions (with images) and embeddings "
+                    "(texts and images), image search, captions, answers and zero-shot classification.\n\n"
+                    "Images are sent as `data:image/...;base64,...` URIs (or multipart uploads on the caption, "
+                    "answer and classify endpoints); local paths only inside the server's --image-root folders, "
+                    "http(s) URLs only with --allow-remote-images.\n\n"
+                    "Embeddings extension: an `input` item that is a string starting with `data:image/`, or an "
+                    "object `{\"type\": \"image_url\", \"image_url\": {\"url\": ...}}`, is an image; it is "
+                    "embedded into the same space as the texts.",
+        docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.add_middleware(RequestGuard, settings=settings, state=engine)
+
+    # -- errors ---------------------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, exc: APIError):
+        return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, exc: RequestValidationError):
+        error = validation_error(exc)
+        return error_response(error.status, error.message, param=error.param, code=error.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message, code = f"no such endpoint: {request.method} {request.url.path}", "not_found"
+        elif exc.status_code == 405:
+            message, code = f"{request.method} is not allowed on {request.url.path}", "method_not_allowed"
+        else:
+            message, code = str(exc.detail), None
+        return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, exc: Exception):
+        log.exception("unexpected error", exc_info=exc)
+        return error_response(500, "internal server error (the server's log has the details)", code="internal_error")
+
+    # -- pages ----------------------------------------------------------------------------
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return FileResponse(STATIC / "docs.html")
+
+    @app.get("/health", response_model=S.Health, tags=["server"])
+    async def health():
+        """Liveness and load (no API key needed)."""
+        index = None
+        if engine.index is not None:
+            index = {"images": await engine.run(len, engine.index)}
+        return {"status": "ok", "models": {"vlm": engine.vlm.id if engine.vlm else None,
+                                           "embedder": engine.embedder.id if engine.embedder else None},
+                "index": index, "busy": engine.active, "max_concurrent": settings.max_concurrent,
+                "auth": bool(settings.resolved_api_key())}
+
+    @app.get("/v1/models", response_model=S.ModelList, responses=ERROR_RESPONSES, tags=["openai"])
+    async def models():
+        """The served models, OpenAI's format (with `kind` added)."""
+        return {"object": "list", "data": [
+            {"id": m.id, "object": "model", "created": m.created, "owned_by": "multimodal-models", "kind": m.kind}
+            for m in (engine.vlm, engine.embedder) if m is not None]}
+
+    # -- chat completions -------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions", response_model=S.ChatCompletion, tags=["openai"],
+              responses={**ERROR_RESPONSES, 200: {"description": "a chat.completion, or with stream=true "
+                                                                 "server-sent chat.completion.chunk events",
+                                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    async def chat_completions(body: S.ChatCompletionRequest):
+        """OpenAI's chat completions with images (`image_url` parts), streamed with `stream: true`."""
+        served = engine.require("vlm", body.model, what="chat completions")
+        extra = body.model_extra or {}
+        for name in ("tools", "functions", "tool_choice", "function_call"):
+            if extra.get(name):
+                raise bad_request(f"{name} are not supported by this server", param=name, code="unsupported_parameter")
+        if extra.get("logprobs"):
+            raise bad_request("logprobs are not supported by this server", param="logprobs",
+                              code="unsupported_parameter")
+        if body.n is not None and body.n != 1:
+            raise bad_request(f"n={body.n}: this server returns one choice per request (n=1)", param="n",
+                              code="unsupported_parameter")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad_request(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        messages, sources, chars = [], [], 0
+        for i, message in enumerate(body.messages):
+            role = "system" if message.role == "developer" else message.role
+            content = message.content
+            if content is None:
+                if role != "assistant":
+                    raise bad_request(f"messages[{i}].content is missing", param=f"messages.{i}.content",
+                                      code="missing_required_parameter")
+                content = ""
+            parts: list[dict] = []
+            for j, part in enumerate([S.TextPart(type="text", text=content)] if isinstance(content, str) else content):
+                param = f"messages.{i}.content" + ("" if isinstance(content, str) else f".{j}")
+                if isinstance(part, S.TextPart):
+                    chars += len(check_text(part.text, settings, param=param))
+                    parts.append({"type": "text", "text": part.text})
+                else:
+                    if role != "user":
+                        raise bad_request(f"{param}: images may only be sent in user messages", param=param)
+                    sources.append((await image_refs.image_source(image_url_of(part), settings,
+                                                                  param=param + ".image_url"), param + ".image_url"))
+                    parts.append({"type": "image", "image": len(sources) - 1})
+            messages.append({"role": role, "content": parts})
+        if chars > settings.max_prompt_chars:
+            raise APIError(400, f"the messages hold {chars:,} characters of text; this server accepts at most "
+                                f"{settings.max_prompt_chars:,}", param="messages", code="prompt_too_long")
+        check_images(len(sources), settings)
+        options = GenerationOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                    stop=tuple(stop), seed=body.seed)
+        deadline = time.monotonic() + settings.request_timeout_s
+
+        def start() -> GenerationJob:
+            decoded = decode_all(sources, settings)
+            for message in messages:
+                for part in message["content"]:
+                    if part["type"] == "image":
+                        part["image"] = decoded[part["image"]]
+            return GenerationJob.start(served.model, messages, options, settings, deadline)
+
+        job = await engine.run(start)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(chat_stream(engine, job, completion_id, created, served.id, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        text = await finish(engine, job)
+        refused = job.finish_reason == "content_filter"
+        return JSONResponse({
+            "id": completion_id, "object": "chat.completion", "created": created, "model": served.id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": None if refused else text,
+                                                 "refusal": REFUSAL if refused else None},
+                         "logprobs": None, "finish_reason": job.finish_reason}],
+            "usage": usage(job), "system_fingerprint": None})
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    @app.post("/v1/embeddings", response_model=S.EmbeddingResponse, responses=ERROR_RESPONSES, tags=["openai"])
+    async def embeddings(body: S.EmbeddingRequest):
+        """OpenAI's embeddings, of texts and (extension) images in one space."""
+        served = engine.require("dual_encoder", body.model, what="embeddings")
+        items = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not items:
+            raise bad_request("input is an empty list; give at least one text or image", param="input")
+        if len(items) > settings.max_embedding_inputs:
+            raise bad_request(f"input has {len(items)} items; this server embeds at most "
+                              f"{settings.max_embedding_inputs} per request", param="input")
+        texts: list[tuple[int, str]] = []
+        sources: list[tuple[int, Any]] = []
+        for i, item in enumerate(items):
+            param = "input" if isinstance(body.input, str) else f"input.{i}"
+            if isinstance(item, (int, list)):
+                raise bad_request(f"{param}: token-id inputs are not supported; send the text", param=param,
+                                  code="unsupported_parameter")
+            if isinstance(item, str) and item.strip().lower().startswith("data:image/"):
+                sources.append((i, await image_refs.image_source(item, settings, param=param)))
+            elif isinstance(item, S.EmbeddingImagePart):
+                sources.append((i, await image_refs.image_source(image_url_of(item), settings, param=param)))
+            else:
+                text = item if isinstance(item, str) else item.text
+                if not text.strip():
+                    raise bad_request(f"{param} is an empty text", param=param)
+                texts.append((i, check_text(text, settings, param=param)))
+        check_images(len(sources), settings)
+        dim = served.model.config.embed_dim
+        if body.dimensions is not None and body.dimensions != dim:
+            raise bad_request(f"dimensions={body.dimensions}: this model's embeddings have {dim} dimensions",
+                              param="dimensions", code="unsupported_parameter")
+
+        def embed() -> tuple[np.ndarray, int]:
+            vectors = np.zeros((len(items), dim), dtype=np.float32)
+            tokens = 0
+            if texts:
+                try:
+                    out = served.model.embed_texts([t for _, t in texts])
+                except ValueError as exc:
+                    raise bad_request(f"input: {exc}", param="input") from None
+                vectors[[i for i, _ in texts]] = out.float().numpy()
+                tokens += sum(len(ids) for ids in served.model.tokenizer.encode_batch([t for _, t in texts],
+                                                                                      add_special_tokens=True))
+            if sources:
+                decoded = [image_refs.decode(src, settings, param=f"input.{i}") for i, src in sources]
+                vectors[[i for i, _ in sources]] = served.model.embed_images(decoded).float().numpy()
+            return vectors, tokens
+
+        vectors, tokens = await engine.run(embed)
+        if body.encoding_format == "base64":
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            data = [v.tolist() for v in vectors]
+        return JSONResponse({"object": "list", "model": served.id,
+                             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    # -- search ---------------------------------------------------------------------------------
+
+    @app.post("/v1/search", response_model=S.SearchResponse, responses=ERROR_RESPONSES, tags=["images"])
+    async def search(body: S.SearchRequest):
+        """Search the image index by a text, an image, or both: top-k paths, scores, thumbnails."""
+        served = engine.require("dual_encoder", body.model, what="search")
+        if engine.index is None:
+            raise APIError(404, "this server has no image index to search (start it with --index DIR; build one "
+                                "with 'multimodal index FOLDER')", code="no_index")
+        query = body.query
+        if query is not None:
+            query = check_text(query, settings, param="query")
+            if not query.strip():
+                raise bad_request("query is empty", param="query")
+        if query is None and body.image is None:
+            raise APIError(400, "give a text 'query', an 'image', or both", param="query",
+                           code="missing_required_parameter")
+        if body.k > settings.max_k:
+            raise bad_request(f"k={body.k}: this server returns at most {settings.max_k} results", param="k")
+        source = None if body.image is None else await image_refs.image_source(body.image, settings, param="image")
+
+        def run_search() -> tuple[list[dict], int]:
+            image = None if source is None else image_refs.decode(source, settings, param="image")
+            hits = engine.index.search(served.model, text=query, image=image, k=body.k)
+            root = engine.index.root
+            out = []
+            for rank, hit in enumerate(hits, 1):
+                caption = engine.filter.apply(hit.caption) if hit.caption else hit.caption
+                out.append({"rank": rank, "path": hit.path, "score": round(float(hit.score), 6), "caption": caption,
+                            "thumbnail": thumbnail(root, hit.path, body.thumbnail_size, settings)
+                            if body.thumbnails else None})
+            return out, len(engine.index)
+
+        hits, total = await engine.run(run_search)
+        return {"object": "list", "data": hits, "model": served.id, "total": total}
+
+    # -- caption, answer, classify --------------------------------------------------------------
+
+    form_generation = {"max_tokens": {"type": "integer", "minimum": 1},
+                       "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "model": {"type": "string"}}
+
+    async def generate_about_image(body, source, prompt: str, kind: str):
+        served = engine.require("vlm", body.model, what=f"{kind}s")
+        check_text(prompt, settings, param="prompt" if kind == "caption" else "question")
+        deadline = time.monotonic() + settings.request_timeout_s
+        options = GenerationOptions(max_tokens=body.max_tokens, temperature=body.temperature)
+
+        def start() -> GenerationJob:
+            image = image_refs.decode(source, settings, param="image")
+            messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": prompt}]}]
+            return GenerationJob.start(served.model, messages, options, settings, deadline)
+
+        job = await engine.run(start)
+        text = await finish(engine, job)
+        refused = job.finish_reason == "content_filter"
+        return {"object": kind, "model": served.id, "text": None if refused else text.strip(),
+                "finish_reason": job.finish_reason, "refusal": REFUSAL if refused else None, "usage": usage(job)}
+
+    @app.post("/v1/caption", response_model=S.GenerationResult, responses=ERROR_RESPONSES, tags=["images"],
+              openapi_extra=S.json_and_upload_body(S.CaptionRequest, {"prompt": {"type": "string"},
+                                                                      **form_generation}))
+    async def caption(request: Request):
+        """Caption an image: JSON `{"image": "data:image/png;base64,..."}` or a multipart upload."""
+        from ..models.vlm import CAPTION_PROMPT
+
+        body, source = await read_upload_body(request, S.CaptionRequest, engine)
+        return await generate_about_image(body, source, body.prompt or CAPTION_PROMPT, "caption")
+
+    @app.post("/v1/answer", response_model=S.GenerationResult, responses=ERROR_RESPONSES, tags=["images"],
+              openapi_extra=S.json_and_upload_body(S.AnswerRequest, {"question": {"type": "string"},
+                                                                     **form_generation}))
+    async def answer(request: Request):
+        """Answer a question about an image: JSON or a multipart upload (fields image, question)."""
+        body, source = await read_upload_body(request, S.AnswerRequest, engine)
+        if not body.question.strip():
+            raise bad_request("question is empty", param="question")
+        return await generate_about_image(body, source, body.question, "answer")
+
+    @app.post("/v1/classify", response_model=S.ClassifyResponse, responses=ERROR_RESPONSES, tags=["images"],
+              openapi_extra=S.json_and_upload_body(S.ClassifyRequest, {
+                  "labels": {"type": "string", "description": "comma-separated labels (or the field repeated)"},
+                  "model": {"type": "string"}}))
+    async def classify(request: Request):
+        """Zero-shot classification of an image over the given labels (label probabilities)."""
+        body, source = await read_upload_body(request, S.ClassifyRequest, engine, list_fields=("labels", "templates"))
+        served = engine.require("dual_encoder", body.model, what="classification")
+        labels = [label.strip() for label in body.labels]
+        if len(labels) > settings.max_labels:
+            raise bad_request(f"{len(labels)} labels; this server accepts at most {settings.max_labels}", param="labels")
+        for i, label in enumerate(labels):
+            if not label:
+                raise bad_request(f"labels.{i} is empty", param=f"labels.{i}")
+            check_text(label, settings, param=f"labels.{i}")
+        for i, template in enumerate(body.templates or []):
+            check_text(template, settings, param=f"templates.{i}")
+
+        def run_classify():
+            image = image_refs.decode(source, settings, param="image")
+            return served.model.classify(image, labels, body.templates)
+
+        scores = await engine.run(run_classify)
+        data = [{"label": label, "probability": round(float(p), 6)} for label, p in scores]
+        return {"object": "classification", "model": served.id, "data": data,
+                "best": max(data, key=lambda d: d["probability"])["label"]}
+
+    app.openapi = functools.partial(openapi_schema, app, settings)
+    return app
+
+
+# --- generation helpers ---------------------------------------------------------------------------
+
+
+def usage(job: GenerationJob) -> dict[str, int]:
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens}
+
+
+async def finish(engine: Engine, job: GenerationJob) -> str:
+    """Run a job to its end in a worker; its deadline is a 504."""
+    try:
+        text = await engine.run(job.run)
+    finally:
+        if not job.done:  # the request was cancelled while the job ran
+            engine.executor.submit(job.close)
+    if job.finish_reason == "timeout":
+        raise APIError(504, f"the request took longer than the server's limit of {engine.settings.request_timeout_s:g} "
+                            "seconds; ask for fewer tokens or retry later", code="timeout")
+    return text
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def chat_stream(engine: Engine, job: GenerationJob, completion_id: str, created: int, model: str,
+                      include_usage: bool):
+    """OpenAI's stream: a role delta, content deltas, a finish_reason chunk, [usage], [DONE]."""
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+        return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+
+    try:
+        yield chunk({"role": "assistant", "content": "", "refusal": None})
+        while not job.done:
+            piece = await engine.run(job.next_piece)
+            if piece:
+                yield chunk({"content": piece})
+        if job.finish_reason == "timeout":
+            seconds = engine.settings.request_timeout_s
+            yield sse({"error": {"message": f"the stream was cut off at the server's time limit of {seconds:g} seconds",
+                                 "type": "timeout_error", "param": None, "code": "timeout"}})
+        else:
+            if job.finish_reason == "content_filter":
+                yield chunk({"refusal": REFUSAL})
+            yield chunk({}, job.finish_reason)
+            if include_usage:
+                yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "system_fingerprint": None, "choices": [], "usage": usage(job)})
+        yield sse("[DONE]")
+    finally:
+        if not job.done:  # the client went away: stop generating
+            engine.executor.submit(job.close)
+
+
+# --- OpenAPI -------------------------------------------------------------------------------------
+
+
+def openapi_schema(app: FastAPI, settings: Settings) -> dict:
+    """FastAPI's schema with OpenAI's error responses (400, not 422) and the API key scheme."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path, item in schema.get("paths", {}).items():
+        for operation in item.values():
+            operation.get("responses", {}).pop("422", None)
+            if settings.resolved_api_key() and path.startswith("/v1/"):
+                operation["security"] = [{"bearer": []}]
+    components = schema.setdefault("components", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(name, None)
+    if settings.resolved_api_key():
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    app.openapi_schema = schema
+    return schema
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

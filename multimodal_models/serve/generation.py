@@ -1,0 +1,225 @@
+"""One request's text generation, stepped from the server's worker threads.
+
+A `GenerationJob` owns everything one answer needs: the encoded prompt, the image
+features, a KV cache (`VLMSession`), the token iterator and the text stream. Nothing is
+shared between jobs but the model's read-only weights, so two streams never mix. The
+server advances a job one text piece at a time (`next_piece`, in a worker thread, under
+the job's own lock), which keeps the event loop free, lets many streams take turns on
+the workers, and lets a job stop between tokens: at a stop token or string, at its token
+budget, at its deadline, when its client is gone, or when the output filter refuses it.
+
+`OutputFilter` is the output hook: a blocklist of words or phrases (case-insensitive,
+whole words) replaced or refusing the whole answer, then an optional callable. Streamed
+text is held back while it could still become a blocked phrase, so a blocked word is
+never sent, not even in part.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..models.generation import GenerationConfig, TextStream, generate_tokens
+from ..models.vlm import VLMSession
+from .errors import APIError
+from .settings import Settings
+
+REFUSAL = "the response was withheld by the server's output filter"
+
+
+class OutputFilter:
+    """Blocklist (+ hook) over generated text. `apply(text)` -> filtered text, or None to refuse."""
+
+    def __init__(self, words: tuple[str, ...] = (), action: str = "replace", replacement: str = "***",
+                 hook: Callable[[str], str | None] | None = None):
+        self.words = tuple(w.lower() for w in words if w)
+        self.action = action
+        self.replacement = replacement
+        self.hook = hook
+        alternatives = "|".join(re.escape(w) for w in sorted(self.words, key=len, reverse=True))
+        self.pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE) if self.words else None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OutputFilter:
+        return cls(settings.blocklist, settings.blocklist_action, settings.blocklist_replacement,
+                   settings.output_filter)
+
+    @property
+    def active(self) -> bool:
+        return self.pattern is not None or self.hook is not None
+
+    def apply(self, text: str) -> str | None:
+        if self.pattern is not None:
+            if self.action == "refuse":
+                if self.pattern.search(text):
+                    return None
+            else:
+                text = self.pattern.sub(self.replacement, text)
+        if self.hook is not None:
+            result = self.hook(text)
+            return None if result is None else str(result)
+        return text
+
+    def held_back(self, text: str) -> int:
+        """How many trailing characters could still turn into (part of) a blocked phrase."""
+        match = re.search(r"\w+$", text)
+        trailing_word = len(match.group()) if match else 0
+        lower = text.lower()
+        prefix = max((k for w in self.words for k in range(1, len(w)) if lower.endswith(w[:k])), default=0)
+        return max(trailing_word, prefix)
+
+
+class FilteredStream:
+    """Apply an OutputFilter to text arriving in pieces; emit only what can no longer change."""
+
+    def __init__(self, output_filter: OutputFilter):
+        self.filter = output_filter
+        self.text = ""
+        self.emitted = ""
+        self.refused = False
+
+    def push(self, piece: str, *, final: bool = False) -> str:
+        if self.refused:
+            return ""
+        self.text += piece
+        if not self.filter.active:
+            out, self.emitted = self.text[len(self.emitted):], self.text
+            return out
+        safe = self.text if final else self.text[: len(self.text) - self.filter.held_back(self.text)]
+        filtered = self.filter.apply(safe)
+        if filtered is None:
+            self.refused = True
+            return ""
+        if not filtered.startswith(self.emitted):  # a hook rewrote earlier text: send only what is new
+            common = 0
+            while common < min(len(filtered), len(self.emitted)) and filtered[common] == self.emitted[common]:
+                common += 1
+            self.emitted = filtered[:common]
+        out, self.emitted = filtered[len(self.emitted):], filtered
+        return out
+
+
+@dataclass
+class GenerationOptions:
+    max_tokens: int | None = None  # None: the server's default, cut to what the context leaves
+    temperature: float | None = None  # None: the server's default; 0: greedy
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    param_prefix: str = ""  # how errors name the request's fields
+
+
+@dataclass
+class GenerationJob:
+    model: Any
+    settings: Settings
+    prompt_tokens: int
+    max_new_tokens: int
+    tokens: Any  # iterator of token ids
+    text: TextStream
+    filtered: FilteredStream
+    deadline: float
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "content_filter" | "timeout" | "cancelled"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cancelled: bool = False
+
+    @classmethod
+    def start(cls, model, messages: list[dict], options: GenerationOptions, settings: Settings,
+              deadline: float) -> GenerationJob:
+        """Encode the prompt and the images (runs the vision tower): call from a worker thread.
+        `messages` hold their images inline ({"type": "image", "image": PIL image})."""
+        with torch.no_grad():
+            template = model.chat_template()
+            try:
+                encoding = template.encode(messages, add_generation_prompt=True)
+            except ValueError as exc:
+                raise APIError(400, f"{options.param_prefix}messages: {exc}", param="messages",
+                               code="invalid_value") from None
+            prompt_tokens = len(encoding.ids)
+            context = model.config.decoder.max_length
+            room = context - prompt_tokens - 1
+            if room < 1:
+                raise APIError(400, f"the prompt is {prompt_tokens} tokens (images included); the model reads at most "
+                                    f"{context} tokens, with room for the answer. Shorten the messages or send "
+                                    "fewer images", param="messages", code="context_length_exceeded")
+            max_new = options.max_tokens
+            if max_new is None:
+                max_new = min(settings.default_max_tokens, room)
+            elif max_new > settings.max_tokens_limit:
+                raise APIError(400, f"max_tokens is {max_new}; this server allows at most {settings.max_tokens_limit}",
+                               param="max_tokens", code="invalid_value")
+            elif max_new > room:
+                raise APIError(400, f"max_tokens is {max_new}, but the prompt is {prompt_tokens} tokens and the model "
+                                    f"reads at most {context}: at most {room} tokens can be generated",
+                               param="max_tokens", code="context_length_exceeded")
+            temperature = settings.default_temperature if options.temperature is None else options.temperature
+            top_p = 1.0 if options.top_p is None else options.top_p
+            sample = temperature > 0 and top_p > 0
+            config = GenerationConfig(max_new_tokens=max_new, do_sample=sample, temperature=temperature if sample else 1.0,
+                                      top_p=top_p if sample else 1.0, stop=tuple(options.stop), seed=options.seed)
+            ids = torch.tensor([encoding.ids], device=model.device)
+            pixels = model._pixels(encoding.images)  # the model's own preprocessing (tiles for Idefics3)
+            session = VLMSession(model, ids, pixels, config)  # this job's own KV cache
+            tokens = generate_tokens(session, config, template.stop_ids())
+        return cls(model=model, settings=settings, prompt_tokens=prompt_tokens, max_new_tokens=max_new,
+                   tokens=tokens, text=TextStream(model.tokenizer.decode, config.stop),
+                   filtered=FilteredStream(OutputFilter.from_settings(settings)), deadline=deadline)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_piece(self) -> str:
+        """Generate until there is new text to show or the job ends (worker thread)."""
+        with self.lock, torch.no_grad():
+            while self.finish_reason is None:
+                if self.cancelled:
+                    return self._end("cancelled")
+                if time.monotonic() > self.deadline:
+                    return self._end("timeout")
+                token = next(self.tokens, None)
+                if token is None:
+                    reason = "length" if self.completion_tokens >= self.max_new_tokens else "stop"
+                    return self._end(reason, self.text.finish())
+                self.completion_tokens += 1
+                delta = self.text.push(token)
+                if self.text.stopped:  # a stop string
+                    return self._end("stop", delta)
+                out = self.filtered.push(delta)
+                if self.filtered.refused:
+                    return self._end("content_filter")
+                if out:
+                    return out
+            return ""
+
+    def _end(self, reason: str, rest: str = "") -> str:
+        out = ""
+        if reason in ("stop", "length", "timeout"):
+            out = self.filtered.push(rest, final=True)
+            if self.filtered.refused:
+                reason = "content_filter"
+        self.finish_reason = reason
+        self.tokens.close()
+        return out
+
+    def run(self) -> str:
+        """The whole answer (worker thread)."""
+        pieces = []
+        while not self.done:
+            pieces.append(self.next_piece())
+        return "".join(pieces)
+
+    def close(self) -> None:
+        """Stop the job (from any thread); a piece being generated finishes first."""
+        self.cancelled = True
+        with self.lock:
+            if self.finish_reason is None:
+                self.finish_reason = "cancelled"
+                self.tokens.close()

@@ -1,0 +1,258 @@
+"""Request and response bodies (pydantic), which are also the OpenAPI schema at /openapi.json.
+
+The OpenAI-compatible ones follow OpenAI's field names and shapes; fields OpenAI has and
+this server ignores (presence_penalty, user, ...) are accepted and ignored, fields that
+would change the answer in a way it cannot honour (n > 1, tools, logprobs) are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- chat completions -----------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    url: str = Field(description="data:image/...;base64,... URI; a file:// URL or path inside an --image-root; "
+                                 "an http(s) URL with --allow-remote-images")
+    detail: str | None = Field(None, description="accepted and ignored")
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, description="the served VLM's id (GET /v1/models); default: that one")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens (OpenAI's newer name)")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 (the server's default) is greedy decoding")
+    top_p: float | None = Field(None, ge=0, le=1)
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the text ends before the first one")
+    n: int | None = Field(None, ge=1, description="only 1 is supported")
+    seed: int | None = Field(None, description="makes sampling (temperature > 0) reproducible")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "content_filter"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+# --- embeddings -----------------------------------------------------------------------------
+
+
+class EmbeddingImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+EmbeddingItem = Annotated[TextPart | EmbeddingImagePart, Field(discriminator="type")]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input: str | list[str | EmbeddingItem | int | list[int]] = Field(
+        description="a text, or a list of inputs. Extension: an image is a string holding a data:image/... URI, "
+                    "or {'type': 'image_url', 'image_url': {'url': ...}}; texts may also be {'type': 'text', "
+                    "'text': ...}. Images and texts embed into the same space. Token-id arrays are not supported.")
+    model: str | None = Field(None, description="the served embedder's id; default: that one")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="must equal the model's dimension if given")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+# --- search, caption, answer, classify ------------------------------------------------------
+
+IMAGE_FIELD = "an image: data:image/...;base64,... URI, a path or file:// URL inside an --image-root, or an " \
+              "http(s) URL with --allow-remote-images"
+
+
+class SearchRequest(BaseModel):
+    query: str | None = Field(None, description="text query")
+    image: str | None = Field(None, description=IMAGE_FIELD + " (with a text query too: both embeddings are added)")
+    k: int = Field(10, ge=1, description="number of results")
+    thumbnails: bool = True
+    thumbnail_size: int = Field(128, ge=16, le=512, description="longest side of the thumbnails in pixels")
+    model: str | None = None
+
+
+class SearchHit(BaseModel):
+    rank: int
+    path: str = Field(description="relative to the indexed folder")
+    score: float = Field(description="cosine similarity")
+    caption: str | None = None
+    thumbnail: str | None = Field(None, description="PNG data: URI without metadata")
+
+
+class SearchResponse(BaseModel):
+    object: Literal["list"]
+    data: list[SearchHit]
+    model: str
+    total: int = Field(description="images in the index")
+
+
+class CaptionRequest(BaseModel):
+    image: str = Field(description=IMAGE_FIELD)
+    prompt: str | None = Field(None, description="instruction (default: the model's captioning prompt)")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    model: str | None = None
+
+
+class AnswerRequest(BaseModel):
+    image: str = Field(description=IMAGE_FIELD)
+    question: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    model: str | None = None
+
+
+class ClassifyRequest(BaseModel):
+    image: str = Field(description=IMAGE_FIELD)
+    labels: list[str] = Field(min_length=1, description="label names, e.g. ['a red circle', 'a blue star']")
+    templates: list[str] | None = Field(None, description="prompt templates with '{}' for the label "
+                                                          "(default: the model's own set)")
+    model: str | None = None
+
+
+class GenerationResult(BaseModel):
+    object: Literal["caption", "answer"]
+    model: str
+    text: str | None = Field(description="the caption / answer (null when the output filter refused it)")
+    finish_reason: Literal["stop", "length", "content_filter"]
+    refusal: str | None = None
+    usage: Usage
+
+
+class LabelScore(BaseModel):
+    label: str
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["classification"]
+    model: str
+    data: list[LabelScore] = Field(description="in the order of the request's labels")
+    best: str
+
+
+# --- models and health ----------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    kind: str = Field(description="'vlm' (chat, caption, answer) or 'dual_encoder' (embeddings, search, classify)")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: dict[str, str | None]
+    index: dict[str, Any] | None
+    busy: int
+    max_concurrent: int
+    auth: bool
+
+
+def upload_form_schema(fields: dict[str, dict]) -> dict:
+    """The multipart/form-data schema of an endpoint that takes an uploaded image file."""
+    return {"type": "object", "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary", "description": "the image file"}, **fields}}
+
+
+def json_and_upload_body(model: type[BaseModel], form_fields: dict[str, dict]) -> dict:
+    """openapi_extra for an endpoint reading JSON (with a data: URI) or a multipart upload."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema},
+        "multipart/form-data": {"schema": upload_form_schema(form_fields)},
+    }}}

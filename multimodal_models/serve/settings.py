@@ -1,0 +1,112 @@
+"""What a server is allowed to do: one dataclass, safe by default.
+
+Every limit has a default that a laptop can serve with; `multimodal serve --help` lists the
+flags that change them. `check()` refuses the unsafe combinations before anything starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import MultimodalError
+
+API_KEY_ENV = "MULTIMODAL_API_KEY"
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+BLOCKLIST_ACTIONS = ("replace", "refuse")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'; anything else (0.0.0.0, a LAN address, a
+    host name) may be reachable from other machines."""
+    host = host.strip().strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Settings:
+    model: str | None = "shapes-vlm"  # VLM for chat/caption/answer (name or folder); None: not served
+    # dual encoder for embeddings/search/classify; "auto": the index's own model, else shapes-clip; None: not served
+    embedder: str | None = "auto"
+    index: str | None = None  # image index folder for /v1/search (built by `multimodal index`)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # required (Authorization: Bearer KEY) on /v1/* when set
+    allow_remote_images: bool = False  # fetch http(s) image URLs (the server then makes outbound requests)
+    image_roots: tuple[str, ...] = ()  # folders whose files requests may name (file:// URLs or paths)
+    # Hosts a browser may call us by (Host header; DNS-rebinding guard). Empty: the loopback names
+    # when bound to loopback, anything when bound elsewhere (the API key guards that case).
+    allowed_hosts: tuple[str, ...] = ()
+    # -- limits ---------------------------------------------------------------------------------
+    max_body_bytes: int = 20 * 1024 * 1024  # whole request body (uploads and data: URIs included)
+    max_image_pixels: int = 16_000_000  # width*height of one image, checked before decoding
+    max_images: int = 8  # images in one request
+    max_remote_image_bytes: int = 10 * 1024 * 1024
+    max_prompt_chars: int = 8_000  # text characters in one request's messages / question / query
+    max_tokens_limit: int = 256  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 64  # when a request gives none (cut to what the context leaves)
+    default_temperature: float = 0.0  # when a request gives none; 0 is greedy (reproducible answers)
+    max_embedding_inputs: int = 256
+    max_labels: int = 64
+    max_k: int = 100  # search results
+    max_concurrent: int = 16  # requests in progress at once; more get 429 with Retry-After
+    request_timeout_s: float = 60.0  # a request still running then gets 504 (a stream ends with an error event)
+    workers: int = 2  # inference threads (the event loop never runs a model)
+    torch_threads: int = 1  # torch intra-op threads, set by `run` (not by create_app)
+    # -- output filter ------------------------------------------------------------------------
+    blocklist: tuple[str, ...] = ()  # words (case-insensitive, whole words) filtered from generated text
+    blocklist_action: str = "replace"  # "replace": word -> replacement | "refuse": withhold the response
+    blocklist_replacement: str = "***"
+    # Extra hook run on all generated text after the blocklist: text -> text (replace) or None (refuse)
+    output_filter: Callable[[str], str | None] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.image_roots = tuple(str(r) for r in self.image_roots)
+        self.blocklist = tuple(w.strip() for w in self.blocklist if w.strip())
+        self.allowed_hosts = tuple(self.allowed_hosts)
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+    def check(self) -> None:
+        """Raise MultimodalError for settings that are unsafe or make no sense."""
+        if not is_loopback(self.host) and not self.resolved_api_key():
+            raise MultimodalError(
+                f"refusing to listen on {self.host}: any machine that can reach it could use the models. "
+                f"Set an API key (--api-key KEY or the {API_KEY_ENV} environment variable) or bind 127.0.0.1")
+        if self.blocklist_action not in BLOCKLIST_ACTIONS:
+            raise MultimodalError(f"blocklist action must be one of {BLOCKLIST_ACTIONS}, got {self.blocklist_action!r}")
+        for name in ("max_body_bytes", "max_image_pixels", "max_images", "max_prompt_chars", "max_tokens_limit",
+                     "default_max_tokens", "max_embedding_inputs", "max_labels", "max_k", "max_concurrent", "workers",
+                     "torch_threads", "max_remote_image_bytes"):
+            if getattr(self, name) < 1:
+                raise MultimodalError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.request_timeout_s <= 0:
+            raise MultimodalError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if not 0 <= self.default_temperature <= 2:
+            raise MultimodalError(f"default_temperature must be in [0, 2], got {self.default_temperature}")
+        for root in self.image_roots:
+            if not Path(root).expanduser().is_dir():
+                raise MultimodalError(f"--image-root {root} is not a folder")
+        if self.model is None and self.embedder is None:
+            raise MultimodalError("nothing to serve: both the VLM and the embedder are disabled")
+
+    def host_allowed(self, host_header: str) -> bool:
+        """Is a request's Host header one we answer? Bound to loopback with no allowed_hosts set,
+        only loopback names pass: a web page elsewhere cannot reach the server by DNS rebinding."""
+        name = host_header.strip().lower()
+        if name.startswith("["):  # [::1]:8000
+            name = name[1: name.find("]")] if "]" in name else name[1:]
+        elif name.count(":") == 1:  # host:port (a bare IPv6 address has several colons)
+            name = name.split(":")[0]
+        if self.allowed_hosts:
+            return "*" in self.allowed_hosts or name in {h.lower().strip("[]") for h in self.allowed_hosts}
+        return not is_loopback(self.host) or is_loopback(name)
