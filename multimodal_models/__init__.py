@@ -11,11 +11,12 @@
 __version__ = "0.1.0"
 
 
-def load(name_or_path, *, device: str = "cpu"):
-    """A shipped model by name ("shapes-vlm", "shapes-clip") or a saved model folder."""
+def load(name_or_path, *, device: str = "cpu", dtype=None):
+    """A shipped model by name ("shapes-vlm", "shapes-clip"), a saved model folder, or a Hugging
+    Face checkpoint (folder or hub id); dtype="bfloat16" halves its memory."""
     from .loading import load as _load
 
-    return _load(name_or_path, device=device)
+    return _load(name_or_path, device=device, dtype=dtype)
 
 
 __all__ = ["load", "__version__"]

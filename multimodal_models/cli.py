@@ -130,16 +130,16 @@ def cmd_baseline_caption(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), seed=args.seed)
+    run_demo(Path(args.out), images=args.images, host=args.host, port=args.port, quiet=args.quiet)
 
 
 # --- models ---------------------------------------------------------------------------
 
 
-def _load(name: str, expected: str | None = None):
+def _load(name: str, expected: str | None = None, dtype: str | None = None):
     from .loading import load
 
-    model = load(name)
+    model = load(name, dtype=dtype)
     if expected and model.model_type != expected:
         raise MultimodalError(f"{name} is a {model.model_type} model; this command needs a {expected} model")
     return model
@@ -164,7 +164,7 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate.report import evaluate_model
 
-    results = evaluate_model(_load(args.model), args.data, args.out, split=args.split, limit=args.limit,
+    results = evaluate_model(_load(args.model, dtype=args.dtype), args.data, args.out, split=args.split, limit=args.limit,
                              progress=not args.quiet)
     from .evaluate.harness import headline
 
@@ -172,13 +172,13 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_caption(args) -> None:
-    model = _load(args.model, "vlm")
+    model = _load(args.model, "vlm", dtype=args.dtype)
     for image in args.images:
         print(f"{image}\t{model.caption(str(image), **_generation_options(args))}")
 
 
 def cmd_ask(args) -> None:
-    model = _load(args.model)
+    model = _load(args.model, dtype=args.dtype)
     if model.model_type == "fusion_classifier":
         answer, confidence = model.answer(str(args.image), args.question)
         print(f"{answer}\t(confidence {confidence:.3f})")
@@ -189,7 +189,7 @@ def cmd_ask(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    model = _load(args.model, "vlm")
+    model = _load(args.model, "vlm", dtype=args.dtype)
     images = [str(p) for p in args.images]
     messages: list[dict] = []
     print(f"Chatting about {len(images)} image(s). An empty line or Ctrl-D ends.", file=sys.stderr)
@@ -212,7 +212,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_classify(args) -> None:
-    model = _load(args.model, "dual_encoder")
+    model = _load(args.model, "dual_encoder", dtype=args.dtype)
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if len(labels) < 2:
         raise MultimodalError("--labels needs at least two comma-separated labels")
@@ -223,7 +223,7 @@ def cmd_classify(args) -> None:
 def cmd_embed(args) -> None:
     import numpy as np
 
-    model = _load(args.model, "dual_encoder")
+    model = _load(args.model, "dual_encoder", dtype=args.dtype)
     if bool(args.images) == bool(args.texts):
         raise MultimodalError("give --images FILE... or --texts TEXT... (one of the two)")
     vectors = model.embed_images([str(p) for p in args.images]) if args.images else model.embed_texts(args.texts)
@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"multimodal-models {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def dtype_option(p):
+        p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                       help="weights' dtype: bfloat16 halves the memory (default float32)")
 
     shapes = commands.add_parser("shapes", help="the Shapes benchmark: generate it, preview it")
     shapes_commands = shapes.add_subparsers(dest="shapes_command", required=True, metavar="SUBCOMMAND")
@@ -359,9 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, type=Path, help="report folder to write")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    dtype_option(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     def generation_options(p):
+        dtype_option(p)
         p.add_argument("--max-tokens", type=int, default=48, help="most tokens to generate (default 48)")
         p.add_argument("--beams", type=int, default=1, help="beam search width (default 1: greedy)")
         p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default greedy)")
@@ -391,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("image", type=Path, help="image file")
     cl.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'a red circle,a blue star'")
     cl.add_argument("--model", default="shapes-clip", help="model name or folder (default shapes-clip)")
+    dtype_option(cl)
     cl.set_defaults(func=cmd_classify)
 
     em = commands.add_parser("embed", help="embed images or texts with a dual encoder")
@@ -398,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--texts", nargs="*", default=[], help="texts")
     em.add_argument("--model", default="shapes-clip", help="model name or folder (default shapes-clip)")
     em.add_argument("--out", type=Path, default=None, help=".npy file for the vectors (default: JSON lines on stdout)")
+    dtype_option(em)
     em.set_defaults(func=cmd_embed)
 
     ix = commands.add_parser("index", help="index a folder of images for search (incremental, resumable)")
@@ -443,9 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--quiet", action="store_true", help="no progress bars")
     fu.set_defaults(func=cmd_experiment_fusion)
 
-    demo = commands.add_parser("demo", help="the main job: generate data, score baselines, draw a preview")
+    demo = commands.add_parser("demo", help="the main job: a Shapes collection, indexed and served with the web page")
     demo.add_argument("--out", default="demo_output", help="folder for everything the demo writes (default demo_output)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--images", type=int, default=300, help="images in the generated collection (default 300)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    demo.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import DataFormatError
+
+if TYPE_CHECKING:
+    import torch
 
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
 SHIPPED = {
@@ -61,8 +65,40 @@ def resolve(name_or_path: str | Path) -> Path:
     )
 
 
-def load(name_or_path: str | Path, *, device: str = "cpu"):
-    """Load a model, its tokenizer and its image preprocessing, ready to use (eval mode)."""
+def load(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype | None = None):
+    """Load a model, its tokenizer and its image preprocessing, ready to use (eval mode).
+
+    dtype: "float32", "bfloat16" or "float16" (or a torch dtype) to cast the weights to; None
+    keeps float32 (also for checkpoints stored in half precision, which are widened on load).
+    bfloat16 halves the memory and works on CPUs; float16 is for GPUs.
+    """
+    if dtype is None:
+        return _load(name_or_path, device)
+    import torch
+
+    target = _torch_dtype(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(target)  # modules are built, and checkpoint tensors cast, straight into `target`
+    try:
+        model = _load(name_or_path, device)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(target)  # what the checkpoint's own code made in float32 (e.g. our saved models)
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def _load(name_or_path: str | Path, device: str):
     folder = resolve(name_or_path)
     config_file = folder / "config.json"
     if not config_file.is_file():

@@ -700,3 +700,14 @@ def test_table_write_read_round_trip(tmp_path, suffix):
     ]
     path = write_table(tmp_path / f"captions{suffix}", captions)
     assert read_table(path) == captions
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    import os
+    import stat
+
+    from multimodal_models.io import _UMASK, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "hello")
+    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o666 & ~_UMASK
+    assert not list(tmp_path.glob(".a.txt.*"))  # no temporary file left behind

@@ -341,3 +341,23 @@ def test_unreachable_hub_says_no_network(monkeypatch, tmp_path):
     assert "\n" not in message
     assert message.startswith("cannot download 'openai/clip-vit-base-patch32': no network (")
     assert message.endswith("--local-dir DIR) and pass DIR.")
+
+
+def test_safetensors_reader_equals_the_library_and_names_a_broken_file(clip_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from multimodal_models.errors import DataFormatError
+    from multimodal_models.pretrained.checkpoint import read_safetensors
+
+    weights = clip_checkpoint[0] / "model.safetensors"
+    ours, reference = read_safetensors(weights), load_file(weights)
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[k], reference[k].float() if reference[k].is_floating_point() else reference[k])
+               for k in ours)
+    broken = tmp_path / "model.safetensors"
+    broken.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(DataFormatError, match="truncated or corrupt"):
+        read_safetensors(broken)
+    broken.write_bytes(b"\xff" * 64)
+    with pytest.raises(DataFormatError, match="not a safetensors file"):
+        read_safetensors(broken)

@@ -433,3 +433,19 @@ def test_checkpoints_that_do_not_fit_are_refused_with_the_key(llava, tmp_path):
         multimodal_models.load(broken)
     with pytest.raises(ValueError, match="more image parts than images"):
         model.chat([{"role": "user", "content": "<image> and <image>?"}], images=[random_image(9, 9, 0)])
+
+
+def test_bfloat16_loading_halves_the_weights_and_keeps_rope_exact(llava):
+    case, folder, _, model = llava
+    half = multimodal_models.load(folder, dtype="bfloat16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored after loading
+    for ours, theirs in zip(model.parameters(), half.parameters(), strict=True):
+        torch.testing.assert_close(ours.to(torch.bfloat16), theirs, rtol=0, atol=0)  # one rounding, not two
+    rotary = [m for m in half.modules() if type(m).__name__ == "RotaryEmbedding"]
+    assert rotary and all(m.inv_freq.dtype == torch.float32 for m in rotary)
+    exact = next(m for m in model.modules() if type(m).__name__ == "RotaryEmbedding").inv_freq
+    torch.testing.assert_close(rotary[0].inv_freq, exact, rtol=0, atol=0)
+    assert isinstance(half.ask(random_image(45, 37, 1), "what is in the image?", max_new_tokens=4), str)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        multimodal_models.load(folder, dtype="int8")

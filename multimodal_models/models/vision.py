@@ -144,7 +144,7 @@ class VisionTransformer(nn.Module):
         expected = (self.config.channels, self.config.image_size, self.config.image_size)
         if tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"expected pixels of shape (B, {', '.join(map(str, expected))}), got {tuple(pixels.shape)}")
-        x = self.stem(pixels)
+        x = self.stem(pixels.to(self.position.dtype))  # float32 pixels into a bf16/fp16 model too
         if self.class_token is not None:
             x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.position

@@ -145,20 +145,20 @@ class Engine:
 # --- loading ------------------------------------------------------------------------------------
 
 
-def load_served(name: str, kind: str) -> ServedModel:
+def load_served(name: str, kind: str, dtype: str | None = None) -> ServedModel:
     from ..loading import load
 
-    model = load(name)
+    model = load(name, dtype=dtype)
     if model.model_type != kind:
         need = "--model needs a vision-language model (vlm)" if kind == "vlm" else "--embedder needs a dual encoder"
         raise MultimodalError(f"{name} is a {model.model_type} model; {need}")
     return ServedModel(model, model_id(name), name, kind, int(time.time()))
 
 
-def _served(given, name: str | None, kind: str) -> ServedModel | None:
+def _served(given, name: str | None, kind: str, dtype: str | None) -> ServedModel | None:
     if given is not None:  # a model object passed in (tests, benchmarks): named after `name` if any
         return ServedModel(given, model_id(name or kind), name or kind, kind, int(time.time()))
-    return load_served(name, kind) if name else None
+    return load_served(name, kind, dtype) if name else None
 
 
 def build_engine(settings: Settings, *, vlm=None, embedder=None) -> Engine:
@@ -173,8 +173,8 @@ def build_engine(settings: Settings, *, vlm=None, embedder=None) -> Engine:
         index = ImageIndex.open(settings.index)
     if embedder_name == "auto":  # the model that built the index, else the shipped one
         embedder_name = (index.info.get("model_name") if index is not None else None) or DEFAULT_DUAL_ENCODER
-    served_vlm = _served(vlm, settings.model, "vlm")
-    served_embedder = _served(embedder, embedder_name, "dual_encoder")
+    served_vlm = _served(vlm, settings.model, "vlm", settings.dtype)
+    served_embedder = _served(embedder, embedder_name, "dual_encoder", settings.dtype)
     if index is not None:
         if served_embedder is None:
             raise MultimodalError(f"--index {settings.index} needs the dual encoder that built it (--embedder)")

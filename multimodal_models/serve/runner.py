@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedder", default=d.embedder,
                         help="dual encoder for embeddings/search/classify: name or folder, 'none' to serve none "
                              "(default: the model that built --index, else shapes-clip)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="weights' dtype: bfloat16 halves the memory (default float32)")
     parser.add_argument("--index", default=None, help="image index for /v1/search (built by 'multimodal index')")
     parser.add_argument("--host", default=d.host,
                         help=f"address to listen on (default {d.host}: this machine only; any other address needs "
@@ -83,7 +85,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         else:
             blocklist = [w.strip() for w in args.blocklist.split(",") if w.strip()]
     return Settings(
-        model=_none(args.model), embedder=_none(args.embedder), index=args.index, host=args.host, port=args.port,
+        model=_none(args.model), embedder=_none(args.embedder), dtype=args.dtype, index=args.index, host=args.host,
+        port=args.port,
         api_key=args.api_key, allow_remote_images=args.allow_remote_images, image_roots=tuple(args.image_root),
         allowed_hosts=tuple(args.allowed_host), max_body_bytes=int(args.max_body_mb * 2**20),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_prompt_chars=args.max_prompt_chars,

@@ -36,6 +36,7 @@ class Settings:
     model: str | None = "shapes-vlm"  # VLM for chat/caption/answer (name or folder); None: not served
     # dual encoder for embeddings/search/classify; "auto": the index's own model, else shapes-clip; None: not served
     embedder: str | None = "auto"
+    dtype: str | None = None  # weights' dtype: "bfloat16" halves the memory; None keeps float32
     index: str | None = None  # image index folder for /v1/search (built by `multimodal index`)
     host: str = "127.0.0.1"
     port: int = 8000
