@@ -26,7 +26,7 @@ def generate_collection(out: Path, *, images: int, seed: int = DEMO_SEED) -> Pat
         return folder
     print(f"1/3 generating a Shapes collection of {images} images in {data} ...")
     start = time.perf_counter()
-    generate(ShapesConfig(seed=seed, train=images, val=0, test=images, test_compositional=0), data)
+    generate(ShapesConfig(seed=seed, train=0, val=0, test=images, test_compositional=0), data)
     print(f"    done in {time.perf_counter() - start:.1f} s")
     return folder
 
