@@ -44,7 +44,7 @@ def vqa_only(root: str, split: str) -> SplitFiles:
                       vqa_annotations=manifest["vqa_annotations"])
 
 
-def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 600, batch_size: int = 64,
+def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 600, batch_size: int = 16,
                           eval_samples: int = 300, progress: bool = True) -> dict:
     data, out = str(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
