@@ -42,8 +42,7 @@ def require_program(name: str, why: str) -> str:
     """The path of a system program; skip (on a laptop) or fail (in CI) when it is missing."""
     path = shutil.which(name)
     if path is None:
-        message = f"'{name}' is not installed ({why})"
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + "; CI must install it (see .ci/run)")
-        pytest.skip(message)
+            pytest.fail(f"'{name}' is not installed ({why}); CI must install it (see .ci/run)")
+        pytest.skip(reason=f"'{name}' is not installed ({why})")
     return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,18 +28,15 @@ from multimodal_models.evaluate.metrics.caption import (
     tokenize_captions,
 )
 
+from .conftest import require_program
+
 FIXTURES = Path(__file__).parent / "fixtures" / "captions"
 TOLERANCE = 1e-6
 
 
 def require_java() -> None:
-    """Skip the calling test when java is missing, but fail it when CI is "true"."""
-    if java_available():
-        return
-    reason = "java was not found on PATH; the PTB tokenizer and METEOR jars need a Java runtime"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true, and CI must install Java)")
-    pytest.skip(reason)
+    """Skip the calling test when java is missing (a laptop), but fail it in CI."""
+    require_program("java", "the PTB tokenizer and METEOR jars need a Java runtime")
 
 
 def load_sample(name: str) -> tuple[dict, dict]:
