@@ -78,29 +78,35 @@ def square(value, source: Path, field: str) -> int:
     return int(value)
 
 
+def transformer_fields(tower: dict, source: Path, field: str) -> dict:
+    """The sizes every CLIP / SigLIP transformer tower shares, as our config's keyword arguments."""
+    return dict(width=tower["hidden_size"], depth=tower["num_hidden_layers"], heads=tower["num_attention_heads"],
+                mlp_ratio=tower["intermediate_size"] / tower["hidden_size"], mlp_hidden=tower["intermediate_size"],
+                act=activation(tower["hidden_act"], source, f"{field}.hidden_act"), norm_eps=tower["layer_norm_eps"])
+
+
+def vision_tower_fields(vision: dict, source: Path) -> dict:
+    return dict(image_size=square(vision["image_size"], source, "vision_config.image_size"),
+                patch_size=square(vision["patch_size"], source, "vision_config.patch_size"),
+                channels=vision["num_channels"], **transformer_fields(vision, source, "vision_config"))
+
+
+def text_tower_fields(text: dict, source: Path) -> dict:
+    return dict(vocab_size=text["vocab_size"], max_length=text["max_position_embeddings"],
+                **transformer_fields(text, source, "text_config"))
+
+
 def config_from_hf(hf: dict, source: Path) -> DualEncoderConfig:
     text, vision = sub_config(hf, "text", TEXT_DEFAULTS), sub_config(hf, "vision", VISION_DEFAULTS)
     eos = text["eos_token_id"]
     if not isinstance(eos, int):
         raise DataFormatError(source, f"expected one integer, got {eos!r}", field="text_config.eos_token_id")
     return DualEncoderConfig(
-        vision=VisionConfig(
-            image_size=square(vision["image_size"], source, "vision_config.image_size"),
-            patch_size=square(vision["patch_size"], source, "vision_config.patch_size"),
-            channels=vision["num_channels"], width=vision["hidden_size"], depth=vision["num_hidden_layers"],
-            heads=vision["num_attention_heads"], mlp_ratio=vision["intermediate_size"] / vision["hidden_size"],
-            mlp_hidden=vision["intermediate_size"], stem="patch", pool="cls", class_token=True, pre_norm=True,
-            final_norm="pooled", act=activation(vision["hidden_act"], source, "vision_config.hidden_act"),
-            norm_eps=vision["layer_norm_eps"], patch_bias=False,
-        ),
-        text=TextEncoderConfig(
-            vocab_size=text["vocab_size"], max_length=text["max_position_embeddings"], width=text["hidden_size"],
-            depth=text["num_hidden_layers"], heads=text["num_attention_heads"],
-            mlp_ratio=text["intermediate_size"] / text["hidden_size"], mlp_hidden=text["intermediate_size"],
-            causal=True, pool="argmax" if eos == LEGACY_EOS_ID else "eos",
-            eos_token_id=None if eos == LEGACY_EOS_ID else eos, padding="longest",
-            act=activation(text["hidden_act"], source, "text_config.hidden_act"), norm_eps=text["layer_norm_eps"],
-        ),
+        vision=VisionConfig(**vision_tower_fields(vision, source), stem="patch", pool="cls", class_token=True,
+                            pre_norm=True, final_norm="pooled", patch_bias=False),
+        text=TextEncoderConfig(**text_tower_fields(text, source), causal=True,
+                               pool="argmax" if eos == LEGACY_EOS_ID else "eos",
+                               eos_token_id=None if eos == LEGACY_EOS_ID else eos, padding="longest"),
         embed_dim=hf.get("projection_dim", 512),
         loss="clip",
         image_projection="linear",

@@ -41,6 +41,7 @@ from ..models.vlm import VisionLanguageModel, VLMConfig
 from . import clip, siglip
 from .checkpoint import read_weights
 from .llama import HF_ACTIVATIONS, activation_name, decoder_config, decoder_rows, decoder_to_hf_config
+from .tokenizer import read_json_object
 from .weights import assign_weights, expand_rows, export_tensors, rename_keys
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
@@ -183,7 +184,7 @@ def load_llava(folder: str | os.PathLike, hf_config: dict | None = None) -> Visi
     assign_weights(model, tensors, key_rows(config, hf.get("vision_config") or DEFAULT_VISION, folder / "config.json"),
                    source, optional=optional)
     attach_checkpoint_preprocessing(model, folder)
-    processor = _read_json(folder / "processor_config.json")
+    processor = read_json_object(folder / "processor_config.json") or {}
     if processor.get("image_token"):
         model.config.image_token = processor["image_token"]
     check_image_tokens(model, processor, folder)
@@ -244,19 +245,7 @@ def processor_chat_template(folder: Path) -> str | None:
     """chat_template.jinja, or chat_template.json's "chat_template" (a processor's own template)."""
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    return _read_json(folder / "chat_template.json").get("chat_template")
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(path, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise DataFormatError(path, f"expected a JSON object, got {type(data).__name__}")
-    return data
+    return (read_json_object(folder / "chat_template.json") or {}).get("chat_template")
 
 
 # -- export -------------------------------------------------------------------------------------

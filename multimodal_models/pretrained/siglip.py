@@ -24,7 +24,7 @@ from ..models.dual_encoder import DualEncoder, DualEncoderConfig
 from ..models.text import TextEncoderConfig
 from ..models.vision import VisionConfig
 from .checkpoint import SQUEEZE, VECTOR, layer_keys, linear_keys
-from .clip import HF_ACTIVATIONS, activation, square
+from .clip import HF_ACTIVATIONS, text_tower_fields, vision_tower_fields
 
 ARCHITECTURE = "SiglipModel"
 MODEL_TYPE = "siglip"
@@ -74,22 +74,9 @@ def config_from_hf(hf: dict, source: Path) -> DualEncoderConfig:
         raise DataFormatError(source, f"the text head's width {embed_dim} differs from the image embedding's "
                                       f"{vision['hidden_size']}", field="text_config.projection_size")
     return DualEncoderConfig(
-        vision=VisionConfig(
-            image_size=square(vision["image_size"], source, "vision_config.image_size"),
-            patch_size=square(vision["patch_size"], source, "vision_config.patch_size"),
-            channels=vision["num_channels"], width=vision["hidden_size"], depth=vision["num_hidden_layers"],
-            heads=vision["num_attention_heads"], mlp_ratio=vision["intermediate_size"] / vision["hidden_size"],
-            mlp_hidden=vision["intermediate_size"], stem="patch", pool="map", class_token=False, pre_norm=False,
-            final_norm="all", act=activation(vision["hidden_act"], source, "vision_config.hidden_act"),
-            norm_eps=vision["layer_norm_eps"], patch_bias=True,
-        ),
-        text=TextEncoderConfig(
-            vocab_size=text["vocab_size"], max_length=text["max_position_embeddings"], width=text["hidden_size"],
-            depth=text["num_hidden_layers"], heads=text["num_attention_heads"],
-            mlp_ratio=text["intermediate_size"] / text["hidden_size"], mlp_hidden=text["intermediate_size"],
-            causal=False, pool="last", padding="max_length",
-            act=activation(text["hidden_act"], source, "text_config.hidden_act"), norm_eps=text["layer_norm_eps"],
-        ),
+        vision=VisionConfig(**vision_tower_fields(vision, source), stem="patch", pool="map", class_token=False,
+                            pre_norm=False, final_norm="all", patch_bias=True),
+        text=TextEncoderConfig(**text_tower_fields(text, source), causal=False, pool="last", padding="max_length"),
         embed_dim=embed_dim,
         loss="siglip",
         image_projection="none",

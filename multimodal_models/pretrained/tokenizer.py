@@ -73,8 +73,8 @@ class HFTokenizer:
                 hint = (" It has only a SentencePiece model, which this package does not read; save a fast "
                         "tokenizer (tokenizer.json) for it with transformers first.")
             raise FileNotFoundError(f"{path} not found: the checkpoint has no tokenizer.json.{hint}")
-        return cls(path.read_text(encoding="utf-8"), _read_json(directory / CONFIG_FILE),
-                   _read_json(directory / SPECIAL_TOKENS_FILE),
+        return cls(path.read_text(encoding="utf-8"), read_json_object(directory / CONFIG_FILE),
+                   read_json_object(directory / SPECIAL_TOKENS_FILE),
                    _read_text(directory / CHAT_TEMPLATE_FILE))
 
     @classmethod
@@ -154,7 +154,9 @@ class HFTokenizer:
         return self._special_id("eos")
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json_object(path: Path) -> dict | None:
+    """A checkpoint's optional JSON file (tokenizer_config.json, processor_config.json, ...): its
+    object, None when the file is absent, DataFormatError naming the file when it is broken."""
     if not path.is_file():
         return None
     try:
