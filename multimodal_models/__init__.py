@@ -11,12 +11,13 @@
 __version__ = "0.1.0"
 
 
-def load(name_or_path, *, device: str = "cpu", dtype=None):
+def load(name_or_path, *, device: str = "cpu", dtype=None, expect: str | None = None):
     """A shipped model by name ("shapes-vlm", "shapes-clip"), a saved model folder, or a Hugging
-    Face checkpoint (folder or hub id); dtype="bfloat16" halves its memory."""
+    Face checkpoint (folder or hub id); dtype="bfloat16" halves its memory; expect="vlm" (or
+    "dual_encoder", ...) refuses a model of another kind with a clear error."""
     from .loading import load as _load
 
-    return _load(name_or_path, device=device, dtype=dtype)
+    return _load(name_or_path, device=device, dtype=dtype, expect=expect)
 
 
 __all__ = ["load", "__version__"]

@@ -139,10 +139,7 @@ def cmd_demo(args) -> None:
 def _load(name: str, expected: str | None = None, dtype: str | None = None):
     from .loading import load
 
-    model = load(name, dtype=dtype)
-    if expected and model.model_type != expected:
-        raise MultimodalError(f"{name} is a {model.model_type} model; this command needs a {expected} model")
-    return model
+    return load(name, dtype=dtype, expect=expected, needed_by="this command")
 
 
 def _generation_options(args) -> dict:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .data.shapes.generate import ShapesConfig, generate
-from .loading import DEFAULT_DUAL_ENCODER, DEFAULT_VLM
+from .loading import DEFAULT_DUAL_ENCODER, DEFAULT_VLM, load
 
 DEMO_SEED = 12345  # not the seed the shipped checkpoints were trained on (0)
 
@@ -33,12 +33,12 @@ def generate_collection(out: Path, *, images: int, seed: int = DEMO_SEED) -> Pat
 
 def index_collection(folder: Path, index_dir: Path, *, quiet: bool = False) -> None:
     from .index import ImageIndex
-    from .index.commands import _load
 
     print(f"2/3 indexing {folder} with {DEFAULT_DUAL_ENCODER} (captions by {DEFAULT_VLM}) into {index_dir} ...")
     with ImageIndex.open(index_dir, create=True) as index:
-        report = index.update(folder, _load(DEFAULT_DUAL_ENCODER, "dual_encoder"), model_name=DEFAULT_DUAL_ENCODER,
-                              captioner=_load(DEFAULT_VLM, "vlm"), captioner_name=DEFAULT_VLM, progress=not quiet)
+        embedder, captioner = load(DEFAULT_DUAL_ENCODER, expect="dual_encoder"), load(DEFAULT_VLM, expect="vlm")
+        report = index.update(folder, embedder, model_name=DEFAULT_DUAL_ENCODER, captioner=captioner,
+                              captioner_name=DEFAULT_VLM, progress=not quiet)
     print(f"    {report.total} images indexed: {report.embedded} embedded, {report.captioned} captioned, "
           f"{report.unchanged} unchanged, {report.removed} removed ({report.seconds:.1f} s)")
 

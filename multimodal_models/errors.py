@@ -36,5 +36,9 @@ class ImageLoadError(MultimodalError, ValueError):
         super().__init__(f"{source}: {message}")
 
 
+class WrongModelError(MultimodalError, ValueError):
+    """A model of another kind than the one asked for (a dual encoder where a VLM is needed...)."""
+
+
 class MissingDependencyError(MultimodalError, RuntimeError):
     """A feature needs a program or package that is not installed; the message says which and how to get it."""

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DataFormatError
+from .errors import DataFormatError, WrongModelError
 
 if TYPE_CHECKING:
     import torch
@@ -65,25 +65,32 @@ def resolve(name_or_path: str | Path) -> Path:
     )
 
 
-def load(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype | None = None):
+def load(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+         expect: str | None = None, needed_by: str = "this"):
     """Load a model, its tokenizer and its image preprocessing, ready to use (eval mode).
 
     dtype: "float32", "bfloat16" or "float16" (or a torch dtype) to cast the weights to; None
     keeps float32 (also for checkpoints stored in half precision, which are widened on load).
     bfloat16 halves the memory and works on CPUs; float16 is for GPUs.
+    expect: the model_type the caller needs ("vlm", "dual_encoder", ...); another kind raises
+    WrongModelError saying that `needed_by` (e.g. "--embedder", "the vqa task") needs it.
     """
     if dtype is None:
-        return _load(name_or_path, device)
-    import torch
-
-    target = _torch_dtype(dtype)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(target)  # modules are built, and checkpoint tensors cast, straight into `target`
-    try:
         model = _load(name_or_path, device)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(target)  # what the checkpoint's own code made in float32 (e.g. our saved models)
+    else:
+        import torch
+
+        target = _torch_dtype(dtype)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(target)  # modules are built, and checkpoint tensors cast, straight into `target`
+        try:  # (torch's default dtype is process-wide: load from one thread at a time)
+            model = _load(name_or_path, device)
+        finally:
+            torch.set_default_dtype(previous)
+        model = model.to(target)  # what the checkpoint's own code made in float32 (e.g. our saved models)
+    if expect is not None and model.model_type != expect:
+        raise WrongModelError(f"{name_or_path} is a {model.model_type} model; {needed_by} needs a {expect} model")
+    return model
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:

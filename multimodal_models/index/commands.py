@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MultimodalError
+from ..loading import DEFAULT_DUAL_ENCODER, SHIPPED, load
 from .image_index import DEFAULT_INDEX_DIRNAME, ImageIndex
 from .vectors import DEFAULT_NPROBE
 
@@ -14,29 +15,16 @@ from .vectors import DEFAULT_NPROBE
 def _model_name(name: str) -> str:
     """How the index records a model: a shipped name as is, a folder as an absolute path
     (so `multimodal search` finds it from any working directory)."""
-    from ..loading import SHIPPED
-
     return name if name in SHIPPED else str(Path(name).expanduser().resolve())
 
 
-def _load(name: str, model_type: str):
-    from ..loading import load
-
-    model = load(name)
-    if model.model_type != model_type:
-        raise MultimodalError(f"{name} is a {model.model_type} model; this needs a {model_type} model")
-    return model
-
-
 def run_index(args) -> None:
-    from ..loading import DEFAULT_DUAL_ENCODER
-
     if not args.folder.is_dir():
         raise FileNotFoundError(f"{args.folder} is not a folder")
     with ImageIndex.open(args.out or args.folder / DEFAULT_INDEX_DIRNAME, create=True) as index:
         name = args.model or index.info.get("model_name") or DEFAULT_DUAL_ENCODER
-        model = _load(name, "dual_encoder")
-        captioner = _load(args.caption_model, "vlm") if args.caption else None
+        model = load(name, expect="dual_encoder")
+        captioner = load(args.caption_model, expect="vlm") if args.caption else None
         report = index.update(args.folder, model, model_name=_model_name(name), batch_size=args.batch_size,
                               captioner=captioner,
                               captioner_name=_model_name(args.caption_model) if captioner is not None else None,
@@ -56,7 +44,7 @@ def run_search(args) -> None:
         name = args.model or index.info.get("model_name")
         if name is None:
             raise MultimodalError(f"the index {index.path} is empty: no model has indexed anything yet")
-        hits = index.search(_load(name, "dual_encoder"), text=args.query,
+        hits = index.search(load(name, expect="dual_encoder"), text=args.query,
                             image=str(args.image) if args.image else None, k=args.k)
         root = index.root
     for rank, hit in enumerate(hits, 1):

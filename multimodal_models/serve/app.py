@@ -148,10 +148,7 @@ class Engine:
 def load_served(name: str, kind: str, dtype: str | None = None) -> ServedModel:
     from ..loading import load
 
-    model = load(name, dtype=dtype)
-    if model.model_type != kind:
-        need = "--model needs a vision-language model (vlm)" if kind == "vlm" else "--embedder needs a dual encoder"
-        raise MultimodalError(f"{name} is a {model.model_type} model; {need}")
+    model = load(name, dtype=dtype, expect=kind, needed_by="--model" if kind == "vlm" else "--embedder")
     return ServedModel(model, model_id(name), name, kind, int(time.time()))
 
 

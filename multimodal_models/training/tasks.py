@@ -44,9 +44,7 @@ class _ImageTask:
         """The model named by task_options.init_from (shipped, saved or Hugging Face), to fine-tune."""
         from ..loading import load
 
-        model = load(self.init_from)
-        if model.model_type != model_type:
-            raise ValueError(f"{self.init_from} is a {model.model_type} model; this task trains a {model_type}")
+        model = load(self.init_from, expect=model_type, needed_by="task_options.init_from of this task")
         self.tokenizer = model.tokenizer
         return model
 

@@ -233,9 +233,7 @@ def load_model(name_or_path: str, model_type: str | None = None):
     """A saved, shipped or Hugging Face model to start from (for its vision tower, or all of it)."""
     from ..loading import load
 
-    model = load(name_or_path)
-    if model_type is not None and model.model_type != model_type:
-        raise ValueError(f"{name_or_path} is a {model.model_type} model; the {model_type} task needs a {model_type}")
+    model = load(name_or_path, expect=model_type, needed_by=f"the {model_type} task")
     if not hasattr(model, "vision"):
         raise ValueError(f"{name_or_path} ({model.model_type}) has no vision encoder to start from")
     return model
