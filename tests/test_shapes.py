@@ -14,10 +14,10 @@ from PIL import Image
 from multimodal_models.cli import main
 from multimodal_models.data import formats
 from multimodal_models.data.shapes.generate import HELD_OUT_COMBOS, SPLITS, ShapesConfig, generate, load_manifest
-from multimodal_models.data.shapes.grounding import check_caption
+from multimodal_models.data.shapes.grounding import check_caption, fits, parse_caption
 from multimodal_models.data.shapes.layout import read_scenes
 from multimodal_models.data.shapes.questions import ANSWER_SPACES, QUESTION_TYPES
-from multimodal_models.data.shapes.world import COLORS, SHAPES, SIZES
+from multimodal_models.data.shapes.world import COLORS, SHAPES, SIZES, Scene, ShapeObject
 
 from .shapes_solver import solve
 
@@ -104,6 +104,26 @@ def test_every_caption_is_true_of_its_scene(dataset):
                 check = check_caption(caption, scenes[record.image_id])
                 assert check.claims, caption
                 assert check.precision == 1.0 and not check.hallucinated, (caption, check)
+                assert fits(parse_caption(caption), scenes[record.image_id]), caption  # the ceiling counts its own image
+
+
+def test_an_inventory_fits_only_scenes_it_lists_completely():
+    """The generator's inventories name every object, so the retrieval ceiling must not count a scene
+    with more objects as fitting one; relations and "including" make no such promise."""
+    red_circle, blue_star = ShapeObject("circle", "red", "small", 0.2, 0.2), ShapeObject("star", "blue", "large", 0.7, 0.7)
+    two = Scene((red_circle, blue_star))
+    three = Scene((red_circle, blue_star, ShapeObject("square", "green", "small", 0.2, 0.7)))
+    inventory = parse_caption("This image contains a red circle and a blue star.")
+    assert inventory.listing and fits(inventory, two) and not fits(inventory, three)
+    assert check_caption("This image contains a red circle and a blue star.", three).precision == 1.0  # still true claims
+    assert fits(parse_caption("Two shapes on a dark background."), two)
+    assert not fits(parse_caption("Two shapes on a dark background."), three)
+    assert not fits(parse_caption("There are two circles."), Scene((red_circle, ShapeObject("circle", "red", "small", 0.7, 0.2),
+                                                                     blue_star)))
+    for caption in ("A red circle to the left of a blue star.", "Three shapes including a blue star.",
+                    "The topmost object is a red circle."):
+        parsed = parse_caption(caption)
+        assert not parsed.listing and fits(parsed, three), caption
 
 
 def test_grounding_catches_false_and_hallucinated_claims(dataset):

@@ -169,6 +169,8 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
         flat["t2i_R@1"] = results["retrieval"]["text_to_image"]["R@1"]
         flat["t2i_ceiling"] = results["retrieval"]["ceiling"]["text_to_image_R@1"]
         flat["i2t_R@1"] = results["retrieval"]["image_to_text"]["R@1"]
+    if "objects" in results:  # the object head's accuracy (dual encoders trained with one)
+        flat.update({f"objects/{k}": v for k, v in results["objects"].items()})
     return flat
 
 
@@ -195,10 +197,12 @@ def evaluate_retrieval(model, records: list[CaptionRecord], store: ImageStore, *
 def retrieval_ceiling(records: list[CaptionRecord], scenes: dict | None = None) -> dict:
     """The best text->image R@1 any model can expect when several images fit a caption equally well.
 
-    A caption "fits" an image when everything it claims holds there: on Shapes this is
-    decided from the scene graphs (the caption's parsed claims); elsewhere only an
-    identical caption of another image counts. A perfect model can rank the images a
-    caption fits in no better than random order, so it expects R@1 = 1 / (#images fitting).
+    A caption "fits" an image when it describes it correctly: on Shapes this is decided from
+    the scene graphs (grounding.fits: every claim holds, and an inventory names every object);
+    elsewhere only an identical caption of another image counts. A perfect model can rank the
+    images a caption fits in no better than random order, so it expects R@1 = 1 / (#images fitting).
+    (It is a ceiling for models that read captions for what they say; one that also learns how
+    often the generator picks each relation or extreme of a scene could edge past it.)
     """
     texts = [(i, c) for i, r in enumerate(records) for c in r.captions]
     if scenes is not None and all(r.image_id in scenes for r in records):

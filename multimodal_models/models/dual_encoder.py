@@ -22,6 +22,7 @@ from torch import nn
 
 from .inputs import as_image_list, evaluating, preprocess_images, require_preprocessing, tokenize
 from .losses import ContrastiveLoss, SigmoidLoss
+from .object_head import ObjectHead, ObjectHeadConfig, ObjectTargets
 from .pretrained import PretrainedModel
 from .text import TextEncoder, TextEncoderConfig
 from .vision import VisionConfig, VisionTransformer
@@ -74,13 +75,16 @@ class DualEncoderConfig:
     # classify()'s default prompts: "shapes" (SHAPES_TEMPLATES) | "imagenet" (the CLIP paper's 80
     # ImageNet templates) | "imagenet7" (the 7 of them its forward selection kept)
     prompts: str = "shapes"
+    # Dense object supervision of the vision tower's patch tokens during training (object_head.py);
+    # None: none. Needs object annotations (Shapes scene graphs) in the training data.
+    object_head: ObjectHeadConfig | None = None
 
 
 class DualEncoderOutput(NamedTuple):
     image_embeds: torch.Tensor  # (B, E), L2-normalised
     text_embeds: torch.Tensor  # (B, E), L2-normalised
     logits_per_image: torch.Tensor  # (B, B): row i scores image i against every text
-    loss: torch.Tensor  # () the config's alignment loss, row i of each side being a pair
+    loss: torch.Tensor  # () the config's alignment loss, row i of each side being a pair (+ the object head's)
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -118,6 +122,7 @@ class DualEncoder(PretrainedModel):
             self.criterion = ContrastiveLoss(max_scale=cap)
         else:
             self.criterion = SigmoidLoss()
+        self.object_head = ObjectHead(config.vision.width, config.object_head) if config.object_head else None
 
     # -- tensors in, tensors out ---------------------------------------------------------
 
@@ -134,16 +139,26 @@ class DualEncoder(PretrainedModel):
         return self.criterion.logits(image_embeds, text_embeds)
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                negative_ids: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None
-                ) -> DualEncoderOutput:
-        """Pairs (pixels[i], ids[i]); negative_ids (N, T) are extra captions that match no image."""
-        image_embeds = self.encode_image(pixels)
+                negative_ids: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
+                objects: ObjectTargets | None = None) -> DualEncoderOutput:
+        """Pairs (pixels[i], ids[i]); negative_ids (N, T) are extra captions that match no image;
+        objects: the object head's targets for these images (training with config.object_head)."""
+        vision = self.vision(pixels)
+        image_embeds = F.normalize(self.image_projection(vision.pooled), dim=-1)
         text_embeds = self.encode_text(ids, attention_mask)
         candidates = text_embeds
         if negative_ids is not None:
             candidates = torch.cat([text_embeds, self.encode_text(negative_ids, negative_mask)])
-        return DualEncoderOutput(image_embeds, text_embeds, self.logits(image_embeds, text_embeds),
-                                 self.criterion(image_embeds, candidates))
+        loss = self.criterion(image_embeds, candidates)
+        if objects is not None:
+            if self.object_head is None:
+                raise ValueError("object targets given, but this model has no object_head in its config")
+            loss = loss + self.object_head.loss(self.grid_tokens(vision.tokens), objects)
+        return DualEncoderOutput(image_embeds, text_embeds, self.logits(image_embeds, text_embeds), loss)
+
+    def grid_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The vision tower's tokens without its class token: one per patch of the grid."""
+        return tokens[:, int(self.config.vision.class_token):]
 
     # -- user-level helpers --------------------------------------------------------------
 

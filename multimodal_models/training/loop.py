@@ -101,6 +101,16 @@ class ExampleOrder:
         return out
 
 
+def to_device(value, device: torch.device):
+    """A batch entry on the device: tensors, and tuples of tensors (named ones keep their type)."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple) and value and all(torch.is_tensor(v) for v in value):
+        moved = [v.to(device) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
+    return value
+
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to min_ratio at the last step."""
     if step < warmup:
@@ -227,7 +237,7 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         for micro in range(t.accumulate):
             indices = order.take((step * t.accumulate + micro) * micro_batch, micro_batch)[dist.rank::dist.world]
             batch = task.make_batch(indices, random.Random(f"{t.seed}/{step}/{micro}/{dist.rank}"))
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {k: to_device(v, device) for k, v in batch.items()}
             sync = contextlib.nullcontext() if dist.world == 1 or micro == t.accumulate - 1 else runner.no_sync()
             with sync:
                 with autocast_context(t.precision, device):

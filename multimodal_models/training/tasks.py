@@ -22,6 +22,7 @@ from ..models.dual_encoder import DualEncoder, DualEncoderConfig
 from ..models.inputs import tokenize
 from ..models.pretrained import config_from_dict
 from .data import ImageStore, SplitData
+from .objects import SHAPES_ATTRIBUTES, ObjectGrid
 
 
 class _ImageTask:
@@ -74,9 +75,16 @@ class ContrastiveTask(_ImageTask):
         else:
             model_config: DualEncoderConfig = config_from_dict(DualEncoderConfig, config.model, source="model")
             model_config.text.vocab_size = self.tokenizer.vocab_size
+            if model_config.object_head is not None and not model_config.object_head.attributes:
+                model_config.object_head.attributes = SHAPES_ATTRIBUTES
             self.model = DualEncoder(model_config)
             self._attach(self.model, model_config.vision.image_size)
         self.records = train.captions
+        self.objects = self.eval_objects = None
+        if self.model.object_head is not None:  # dense supervision of the patch tokens from the scene graphs
+            vision, attributes = self.model.config.vision, self.model.config.object_head.attributes
+            self.objects = ObjectGrid(train.scenes, vision.grid, attributes)
+            self.eval_objects = ObjectGrid(evaluation.scenes, vision.grid, attributes) if evaluation.scenes else None
         self.hard_negatives = bool(config.task_options.get("hard_negatives", False))
         self.ceiling: dict | None = None
         self.store = ImageStore([r.image for r in self.records], self.model.image_processor,
@@ -92,6 +100,8 @@ class ContrastiveTask(_ImageTask):
         ids, mask = tokenize(self.tokenizer, captions, text.max_length, padding=text.padding)
         pixels = self.store.batch([self.store.position(r.image) for r in records])
         batch = {"pixels": pixels, "ids": ids, "mask": mask, "examples": len(records)}
+        if self.objects is not None:
+            batch["objects"] = self.objects.batch([r.image_id for r in records])
         if self.hard_negatives:  # NegCLIP: each caption with a few words changed, as an extra negative
             negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
             if negatives:
@@ -102,18 +112,35 @@ class ContrastiveTask(_ImageTask):
     @staticmethod
     def loss(model, batch: dict) -> torch.Tensor:
         return model(batch["pixels"], batch["ids"], batch["mask"], negative_ids=batch.get("negative_ids"),
-                     negative_mask=batch.get("negative_mask")).loss
+                     negative_mask=batch.get("negative_mask"), objects=batch.get("objects")).loss
 
     def evaluate(self, model, limit: int) -> dict:
         split = first_images(self.eval_split, limit)
         if self.ceiling is None:  # the same captions every time: the ceiling does not change
             self.ceiling = retrieval_ceiling(split.captions, split.scenes)
-        return {"retrieval": evaluate_retrieval(model, split.captions, self._eval_store(split, model), scenes=split.scenes,
-                                                ceiling=self.ceiling)}
+        store = self._eval_store(split, model)
+        results = {"retrieval": evaluate_retrieval(model, split.captions, store, scenes=split.scenes, ceiling=self.ceiling)}
+        if self.eval_objects is not None:  # how well the patch tokens name the objects, per attribute
+            results["objects"] = object_accuracy(model, split.captions, store, self.eval_objects)
+        return results
 
     @staticmethod
     def primary_metric(flat: dict) -> float:
         return (flat.get("t2i_R@1") or 0.0) + (flat.get("i2t_R@1") or 0.0)
+
+
+def object_accuracy(model, records, store: ImageStore, grid: ObjectGrid, *, batch_size: int = 256) -> dict:
+    """The object head's accuracy per attribute (and objectness) on these records' images, in %."""
+    images = list({r.image_id: r for r in records}.values())
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = store.batch([store.position(r.image) for r in chunk]).to(model.device)
+            tokens = model.grid_tokens(model.vision(pixels).tokens)
+            for name, value in model.object_head.accuracy(tokens, grid.batch([r.image_id for r in chunk])).items():
+                totals[name] = totals.get(name, 0.0) + value * len(chunk)
+    return {name: round(100 * value / len(images), 2) for name, value in totals.items()}
 
 
 class VQATask(_ImageTask):

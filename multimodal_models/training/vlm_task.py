@@ -54,12 +54,13 @@ class Unit:
 class VLMTask:
     name = "vlm"
 
-    OPTIONS = ("questions_per_image", "captions_per_image", "max_length", "vision_from", "init_from", "lora")
+    OPTIONS = ("questions_per_image", "captions_per_image", "max_length", "vision_from", "init_from", "lora",
+               "freeze_vision")
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         self.config = config
         options = {"questions_per_image": 0, "captions_per_image": 1, "max_length": None, "vision_from": None,
-                   "init_from": None, "lora": None, **config.task_options}
+                   "init_from": None, "lora": None, "freeze_vision": False, **config.task_options}
         unknown = set(options) - set(self.OPTIONS)
         if unknown:
             raise ValueError(f"unknown task_options for the vlm task: {sorted(unknown)}; known: {list(self.OPTIONS)}")
@@ -71,6 +72,12 @@ class VLMTask:
         else:
             self.model = self._fresh_model(config, train, options["vision_from"])
             self.tokenizer = self.model.tokenizer
+        if options["freeze_vision"]:  # LLaVA's recipe: keep the (pretrained) vision tower as it is
+            if not (options["vision_from"] or options["init_from"]):
+                raise ValueError("task_options.freeze_vision keeps the vision tower fixed, so it needs a trained one: "
+                                 "set task_options.vision_from (or init_from)")
+            for parameter in self.model.vision.parameters():
+                parameter.requires_grad_(False)
         self.lora = options["lora"]
         if self.lora is not None:  # LoRA on the decoder; everything else frozen
             from ..models.lora import apply_lora

@@ -116,6 +116,9 @@ class ParsedCaption:
     extremes: tuple[tuple[str, Mention], ...]  # ("leftmost", what it is said to be)
     relations: tuple[tuple[Mention, str, Mention], ...]  # (A, "left"|"right"|"above"|"below", B)
     mentions: tuple[Mention, ...]
+    # Only noun phrases, no relation, extreme or "including": an inventory ("two red circles and a
+    # blue star", "five shapes"), which the generator writes of every object of the scene
+    listing: bool = False
 
 
 def parse_caption(caption: str) -> ParsedCaption:
@@ -147,7 +150,8 @@ def parse_caption(caption: str) -> ParsedCaption:
             previous, i = mention, mention.end
             continue
         i += 1
-    return ParsedCaption(tuple(extremes), tuple(relations), tuple(mentions))
+    listing = bool(mentions) and not (extremes or relations) and "including" not in tokens
+    return ParsedCaption(tuple(extremes), tuple(relations), tuple(mentions), listing)
 
 
 def check_parsed(parsed: ParsedCaption, scene: Scene) -> CaptionCheck:
@@ -185,9 +189,19 @@ def check_caption(caption: str, scene: Scene) -> CaptionCheck:
 
 
 def fits(parsed: ParsedCaption, scene: Scene) -> bool:
-    """True when every claim of the caption holds in the scene (it describes the scene correctly)."""
+    """True when the caption describes the scene correctly: every claim holds and, for an inventory,
+    it names every object (exactly as many of each as it says; "a" = one), since the generator lists
+    them all. ("A red circle and a blue star" fits no scene of three objects: it was not written of one.)
+
+    The claim checks (check_parsed) read "a red circle" as "at least one", as plain English does;
+    this stricter reading is the one the retrieval ceiling needs."""
     check = check_parsed(parsed, scene)
-    return bool(check.claims) and all(c.holds for c in check.claims)
+    if not (check.claims and all(c.holds for c in check.claims)):
+        return False
+    if not parsed.listing or any(m.alone for m in parsed.mentions):
+        return True
+    said = [1 if m.count is None else m.count for m in parsed.mentions]
+    return sum(said) == len(scene.objects) and all(m.description.count(scene) == n for m, n in zip(parsed.mentions, said))
 
 
 def _relation_at(tokens: list[str], i: int) -> tuple[str, int] | None:

@@ -1,0 +1,78 @@
+"""Dense object supervision for a vision tower: every patch token names the object centred in it.
+
+Contrastive training gives the vision tower one signal per image: its pooled vector should
+match the caption. The per-patch tokens that a language model later reads get no direct
+signal, and on small scenes they learn slowly what each object is (DEVELOPERS.md). When the
+training data comes with object annotations (the Shapes scene graphs), this head adds one:
+for each cell of the patch grid it predicts whether an object's centre falls in the cell,
+where in the cell, and each of the object's attributes (shape, colour, size, ...), in the
+spirit of grid detectors (YOLO) and of region-level pretraining of VLM vision towers.
+
+The head is a few linear layers on the tokens; the targets are built by
+`multimodal_models.training.objects` from the scene graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ObjectHeadConfig:
+    # attribute name -> its values, in label order (filled in by the training task from the data)
+    attributes: dict[str, list[str]] = field(default_factory=dict)
+    weight: float = 1.0  # its loss is added to the model's own, times this
+
+
+class ObjectTargets(NamedTuple):
+    """What the head should predict for a batch, one row per image, one column per grid cell."""
+
+    present: torch.Tensor  # (B, N) float: 1 where an object's centre falls in the cell
+    offset: torch.Tensor  # (B, N, 2) the centre's (x, y) inside its cell, in [0, 1)
+    labels: torch.Tensor  # (B, N, A) long: the attribute values' indices; -100 where no object
+
+
+class ObjectHead(nn.Module):
+    def __init__(self, width: int, config: ObjectHeadConfig):
+        super().__init__()
+        if not config.attributes:
+            raise ValueError("object_head needs at least one attribute (name -> list of values)")
+        self.config = config
+        self.objectness = nn.Linear(width, 1)
+        self.offset = nn.Linear(width, 2)
+        self.attributes = nn.ModuleDict({name: nn.Linear(width, len(values)) for name, values in config.attributes.items()})
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens (B, N, C), one per grid cell -> logits: objectness (B, N), offset (B, N, 2), one per attribute."""
+        out = {"objectness": self.objectness(tokens).squeeze(-1), "offset": self.offset(tokens)}
+        out.update({name: layer(tokens) for name, layer in self.attributes.items()})
+        return out
+
+    def loss(self, tokens: torch.Tensor, targets: ObjectTargets) -> torch.Tensor:
+        """Objectness (binary cross-entropy over all cells) + attributes (cross-entropy) + centre
+        offset (L1), the last two over the cells that hold an object; times config.weight."""
+        predicted = self(tokens.float())
+        loss = F.binary_cross_entropy_with_logits(predicted["objectness"], targets.present)
+        cells = targets.present.bool()
+        if cells.any():
+            loss = loss + F.l1_loss(torch.sigmoid(predicted["offset"][cells]), targets.offset[cells])
+            for index, name in enumerate(self.config.attributes):
+                loss = loss + F.cross_entropy(predicted[name][cells], targets.labels[..., index][cells])
+        return self.config.weight * loss
+
+    @torch.no_grad()
+    def accuracy(self, tokens: torch.Tensor, targets: ObjectTargets) -> dict[str, float]:
+        """Per attribute, the share of object cells whose value is predicted right; and the share of
+        cells whose objectness is right (threshold 0.5)."""
+        predicted = self(tokens.float())
+        cells = targets.present.bool()
+        scores = {"objectness": float(((predicted["objectness"] > 0) == cells).float().mean())}
+        for index, name in enumerate(self.config.attributes):
+            right = predicted[name][cells].argmax(-1) == targets.labels[..., index][cells]
+            scores[name] = float(right.float().mean()) if cells.any() else 0.0
+        return scores

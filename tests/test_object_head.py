@@ -1,0 +1,89 @@
+"""The object head: grid targets from scene graphs, its loss, and training a dual encoder with it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from multimodal_models.data.shapes.world import Scene, ShapeObject
+from multimodal_models.loading import load
+from multimodal_models.models.object_head import ObjectHead, ObjectHeadConfig
+from multimodal_models.training.config import config_from_raw
+from multimodal_models.training.loop import train
+from multimodal_models.training.objects import SHAPES_ATTRIBUTES, ObjectGrid
+
+from .conftest import TINY_MODELS, tiny_config
+
+SCENES = {
+    1: Scene((ShapeObject("star", "blue", "large", 0.30, 0.80), ShapeObject("circle", "red", "small", 0.90, 0.10))),
+    2: Scene((ShapeObject("square", "white", "small", 0.52, 0.52),)),
+}
+
+
+def test_each_object_is_the_target_of_the_cell_holding_its_centre():
+    targets = ObjectGrid(SCENES, grid=4).batch([1, 2])
+    assert targets.present.shape == (2, 16) and targets.offset.shape == (2, 16, 2) and targets.labels.shape == (2, 16, 3)
+    # image 1: the star's centre (0.30, 0.80) is in column 1, row 3; the circle's (0.90, 0.10) in column 3, row 0
+    assert targets.present[0].nonzero().flatten().tolist() == [3, 13]
+    assert targets.labels[0, 13].tolist() == [SHAPES_ATTRIBUTES["shape"].index("star"),
+                                              SHAPES_ATTRIBUTES["color"].index("blue"),
+                                              SHAPES_ATTRIBUTES["size"].index("large")]
+    assert targets.labels[0, 3].tolist() == [0, 0, 0]  # circle, red, small: the first of each list
+    assert torch.allclose(targets.offset[0, 13], torch.tensor([0.2, 0.2]))
+    assert torch.allclose(targets.offset[0, 3], torch.tensor([0.6, 0.4]))
+    assert targets.labels[0, 0].tolist() == [-100, -100, -100] and targets.present[0].sum() == 2
+    assert targets.present[1].nonzero().flatten().tolist() == [10]
+
+
+def test_the_larger_object_wins_a_shared_cell_and_bad_annotations_are_named():
+    crowded = {7: Scene((ShapeObject("star", "blue", "large", 0.1, 0.1), ShapeObject("circle", "red", "small", 0.15, 0.15)))}
+    targets = ObjectGrid(crowded, grid=2).batch([7])
+    assert targets.present[0].tolist() == [1, 0, 0, 0]
+    assert targets.labels[0, 0, 0] == SHAPES_ATTRIBUTES["shape"].index("star")
+    with pytest.raises(ValueError, match="image 3 has no scene graph"):
+        ObjectGrid(SCENES, grid=4).batch([3])
+    with pytest.raises(ValueError, match="object color 'mauve'"):
+        ObjectGrid({5: Scene((ShapeObject("star", "mauve", "large", 0.5, 0.5),))}, grid=4).batch([5])
+    with pytest.raises(ValueError, match="needs object annotations"):
+        ObjectGrid(None, grid=4)
+
+
+def test_the_head_learns_the_grid_targets_of_fixed_tokens():
+    torch.manual_seed(0)
+    targets = ObjectGrid(SCENES, grid=4).batch([1, 2])
+    tokens = torch.randn(2, 16, 24)  # distinct random tokens: a linear head can fit any labelling of them
+    head = ObjectHead(24, ObjectHeadConfig(attributes=SHAPES_ATTRIBUTES))
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
+    first = head.loss(tokens, targets).item()
+    for _ in range(200):
+        optimizer.zero_grad()
+        head.loss(tokens, targets).backward()
+        optimizer.step()
+    assert head.loss(tokens, targets).item() < first / 20
+    assert head.accuracy(tokens, targets) == {"objectness": 1.0, "shape": 1.0, "color": 1.0, "size": 1.0}
+
+
+def test_a_dual_encoder_trains_with_the_object_head_and_reports_its_accuracy(tiny_shapes, tmp_path):
+    raw = tiny_config("contrastive", tiny_shapes, tmp_path / "run")
+    raw["model"] = {**TINY_MODELS["contrastive"], "object_head": {"weight": 1.0}}
+    train(config_from_raw(raw), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    evaluation = [r["eval"] for r in log if "eval" in r][-1]
+    assert {"objects/objectness", "objects/shape", "objects/color", "objects/size"} <= set(evaluation)
+    model = load(tmp_path / "run/model")
+    assert model.config.object_head.attributes == SHAPES_ATTRIBUTES
+    assert model.object_head is not None and model.object_head.attributes["color"].out_features == 8
+
+
+def test_the_object_head_without_scene_graphs_is_refused(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 20, 60)).save(tmp_path / "a.png")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a red picture"}) + "\n")
+    raw = {"task": "contrastive", "data": {"train": {"table": str(tmp_path / "train.jsonl")},
+                                          "eval": {"table": str(tmp_path / "train.jsonl")}},
+           "model": {**TINY_MODELS["contrastive"], "object_head": {}}, "train": {"steps": 1}, "output": str(tmp_path / "run")}
+    with pytest.raises(ValueError, match="needs object annotations"):
+        train(config_from_raw(raw), progress=False)
