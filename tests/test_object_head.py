@@ -24,15 +24,15 @@ SCENES = {
 
 def test_each_object_is_the_target_of_the_cell_holding_its_centre():
     targets = ObjectGrid(SCENES, grid=4).batch([1, 2])
-    assert targets.present.shape == (2, 16) and targets.offset.shape == (2, 16, 2) and targets.labels.shape == (2, 16, 3)
+    assert targets.present.shape == (2, 16) and targets.position.shape == (2, 16, 2) and targets.labels.shape == (2, 16, 3)
     # image 1: the star's centre (0.30, 0.80) is in column 1, row 3; the circle's (0.90, 0.10) in column 3, row 0
     assert targets.present[0].nonzero().flatten().tolist() == [3, 13]
     assert targets.labels[0, 13].tolist() == [SHAPES_ATTRIBUTES["shape"].index("star"),
                                               SHAPES_ATTRIBUTES["color"].index("blue"),
                                               SHAPES_ATTRIBUTES["size"].index("large")]
     assert targets.labels[0, 3].tolist() == [0, 0, 0]  # circle, red, small: the first of each list
-    assert torch.allclose(targets.offset[0, 13], torch.tensor([0.2, 0.2]))
-    assert torch.allclose(targets.offset[0, 3], torch.tensor([0.6, 0.4]))
+    assert torch.allclose(targets.position[0, 13], torch.tensor([0.30, 0.80]))
+    assert torch.allclose(targets.position[0, 3], torch.tensor([0.90, 0.10]))
     assert targets.labels[0, 0].tolist() == [-100, -100, -100] and targets.present[0].sum() == 2
     assert targets.present[1].nonzero().flatten().tolist() == [10]
 
@@ -86,4 +86,28 @@ def test_the_object_head_without_scene_graphs_is_refused(tmp_path):
                                           "eval": {"table": str(tmp_path / "train.jsonl")}},
            "model": {**TINY_MODELS["contrastive"], "object_head": {}}, "train": {"steps": 1}, "output": str(tmp_path / "run")}
     with pytest.raises(ValueError, match="needs object annotations"):
+        train(config_from_raw(raw), progress=False)
+
+
+def test_a_vlm_starts_from_a_dual_encoders_vision_tower_and_can_keep_it_frozen(tiny_shapes, tmp_path):
+    """task_options.vision_from (LLaVA's recipe) copies the tower; freeze_vision leaves it untouched."""
+    clip = tmp_path / "clip"
+    raw = tiny_config("contrastive", tiny_shapes, clip)
+    raw["model"] = {**TINY_MODELS["contrastive"], "object_head": {}}
+    train(config_from_raw(raw), progress=False)
+    tower = load(clip / "model").vision.state_dict()
+
+    def vlm(name: str, **options):
+        raw = tiny_config("vlm", tiny_shapes, tmp_path / name)
+        raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}  # the tower's own config
+        raw["task_options"] = {"vision_from": str(clip / "model"), **options}
+        train(config_from_raw(raw), progress=False)
+        return load(tmp_path / name / "model").vision.state_dict()
+
+    frozen, tuned = vlm("frozen", freeze_vision=True), vlm("tuned")
+    assert all(torch.equal(frozen[k], tower[k]) for k in tower)
+    assert not all(torch.equal(tuned[k], tower[k]) for k in tower)
+    raw = tiny_config("vlm", tiny_shapes, tmp_path / "scratch")
+    raw["task_options"] = {"freeze_vision": True}
+    with pytest.raises(ValueError, match="freeze_vision .* needs a trained one"):
         train(config_from_raw(raw), progress=False)

@@ -5,8 +5,10 @@ match the caption. The per-patch tokens that a language model later reads get no
 signal, and on small scenes they learn slowly what each object is (DEVELOPERS.md). When the
 training data comes with object annotations (the Shapes scene graphs), this head adds one:
 for each cell of the patch grid it predicts whether an object's centre falls in the cell,
-where in the cell, and each of the object's attributes (shape, colour, size, ...), in the
-spirit of grid detectors (YOLO) and of region-level pretraining of VLM vision towers.
+where that centre is in the image, and each of the object's attributes (shape, colour,
+size, ...), in the spirit of grid detectors (YOLO) and of region-level pretraining of VLM
+vision towers. The position is the image's, not the cell's: a token then says linearly
+where its object is, which questions about left/right/nearest read off.
 
 The head is a few linear layers on the tokens; the targets are built by
 `multimodal_models.training.objects` from the scene graphs.
@@ -33,7 +35,7 @@ class ObjectTargets(NamedTuple):
     """What the head should predict for a batch, one row per image, one column per grid cell."""
 
     present: torch.Tensor  # (B, N) float: 1 where an object's centre falls in the cell
-    offset: torch.Tensor  # (B, N, 2) the centre's (x, y) inside its cell, in [0, 1)
+    position: torch.Tensor  # (B, N, 2) the object's centre (x, y) as fractions of the image side
     labels: torch.Tensor  # (B, N, A) long: the attribute values' indices; -100 where no object
 
 
@@ -44,23 +46,23 @@ class ObjectHead(nn.Module):
             raise ValueError("object_head needs at least one attribute (name -> list of values)")
         self.config = config
         self.objectness = nn.Linear(width, 1)
-        self.offset = nn.Linear(width, 2)
+        self.position = nn.Linear(width, 2)
         self.attributes = nn.ModuleDict({name: nn.Linear(width, len(values)) for name, values in config.attributes.items()})
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tokens (B, N, C), one per grid cell -> logits: objectness (B, N), offset (B, N, 2), one per attribute."""
-        out = {"objectness": self.objectness(tokens).squeeze(-1), "offset": self.offset(tokens)}
+        """tokens (B, N, C), one per grid cell -> logits: objectness (B, N), position (B, N, 2), one per attribute."""
+        out = {"objectness": self.objectness(tokens).squeeze(-1), "position": self.position(tokens)}
         out.update({name: layer(tokens) for name, layer in self.attributes.items()})
         return out
 
     def loss(self, tokens: torch.Tensor, targets: ObjectTargets) -> torch.Tensor:
         """Objectness (binary cross-entropy over all cells) + attributes (cross-entropy) + centre
-        offset (L1), the last two over the cells that hold an object; times config.weight."""
+        position (L1 of the sigmoid), the last two over the cells that hold an object; times config.weight."""
         predicted = self(tokens.float())
         loss = F.binary_cross_entropy_with_logits(predicted["objectness"], targets.present)
         cells = targets.present.bool()
         if cells.any():
-            loss = loss + F.l1_loss(torch.sigmoid(predicted["offset"][cells]), targets.offset[cells])
+            loss = loss + F.l1_loss(torch.sigmoid(predicted["position"][cells]), targets.position[cells])
             for index, name in enumerate(self.config.attributes):
                 loss = loss + F.cross_entropy(predicted[name][cells], targets.labels[..., index][cells])
         return self.config.weight * loss

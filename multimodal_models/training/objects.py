@@ -1,8 +1,8 @@
 """Targets of the object head (models/object_head.py) from the Shapes scene graphs.
 
 The image is cut into the vision tower's grid of patches; the object whose centre falls in
-a cell is that cell's target: present, its centre's offset inside the cell, and the index
-of each of its attributes. Shapes objects keep a gap larger than a cell of an 8x8 grid
+a cell is that cell's target: present, its centre (fractions of the image side), and the
+index of each of its attributes. Shapes objects keep a gap larger than a cell of an 8x8 grid
 between their centres, so a cell holds at most one; should two centres share a cell, the
 larger object is the target.
 """
@@ -38,21 +38,21 @@ class ObjectGrid:
                              "for every training image")
         g, cells = self.grid, self.grid * self.grid
         present = torch.zeros(cells)
-        offset = torch.zeros(cells, 2)
+        position = torch.zeros(cells, 2)
         labels = torch.full((cells, len(self.attributes)), -100, dtype=torch.long)
         for obj in sorted(self.scenes[image_id].objects, key=lambda o: o.radius):  # larger ones win a shared cell
             column, row = min(int(obj.x * g), g - 1), min(int(obj.y * g), g - 1)
             cell = row * g + column
             present[cell] = 1.0
-            offset[cell] = torch.tensor([obj.x * g - column, obj.y * g - row])
+            position[cell] = torch.tensor([obj.x, obj.y])
             for k, (name, values) in enumerate(self.index.items()):
                 value = getattr(obj, name)
                 if value not in values:
                     raise ValueError(f"image {image_id!r}: object {name} {value!r} is not one of {list(values)}")
                 labels[cell, k] = values[value]
-        self._cache[image_id] = (present, offset, labels)
+        self._cache[image_id] = (present, position, labels)
         return self._cache[image_id]
 
     def batch(self, image_ids: list) -> ObjectTargets:
-        present, offset, labels = zip(*(self.targets(i) for i in image_ids))
-        return ObjectTargets(torch.stack(present), torch.stack(offset), torch.stack(labels))
+        present, position, labels = zip(*(self.targets(i) for i in image_ids))
+        return ObjectTargets(torch.stack(present), torch.stack(position), torch.stack(labels))
