@@ -127,3 +127,16 @@ def test_torchrun_data_parallel_matches_one_process(tiny_shapes, tmp_path):
     a, b = weights(tmp_path / "single/checkpoints/last"), weights(tmp_path / "ddp/checkpoints/last")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_reads_and_builds_its_model_config(path):
+    from multimodal_models.models.classifier import FusionClassifierConfig
+    from multimodal_models.models.dual_encoder import DualEncoderConfig
+    from multimodal_models.models.pretrained import config_from_dict
+    from multimodal_models.models.vlm import VLMConfig
+
+    config = load_config(path)
+    kind = {"contrastive": DualEncoderConfig, "vlm": VLMConfig, "vqa": FusionClassifierConfig}[config.task]
+    config_from_dict(kind, config.model, source=f"{path.name}: model")
+    assert config.data.generate is not None  # each trains on a fresh clone: it generates its data
