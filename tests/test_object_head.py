@@ -111,3 +111,16 @@ def test_a_vlm_starts_from_a_dual_encoders_vision_tower_and_can_keep_it_frozen(t
     raw["task_options"] = {"freeze_vision": True}
     with pytest.raises(ValueError, match="freeze_vision .* needs a trained one"):
         train(config_from_raw(raw), progress=False)
+
+
+def test_evaluate_reports_the_object_heads_accuracy(tiny_shapes, tmp_path):
+    from multimodal_models.cli import main
+
+    raw = tiny_config("contrastive", tiny_shapes, tmp_path / "run")
+    raw["model"] = {**TINY_MODELS["contrastive"], "object_head": {}}
+    train(config_from_raw(raw), progress=False)
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(tmp_path / "run/model"), "--data", str(tiny_shapes), "--out", str(out)]) == 0
+    objects = json.loads((out / "metrics.json").read_text())["objects"]
+    assert set(objects) == {"objectness", "shape", "color", "size"} and all(0 <= v <= 100 for v in objects.values())
+    assert "## Object head" in (out / "report.md").read_text()

@@ -194,6 +194,21 @@ def evaluate_retrieval(model, records: list[CaptionRecord], store: ImageStore, *
     return scores
 
 
+@torch.no_grad()
+def object_accuracy(model, records: list[CaptionRecord], store: ImageStore, grid, *, batch_size: int = 256) -> dict:
+    """A dual encoder's object head: its accuracy per attribute (and objectness) on these records'
+    images, in %; grid: a training.objects.ObjectGrid of their scene graphs."""
+    images = list({r.image_id: r for r in records}.values())
+    totals: dict[str, float] = {}
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        pixels = store.batch([store.position(r.image) for r in chunk]).to(model.device)
+        tokens = model.grid_tokens(model.vision(pixels).tokens)
+        for name, value in model.object_head.accuracy(tokens, grid.batch([r.image_id for r in chunk])).items():
+            totals[name] = totals.get(name, 0.0) + value * len(chunk)
+    return {name: round(100 * value / len(images), 2) for name, value in totals.items()}
+
+
 def retrieval_ceiling(records: list[CaptionRecord], scenes: dict | None = None) -> dict:
     """The best text->image R@1 any model can expect when several images fit a caption equally well.
 

@@ -21,6 +21,7 @@ from .harness import (
     evaluate_retrieval,
     evaluate_vqa,
     first_images,
+    object_accuracy,
 )
 from .metrics.caption import java_available
 
@@ -47,6 +48,11 @@ def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "te
     if hasattr(model, "encode_image") and split_data.captions:
         results["retrieval"] = evaluate_retrieval(model, split_data.captions, store, scenes=split_data.scenes,
                                                   progress=progress)
+    if getattr(model, "object_head", None) is not None and split_data.scenes and split_data.captions:
+        from ..training.objects import ObjectGrid
+
+        grid = ObjectGrid(split_data.scenes, model.config.vision.grid, model.config.object_head.attributes)
+        results["objects"] = object_accuracy(model, split_data.captions, store, grid)
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_report(results, split_data, store, out)
     return results
@@ -113,6 +119,10 @@ def markdown_report(metrics: dict, plots: list[str]) -> str:
             lines.append(f"| {direction} | {x['R@1']} | {x['R@5']} | {x['R@10']} | {x['median_rank']} |")
         lines += ["", f"Ambiguity ceiling of text→image R@1: **{r['ceiling']['text_to_image_R@1']}** (the best expected "
                   f"R@1 when several images fit a caption equally well, decided from {r['ceiling']['basis']}).", ""]
+    if "objects" in metrics:
+        lines += ["## Object head (per-cell attributes from the scene graphs)", "",
+                  "| " + " | ".join(metrics["objects"]) + " |", "|" + "---|" * len(metrics["objects"]),
+                  "| " + " | ".join(str(v) for v in metrics["objects"].values()) + " |", ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

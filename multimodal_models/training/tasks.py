@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..data.negatives import hard_negative
 from ..data.preprocess import ImageProcessor
 from ..data.tokenizer import WordTokenizer
-from ..evaluate.harness import evaluate_retrieval, evaluate_vqa, first_images, retrieval_ceiling
+from ..evaluate.harness import evaluate_retrieval, evaluate_vqa, first_images, object_accuracy, retrieval_ceiling
 from ..models.classifier import FusionClassifier, FusionClassifierConfig
 from ..models.dual_encoder import DualEncoder, DualEncoderConfig
 from ..models.inputs import tokenize
@@ -127,20 +127,6 @@ class ContrastiveTask(_ImageTask):
     @staticmethod
     def primary_metric(flat: dict) -> float:
         return (flat.get("t2i_R@1") or 0.0) + (flat.get("i2t_R@1") or 0.0)
-
-
-def object_accuracy(model, records, store: ImageStore, grid: ObjectGrid, *, batch_size: int = 256) -> dict:
-    """The object head's accuracy per attribute (and objectness) on these records' images, in %."""
-    images = list({r.image_id: r for r in records}.values())
-    totals: dict[str, float] = {}
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pixels = store.batch([store.position(r.image) for r in chunk]).to(model.device)
-            tokens = model.grid_tokens(model.vision(pixels).tokens)
-            for name, value in model.object_head.accuracy(tokens, grid.batch([r.image_id for r in chunk])).items():
-                totals[name] = totals.get(name, 0.0) + value * len(chunk)
-    return {name: round(100 * value / len(images), 2) for name, value in totals.items()}
 
 
 class VQATask(_ImageTask):
