@@ -51,7 +51,7 @@ def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "te
     if getattr(model, "object_head", None) is not None and split_data.scenes and split_data.captions:
         from ..training.objects import ObjectGrid
 
-        grid = ObjectGrid(split_data.scenes, model.config.vision.grid, model.config.object_head.attributes)
+        grid = ObjectGrid.for_model(model, split_data.scenes)
         results["objects"] = object_accuracy(model, split_data.captions, store, grid)
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_report(results, split_data, store, out)

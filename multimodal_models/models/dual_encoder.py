@@ -128,7 +128,11 @@ class DualEncoder(PretrainedModel):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, H, W), preprocessed -> (B, E) unit vectors."""
-        return F.normalize(self.image_projection(self.vision(pixels).pooled), dim=-1)
+        return self.embed_pooled(self.vision(pixels).pooled)
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The vision tower's pooled vectors (B, C) -> (B, E) unit vectors in the shared space."""
+        return F.normalize(self.image_projection(pooled), dim=-1)
 
     def encode_text(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T), attention_mask (B, T) with 1 on real tokens -> (B, E) unit vectors."""
@@ -144,7 +148,7 @@ class DualEncoder(PretrainedModel):
         """Pairs (pixels[i], ids[i]); negative_ids (N, T) are extra captions that match no image;
         objects: the object head's targets for these images (training with config.object_head)."""
         vision = self.vision(pixels)
-        image_embeds = F.normalize(self.image_projection(vision.pooled), dim=-1)
+        image_embeds = self.embed_pooled(vision.pooled)
         text_embeds = self.encode_text(ids, attention_mask)
         candidates = text_embeds
         if negative_ids is not None:

@@ -26,9 +26,13 @@ class ObjectGrid:
                              "split (data.root with a dataset.json that lists one, or data.train.scenes)")
         self.scenes = scenes
         self.grid = grid
-        self.attributes = attributes
         self.index = {name: {value: i for i, value in enumerate(values)} for name, values in attributes.items()}
         self._cache: dict = {}
+
+    @classmethod
+    def for_model(cls, model, scenes: dict | None) -> ObjectGrid:
+        """The targets of a dual encoder's object head: its grid, its attribute vocabularies."""
+        return cls(scenes, model.config.vision.grid, model.config.object_head.attributes)
 
     def targets(self, image_id) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if image_id in self._cache:
@@ -39,7 +43,7 @@ class ObjectGrid:
         g, cells = self.grid, self.grid * self.grid
         present = torch.zeros(cells)
         position = torch.zeros(cells, 2)
-        labels = torch.full((cells, len(self.attributes)), -100, dtype=torch.long)
+        labels = torch.full((cells, len(self.index)), -100, dtype=torch.long)
         for obj in sorted(self.scenes[image_id].objects, key=lambda o: o.radius):  # larger ones win a shared cell
             column, row = min(int(obj.x * g), g - 1), min(int(obj.y * g), g - 1)
             cell = row * g + column

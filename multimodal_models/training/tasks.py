@@ -82,9 +82,8 @@ class ContrastiveTask(_ImageTask):
         self.records = train.captions
         self.objects = self.eval_objects = None
         if self.model.object_head is not None:  # dense supervision of the patch tokens from the scene graphs
-            vision, attributes = self.model.config.vision, self.model.config.object_head.attributes
-            self.objects = ObjectGrid(train.scenes, vision.grid, attributes)
-            self.eval_objects = ObjectGrid(evaluation.scenes, vision.grid, attributes) if evaluation.scenes else None
+            self.objects = ObjectGrid.for_model(self.model, train.scenes)
+            self.eval_objects = ObjectGrid.for_model(self.model, evaluation.scenes) if evaluation.scenes else None
         self.hard_negatives = bool(config.task_options.get("hard_negatives", False))
         self.ceiling: dict | None = None
         self.store = ImageStore([r.image for r in self.records], self.model.image_processor,
