@@ -9,7 +9,7 @@ import torch
 
 from multimodal_models.data.shapes.world import Scene, ShapeObject
 from multimodal_models.loading import load
-from multimodal_models.models.object_head import ObjectHead, ObjectHeadConfig
+from multimodal_models.models.object_head import ObjectHead, ObjectHeadConfig, ObjectSlots
 from multimodal_models.training.config import config_from_raw
 from multimodal_models.training.loop import train
 from multimodal_models.training.objects import SHAPES_ATTRIBUTES, ObjectGrid
@@ -89,20 +89,87 @@ def test_the_object_head_without_scene_graphs_is_refused(tmp_path):
         train(config_from_raw(raw), progress=False)
 
 
-def test_a_vlm_starts_from_a_dual_encoders_vision_tower_and_can_keep_it_frozen(tiny_shapes, tmp_path):
-    """task_options.vision_from (LLaVA's recipe) copies the tower; freeze_vision leaves it untouched."""
-    clip = tmp_path / "clip"
-    raw = tiny_config("contrastive", tiny_shapes, clip)
+def hand_made_head(width: int) -> ObjectHead:
+    """A head that reads a token's objectness logit from feature 0 and its centre's (x, y) logits
+    from features 1 and 2; its attribute layers are all zero (uniform probabilities)."""
+    head = ObjectHead(width, ObjectHeadConfig(attributes={"shape": ["circle", "star"], "color": ["red", "blue", "green"]}))
+    for parameter in head.parameters():
+        torch.nn.init.zeros_(parameter)
+    with torch.no_grad():
+        head.objectness.weight[0, 0] = 1.0
+        head.position.weight[0, 1] = head.position.weight[1, 2] = 1.0
+    return head
+
+
+def test_object_slots_keep_the_likeliest_cells_left_to_right_with_the_empty_ones_last():
+    head = hand_made_head(4)
+    slots = ObjectSlots(4, head.config, slots=4)
+    slots.head.load_state_dict(head.state_dict())
+    assert slots.width == 4 + 3 + 2 + 3
+    # six cells: (objectness logit, x logit, y logit, marker); objects in cells 1, 3 and 4, cell 1 the rightmost
+    cells = torch.tensor([[-4.0, 0.0, 0.0, 0.0], [5.0, 2.0, 0.0, 1.0], [-6.0, 0.0, 0.0, 2.0],
+                          [3.0, -1.0, 1.0, 3.0], [4.0, 0.5, 0.0, 4.0], [-1.0, -3.0, 0.0, 5.0]])
+    out = slots(cells[None])
+    assert out.shape == (1, 4, 12)
+    assert out[0, :, 3].tolist() == [3.0, 4.0, 1.0, 5.0]  # objects by x, then the likeliest empty cell
+    assert torch.allclose(out[0, :, 4], torch.sigmoid(torch.tensor([3.0, 4.0, 5.0, -1.0])))
+    assert torch.allclose(out[0, :, 5:7], torch.sigmoid(torch.tensor([[-1.0, 1.0], [0.5, 0.0], [2.0, 0.0], [-3.0, 0.0]])))
+    assert torch.allclose(out[0, :, 7:9], torch.full((4, 2), 0.5)) and torch.allclose(out[0, :, 9:], torch.full((4, 3), 1 / 3))
+    with pytest.raises(ValueError, match="object_slots is 4 but the vision grid has only 3 cells"):
+        slots(cells[None, :3])
+    with pytest.raises(ValueError, match="object_slots must be at least 1"):
+        ObjectSlots(4, head.config, slots=0)
+
+
+@pytest.fixture
+def object_clip(tiny_shapes, tmp_path):
+    """A tiny dual encoder trained with the object head: the tower a VLM starts from."""
+    raw = tiny_config("contrastive", tiny_shapes, tmp_path / "clip")
     raw["model"] = {**TINY_MODELS["contrastive"], "object_head": {}}
     train(config_from_raw(raw), progress=False)
-    tower = load(clip / "model").vision.state_dict()
+    return tmp_path / "clip" / "model"
+
+
+def vlm_from_tower(tiny_shapes, out, tower, model=None, **options):
+    raw = tiny_config("vlm", tiny_shapes, out)
+    raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}  # the tower's own config
+    raw["model"].update(model or {})
+    raw["task_options"] = {"vision_from": str(tower), **options}
+    train(config_from_raw(raw), progress=False)
+    return load(out / "model")
+
+
+def test_a_vlm_reads_one_token_per_object_through_the_towers_object_head(object_clip, tiny_shapes, tmp_path):
+    clip = load(object_clip)
+    objects = {"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1}
+    vlm = vlm_from_tower(tiny_shapes, tmp_path / "vlm", object_clip, objects, freeze_vision=True)
+    assert vlm.config.tokens_per_image == 6 and vlm.config.object_head == clip.config.object_head
+    head = clip.object_head.state_dict()
+    assert all(torch.equal(vlm.objects.head.state_dict()[k], head[k]) for k in head)  # copied, then kept frozen
+    image = sorted((tiny_shapes / "images" / "test").iterdir())[0]
+    pixels = vlm.image_processor([image])
+    assert vlm.image_features(pixels).shape == (1, 6, vlm.config.decoder.width)
+    assert isinstance(vlm.ask(image, "how many shapes are there?", max_new_tokens=3), str)
+
+    plain = tmp_path / "plain"
+    raw = tiny_config("contrastive", tiny_shapes, plain)
+    train(config_from_raw(raw), progress=False)
+    with pytest.raises(ValueError, match="needs a vision tower with an object head"):
+        vlm_from_tower(tiny_shapes, tmp_path / "refused", plain / "model", objects)
+    raw = tiny_config("vlm", tiny_shapes, tmp_path / "scratch")
+    raw["model"] = {**TINY_MODELS["vlm"], **objects}
+    with pytest.raises(ValueError, match="needs a trained object head"):
+        train(config_from_raw(raw), progress=False)
+    with pytest.raises(ValueError, match="set pixel_shuffle to 1"):
+        vlm_from_tower(tiny_shapes, tmp_path / "shuffled", object_clip, {**objects, "pixel_shuffle": 2})
+
+
+def test_a_vlm_starts_from_a_dual_encoders_vision_tower_and_can_keep_it_frozen(object_clip, tiny_shapes, tmp_path):
+    """task_options.vision_from (LLaVA's recipe) copies the tower; freeze_vision leaves it untouched."""
+    tower = load(object_clip).vision.state_dict()
 
     def vlm(name: str, **options):
-        raw = tiny_config("vlm", tiny_shapes, tmp_path / name)
-        raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}  # the tower's own config
-        raw["task_options"] = {"vision_from": str(clip / "model"), **options}
-        train(config_from_raw(raw), progress=False)
-        return load(tmp_path / name / "model").vision.state_dict()
+        return vlm_from_tower(tiny_shapes, tmp_path / name, object_clip, **options).vision.state_dict()
 
     frozen, tuned = vlm("frozen", freeze_vision=True), vlm("tuned")
     assert all(torch.equal(frozen[k], tower[k]) for k in tower)

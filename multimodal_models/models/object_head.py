@@ -78,3 +78,40 @@ class ObjectHead(nn.Module):
             right = predicted[name][cells].argmax(-1) == targets.labels[..., index][cells]
             scores[name] = float(right.float().mean()) if cells.any() else 0.0
         return scores
+
+
+class ObjectSlots(nn.Module):
+    """One image token per object, for a language model that reads objects rather than a grid.
+
+    The object head rates every cell of the patch grid; the `slots` cells most likely to hold
+    an object's centre are kept, in the spirit of the region features of bottom-up attention
+    (Anderson et al., 2018) and of object-centric VLMs. Each slot is its patch token followed by
+    the head's reading of it: objectness, centre (x, y) and each attribute's probabilities.
+    Slots are ordered left to right by their predicted centre, the empty ones (objectness
+    below one half) after them, so the decoder sees a scene's objects as a short list. With
+    `slots` at least the largest number of objects in a scene, no object is left out, unless
+    two share a grid cell (the head names the larger one there).
+    """
+
+    def __init__(self, width: int, config: ObjectHeadConfig, slots: int):
+        super().__init__()
+        if slots < 1:
+            raise ValueError(f"object_slots must be at least 1, got {slots}")
+        self.head = ObjectHead(width, config)
+        self.slots = slots
+        self.width = width + 3 + sum(len(values) for values in config.attributes.values())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, C), one per grid cell -> slots (B, slots, self.width)."""
+        B, N, C = tokens.shape
+        if self.slots > N:
+            raise ValueError(f"object_slots is {self.slots} but the vision grid has only {N} cells")
+        predicted = self.head(tokens)
+        objectness = predicted["objectness"]
+        readings = torch.cat([tokens, torch.sigmoid(objectness)[..., None], torch.sigmoid(predicted["position"])]
+                             + [predicted[name].softmax(-1) for name in self.head.config.attributes], dim=-1)
+        kept = objectness.topk(self.slots, dim=1).indices
+        slots = readings.gather(1, kept[..., None].expand(-1, -1, readings.shape[-1]))
+        present, x = slots[..., C], slots[..., C + 1]
+        order = torch.where(present > 0.5, x, 2.0 - present).argsort(dim=1)  # objects by x, then empties
+        return slots.gather(1, order[..., None].expand_as(slots))

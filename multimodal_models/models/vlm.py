@@ -26,12 +26,14 @@ from torch import nn
 from .chat import JinjaChatTemplate, WordChatTemplate, attach_images
 from .generation import GenerationConfig, beam_search, generate_tokens, stream_text
 from .layers import activation, init_weights
+from .object_head import ObjectHeadConfig, ObjectSlots
 from .pretrained import PretrainedModel
 from .text import CausalDecoder, DecoderConfig
 from .vision import VisionConfig, VisionTransformer
 
 CAPTION_PROMPT = "describe the image."
 VISION_TOKENS = ("patches", "skip_first", "all")
+IMAGE_TOKENS = ("grid", "objects")
 CHAT_FORMATS = ("word", "jinja")
 IMAGE_PROMPTS = ("repeat", "idefics3")
 
@@ -59,10 +61,18 @@ class VLMConfig:
     image_token: str = "<image>"
     image_prompt: str = "repeat"
     stop_token_ids: tuple[int, ...] = ()  # token ids that end an assistant turn besides the tokenizer's eos
+    # What the projector reads of an image: "grid" (every patch token, after pixel shuffle) | "objects"
+    # (object_slots tokens, one per object, chosen and read by the tower's object head: ObjectSlots in
+    # object_head.py; needs object_head, which training copies from a dual encoder trained with one)
+    image_tokens: str = "grid"
+    object_slots: int = 6
+    object_head: ObjectHeadConfig | None = None
 
     @property
     def tokens_per_image(self) -> int:
         """Image tokens per image (per tile for Idefics3's split images)."""
+        if self.image_tokens == "objects":
+            return self.object_slots
         tokens = self.vision.num_patches
         if self.vision_tokens == "all":
             tokens += int(self.vision.class_token)
@@ -73,9 +83,16 @@ class VLMConfig:
     def validate(self) -> None:
         for name, value, allowed in (("vision_tokens", self.vision_tokens, VISION_TOKENS),
                                      ("chat_format", self.chat_format, CHAT_FORMATS),
-                                     ("image_prompt", self.image_prompt, IMAGE_PROMPTS)):
+                                     ("image_prompt", self.image_prompt, IMAGE_PROMPTS),
+                                     ("image_tokens", self.image_tokens, IMAGE_TOKENS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if self.image_tokens == "objects":
+            if self.object_head is None:
+                raise ValueError("image_tokens 'objects' needs an object_head: start from a dual encoder trained with "
+                                 "one (task_options.vision_from), or give model.object_head")
+            if self.pixel_shuffle != 1:
+                raise ValueError("image_tokens 'objects' reads one patch token per object: set pixel_shuffle to 1")
 
 
 class VLMOutput(NamedTuple):
@@ -111,10 +128,9 @@ class Activation(nn.Module):
 
 
 class ModalityProjector(nn.Module):
-    def __init__(self, config: VLMConfig):
+    def __init__(self, config: VLMConfig, source: int):
         super().__init__()
         self.factor = config.pixel_shuffle
-        source = config.vision.width * config.pixel_shuffle**2
         target = config.decoder.width
         bias = config.projector_bias
         if config.projector == "mlp":
@@ -137,7 +153,12 @@ class VisionLanguageModel(PretrainedModel):
         super().__init__(config)
         config.validate()
         self.vision = VisionTransformer(config.vision)
-        self.projector = ModalityProjector(config)
+        self.objects = None
+        source = config.vision.width * config.pixel_shuffle**2
+        if config.image_tokens == "objects":
+            self.objects = ObjectSlots(config.vision.width, config.object_head, config.object_slots)
+            source = self.objects.width
+        self.projector = ModalityProjector(config, source)
         init_weights(self.projector)
         self.decoder = CausalDecoder(config.decoder)
 
@@ -149,6 +170,8 @@ class VisionLanguageModel(PretrainedModel):
         if self.config.vision_tokens == "skip_first" or (self.config.vision_tokens == "patches"
                                                           and self.config.vision.class_token):
             tokens = tokens[:, 1:]
+        if self.objects is not None:
+            tokens = self.objects(tokens)
         return self.projector(tokens)
 
     def embed(self, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:

@@ -76,7 +76,8 @@ class VLMTask:
             if not (options["vision_from"] or options["init_from"]):
                 raise ValueError("task_options.freeze_vision keeps the vision tower fixed, so it needs a trained one: "
                                  "set task_options.vision_from (or init_from)")
-            for parameter in self.model.vision.parameters():
+            tower = [self.model.vision] + ([self.model.objects.head] if self.model.objects is not None else [])
+            for parameter in (p for module in tower for p in module.parameters()):
                 parameter.requires_grad_(False)
         self.lora = options["lora"]
         if self.lora is not None:  # LoRA on the decoder; everything else frozen
@@ -101,16 +102,26 @@ class VLMTask:
         model_config: VLMConfig = config_from_dict(VLMConfig, config.model, source="model")
         model_config.decoder.vocab_size = tokenizer.vocab_size
         model_config.image_token_id = tokenizer.image_id
-        pretrained_vision = None
+        pretrained = None
         if vision_from:  # LLaVA's recipe: start from a contrastively trained vision tower
-            pretrained_vision = load_model(vision_from).vision
-            if "vision" in config.model and config_from_dict(VisionConfig, config.model["vision"]) != pretrained_vision.config:
+            pretrained = load_model(vision_from)
+            if "vision" in config.model and config_from_dict(VisionConfig, config.model["vision"]) != pretrained.vision.config:
                 raise ValueError(f"model.vision differs from the vision tower of {vision_from}; "
                                  "leave model.vision out to take the tower's own config")
-            model_config.vision = pretrained_vision.config
+            model_config.vision = pretrained.vision.config
+            if model_config.image_tokens == "objects":  # the tower's object head picks and reads the objects
+                if getattr(pretrained, "object_head", None) is None:
+                    raise ValueError(f"model.image_tokens 'objects' needs a vision tower with an object head, and "
+                                     f"{vision_from} has none: train the dual encoder with model.object_head")
+                model_config.object_head = pretrained.object_head.config
+        elif model_config.image_tokens == "objects":
+            raise ValueError("model.image_tokens 'objects' needs a trained object head to choose the objects: set "
+                             "task_options.vision_from to a dual encoder trained with model.object_head")
         model = VisionLanguageModel(model_config)
-        if pretrained_vision is not None:
-            model.vision.load_state_dict(pretrained_vision.state_dict())
+        if pretrained is not None:
+            model.vision.load_state_dict(pretrained.vision.state_dict())
+            if model.objects is not None:
+                model.objects.head.load_state_dict(pretrained.object_head.state_dict())
         size = model_config.vision.image_size
         model.tokenizer = tokenizer
         model.image_processor = ImageProcessor(size={"height": size, "width": size})
