@@ -18,19 +18,20 @@ from multimodal_models.models.vlm import VisionLanguageModel, VLMConfig, pixel_s
 WORDS = "is there a red blue green circle square star what color shape size yes no two one describe the image . ?"
 
 
-def tiny_vlm(seed: int = 0) -> VisionLanguageModel:
+def tiny_vlm(seed: int = 0, sharpen: bool = True, **options) -> VisionLanguageModel:
     torch.manual_seed(seed)
     tokenizer = WordTokenizer.train([WORDS], extra_special_tokens=CHAT_SPECIAL_TOKENS)
     config = VLMConfig(
         vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, pool="mean", class_token=False),
         decoder=DecoderConfig(vocab_size=tokenizer.vocab_size, width=32, depth=2, heads=2, max_length=128),
-        pixel_shuffle=2, image_token_id=tokenizer.image_id)
+        pixel_shuffle=2, image_token_id=tokenizer.image_id, **options)
     model = VisionLanguageModel(config).eval()
-    with torch.no_grad():  # larger random weights so that generation does not stop at once
-        for p in model.decoder.parameters():
-            p.mul_(8)
-        model.decoder.lm_head.weight[tokenizer.eos_id] -= 1.0
-        model.decoder.lm_head.weight[tokenizer.token_to_id("<user>")] -= 1.0
+    if sharpen:  # larger random weights so that generation does not stop at once
+        with torch.no_grad():
+            for p in model.decoder.parameters():
+                p.mul_(8)
+            model.decoder.lm_head.weight[tokenizer.eos_id] -= 1.0
+            model.decoder.lm_head.weight[tokenizer.token_to_id("<user>")] -= 1.0
     model.tokenizer = tokenizer
     model.image_processor = ImageProcessor(size={"height": 32, "width": 32})
     return model
@@ -51,14 +52,39 @@ def test_cached_decoding_equals_full_forward(position):
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_generation_with_and_without_cache_and_batched_are_identical():
-    model = tiny_vlm()
+@pytest.mark.parametrize("image_attention", ["causal", "bidirectional"])
+def test_generation_with_and_without_cache_and_batched_are_identical(image_attention):
+    model = tiny_vlm(image_attention=image_attention)
     questions = ["is there a red circle?", "what color is the star?", "describe the image."]
     with_cache = [model.ask(i, q, max_new_tokens=6) for i, q in zip(IMAGES, questions)]
     without_cache = [model.ask(i, q, max_new_tokens=6, use_cache=False) for i, q in zip(IMAGES, questions)]
     assert with_cache == without_cache
     assert any(with_cache)  # something was generated
     assert model.answer_batch(questions, images=IMAGES, max_new_tokens=6) == with_cache
+
+
+def test_a_bidirectional_image_block_sees_its_whole_image_and_nothing_after_it():
+    model = tiny_vlm(sharpen=False, image_attention="bidirectional")
+    image_id, K = model.config.image_token_id, model.config.tokens_per_image
+    ids = torch.tensor([[7] + [image_id] * K + [8, 9] + [image_id] * K + [10]])  # text, image 1, text, image 2, text
+    features = torch.randn(2, K, model.config.decoder.width)
+    changed = features.clone()
+    changed[0, -1] += 10 * torch.randn(model.config.decoder.width)  # the last token of the first image
+
+    def hidden(image_features, mask):
+        return model.decoder(embeds=model.embed(ids, image_features), mask=mask, return_hidden=True)[0]
+
+    block = model.image_block_mask(ids, None)
+    moved = (hidden(features, block) - hidden(changed, block)).abs().sum(-1) > 1e-6
+    assert moved.tolist() == [False] + [True] * K + [True] * (K + 3)  # the first image's first token sees its last
+    causal_moved = (hidden(features, None) - hidden(changed, None)).abs().sum(-1) > 1e-6
+    assert causal_moved.tolist() == [False] * K + [True] * (K + 4)
+    mask = block[0, 0]
+    first, second = 1, K + 3
+    assert mask[first, K] and not mask[first, second] and mask[second, second + K - 1]
+    assert not mask[0, first] and not mask[K + 1, K + 2] and mask[K + 2, K + 1]  # text stays causal
+    step = model.image_block_mask(ids[:, -1:], None, start=ids.shape[1] - 1)  # a step after a cached prompt
+    assert step.shape == (1, 1, 1, ids.shape[1]) and bool(step.all())
 
 
 def test_streaming_gives_the_same_text_in_pieces():
@@ -140,3 +166,34 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.config == model.config
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a.half().float(), b, msg=name)
+
+
+@pytest.mark.parametrize("image_attention", ["causal", "bidirectional"])
+def test_a_packed_training_sequence_trains_each_segment_as_if_it_were_alone(tiny_shapes, tmp_path, image_attention):
+    """Everything said about one image shares one sequence (vlm_task.py): each segment sees the
+    image prefix and itself, so its logits equal those of `prefix + segment` on its own."""
+    import random
+
+    from multimodal_models.training.config import config_from_raw
+    from multimodal_models.training.loop import build_task
+    from multimodal_models.training.vlm_task import pack
+
+    from .conftest import TINY_MODELS, tiny_config
+
+    raw = tiny_config("vlm", tiny_shapes, tmp_path / "run")
+    raw["model"] = {**TINY_MODELS["vlm"], "image_attention": image_attention}
+    task = build_task(config_from_raw(raw), progress=False)
+    model = task.model.eval()
+    batch = task.make_batch([0], random.Random(0))
+    unit = task.unit_sequence(task.units[0], random.Random(0))  # the same draw as the batch's
+    segments = pack(unit, task.max_length)[3]
+    assert len(unit.segments) > 3 and segments.count(1) > 0
+    with torch.no_grad():
+        packed = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"]).logits[0]
+        for number, (seg_ids, _) in enumerate(unit.segments, start=1):
+            where = [i for i, s in enumerate(segments) if s == number]
+            if not where:  # left out: longer than max_length
+                continue
+            alone = model(torch.tensor([unit.prefix + seg_ids]), batch["pixels"]).logits[0]
+            torch.testing.assert_close(packed[: len(unit.prefix)], alone[: len(unit.prefix)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(packed[where], alone[len(unit.prefix):], atol=1e-5, rtol=1e-5)

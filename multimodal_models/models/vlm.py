@@ -34,6 +34,7 @@ from .vision import VisionConfig, VisionTransformer
 CAPTION_PROMPT = "describe the image."
 VISION_TOKENS = ("patches", "skip_first", "all")
 IMAGE_TOKENS = ("grid", "objects")
+IMAGE_ATTENTION = ("causal", "bidirectional")
 CHAT_FORMATS = ("word", "jinja")
 IMAGE_PROMPTS = ("repeat", "idefics3")
 
@@ -67,6 +68,10 @@ class VLMConfig:
     image_tokens: str = "grid"
     object_slots: int = 6
     object_head: ObjectHeadConfig | None = None
+    # How an image's tokens see each other in the decoder: "causal" (as text does) | "bidirectional" (every
+    # image token sees all tokens of its image, a prefix-LM image block as in PaliGemma, so each can gather
+    # the whole scene; text stays causal)
+    image_attention: str = "causal"
 
     @property
     def tokens_per_image(self) -> int:
@@ -84,7 +89,8 @@ class VLMConfig:
         for name, value, allowed in (("vision_tokens", self.vision_tokens, VISION_TOKENS),
                                      ("chat_format", self.chat_format, CHAT_FORMATS),
                                      ("image_prompt", self.image_prompt, IMAGE_PROMPTS),
-                                     ("image_tokens", self.image_tokens, IMAGE_TOKENS)):
+                                     ("image_tokens", self.image_tokens, IMAGE_TOKENS),
+                                     ("image_attention", self.image_attention, IMAGE_ATTENTION)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
         if self.image_tokens == "objects":
@@ -197,11 +203,29 @@ class VisionLanguageModel(PretrainedModel):
         """
         if features is None and pixels is not None:
             features = self.image_features(pixels)
+        if self.config.image_attention == "bidirectional":
+            mask = self.image_block_mask(ids, mask, start=cache.length if cache is not None else 0)
         logits = self.decoder(embeds=self.embed(ids, features), mask=mask, positions=positions, cache=cache)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return VLMOutput(logits, loss)
+
+    def image_block_mask(self, ids: torch.Tensor, mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+        """The attention mask (B, 1, T, start + T) with each image's tokens also seeing the later
+        tokens of the same image. mask: the causal mask to extend (None: plain causal after
+        `start` cached positions); an image is a run of consecutive <image> placeholders."""
+        B, T = ids.shape
+        image = ids == self.config.image_token_id
+        if mask is None:
+            keys = torch.arange(start + T, device=ids.device)
+            mask = (keys[None, :] <= start + torch.arange(T, device=ids.device)[:, None]).expand(B, 1, T, start + T)
+        if not image.any():
+            return mask
+        first = image & ~F.pad(image[:, :-1], (1, 0), value=False)
+        block = first.long().cumsum(1) * image  # k on the tokens of the k-th image, 0 elsewhere
+        same = (block[:, :, None] == block[:, None, :]) & image[:, :, None]
+        return mask | F.pad(same, (start, 0), value=False)[:, None]
 
     # -- using it -------------------------------------------------------------------------
 
