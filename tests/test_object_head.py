@@ -115,6 +115,13 @@ def test_object_slots_keep_the_likeliest_cells_left_to_right_with_the_empty_ones
     assert torch.allclose(out[0, :, 4], torch.sigmoid(torch.tensor([3.0, 4.0, 5.0, -1.0])))
     assert torch.allclose(out[0, :, 5:7], torch.sigmoid(torch.tensor([[-1.0, 1.0], [0.5, 0.0], [2.0, 0.0], [-3.0, 0.0]])))
     assert torch.allclose(out[0, :, 7:9], torch.full((4, 2), 0.5)) and torch.allclose(out[0, :, 9:], torch.full((4, 3), 1 / 3))
+    sines = ObjectSlots(4, head.config, slots=4, frequencies=2)
+    sines.head.load_state_dict(head.state_dict())
+    out2 = sines(cells[None])
+    assert sines.width == 12 + 8 and torch.equal(out2[..., :12], out)
+    x, y = out[0, :, 5], out[0, :, 6]
+    angles = torch.pi * torch.stack([x, 2 * x, y, 2 * y], -1)  # pi * 2^k * (x, y), k < 2
+    torch.testing.assert_close(out2[0, :, 12:], torch.cat([angles.sin(), angles.cos()], -1))
     with pytest.raises(ValueError, match="object_slots is 4 but the vision grid has only 3 cells"):
         slots(cells[None, :3])
     with pytest.raises(ValueError, match="object_slots must be at least 1"):

@@ -86,20 +86,23 @@ class ObjectSlots(nn.Module):
     The object head rates every cell of the patch grid; the `slots` cells most likely to hold
     an object's centre are kept, in the spirit of the region features of bottom-up attention
     (Anderson et al., 2018) and of object-centric VLMs. Each slot is its patch token followed by
-    the head's reading of it: objectness, centre (x, y) and each attribute's probabilities.
+    the head's reading of it: objectness, centre (x, y) and each attribute's probabilities, and
+    with `frequencies` > 0 the centre again as sines and cosines of pi * 2^k * (x, y),
+    k < frequencies (NeRF / DETR style), which a decoder compares and measures more readily.
     Slots are ordered left to right by their predicted centre, the empty ones (objectness
     below one half) after them, so the decoder sees a scene's objects as a short list. With
     `slots` at least the largest number of objects in a scene, no object is left out, unless
     two share a grid cell (the head names the larger one there).
     """
 
-    def __init__(self, width: int, config: ObjectHeadConfig, slots: int):
+    def __init__(self, width: int, config: ObjectHeadConfig, slots: int, frequencies: int = 0):
         super().__init__()
         if slots < 1:
             raise ValueError(f"object_slots must be at least 1, got {slots}")
         self.head = ObjectHead(width, config)
         self.slots = slots
-        self.width = width + 3 + sum(len(values) for values in config.attributes.values())
+        self.register_buffer("frequencies", torch.pi * 2.0 ** torch.arange(frequencies), persistent=False)
+        self.width = width + 3 + sum(len(values) for values in config.attributes.values()) + 4 * frequencies
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, C), one per grid cell -> slots (B, slots, self.width)."""
@@ -108,8 +111,11 @@ class ObjectSlots(nn.Module):
             raise ValueError(f"object_slots is {self.slots} but the vision grid has only {N} cells")
         predicted = self.head(tokens)
         objectness = predicted["objectness"]
-        readings = torch.cat([tokens, torch.sigmoid(objectness)[..., None], torch.sigmoid(predicted["position"])]
-                             + [predicted[name].softmax(-1) for name in self.head.config.attributes], dim=-1)
+        centre = torch.sigmoid(predicted["position"])
+        angles = (centre[..., None] * self.frequencies).flatten(-2)  # (B, N, 2 * frequencies)
+        readings = torch.cat([tokens, torch.sigmoid(objectness)[..., None], centre]
+                             + [predicted[name].softmax(-1) for name in self.head.config.attributes]
+                             + [angles.sin(), angles.cos()], dim=-1)
         kept = objectness.topk(self.slots, dim=1).indices
         slots = readings.gather(1, kept[..., None].expand(-1, -1, readings.shape[-1]))
         present, x = slots[..., C], slots[..., C + 1]

@@ -67,6 +67,7 @@ class VLMConfig:
     # object_head.py; needs object_head, which training copies from a dual encoder trained with one)
     image_tokens: str = "grid"
     object_slots: int = 6
+    object_position_frequencies: int = 0  # sine/cosine features of each object's centre (ObjectSlots)
     object_head: ObjectHeadConfig | None = None
     # How an image's tokens see each other in the decoder: "causal" (as text does) | "bidirectional" (every
     # image token sees all tokens of its image, a prefix-LM image block as in PaliGemma, so each can gather
@@ -162,7 +163,8 @@ class VisionLanguageModel(PretrainedModel):
         self.objects = None
         source = config.vision.width * config.pixel_shuffle**2
         if config.image_tokens == "objects":
-            self.objects = ObjectSlots(config.vision.width, config.object_head, config.object_slots)
+            self.objects = ObjectSlots(config.vision.width, config.object_head, config.object_slots,
+                                       config.object_position_frequencies)
             source = self.objects.width
         self.projector = ModalityProjector(config, source)
         init_weights(self.projector)
