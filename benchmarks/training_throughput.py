@@ -46,9 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "shapes"
         generate(ShapesConfig(train=600, val=50, test=0, test_compositional=0), data, progress=False)
-        config = load_config(args.config, [f"data.root={data}", "data.generate=null", f"output={tmp}/run",
-                                           "task_options.vision_from=null"] if "vlm" in args.config else
-                             [f"data.root={data}", "data.generate=null", f"output={tmp}/run"])
+        config = load_config(args.config, [f"data.root={data}", "data.generate=null", f"output={tmp}/run"])
         task = build_task(config, progress=False)
         model = task.model.train()
         optimizer = make_optimizer(model, config.train)
