@@ -169,6 +169,8 @@ def test_a_vlm_reads_one_token_per_object_through_the_towers_object_head(object_
         train(config_from_raw(raw), progress=False)
     with pytest.raises(ValueError, match="set pixel_shuffle to 1"):
         vlm_from_tower(tiny_shapes, tmp_path / "shuffled", object_clip, {**objects, "pixel_shuffle": 2})
+    with pytest.raises(ValueError, match="leave vision_layer unset"):
+        vlm_from_tower(tiny_shapes, tmp_path / "layer", object_clip, {**objects, "vision_layer": -2})
 
 
 def test_a_vlm_starts_from_a_dual_encoders_vision_tower_and_can_keep_it_frozen(object_clip, tiny_shapes, tmp_path):

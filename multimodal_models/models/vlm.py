@@ -4,6 +4,11 @@
     text  -> token embeddings, with K <image> placeholder positions per image
     the image embeddings replace the placeholders; a causal decoder reads the whole sequence
 
+With `image_tokens: objects` the projector reads one token per object instead of the patch
+grid: the vision tower's object head (trained with a dual encoder on scene graphs) picks and
+describes them (`object_head.ObjectSlots`). With `image_attention: bidirectional` an image's
+tokens all see each other (a prefix-LM image block); text stays causal.
+
 It captions, answers and chats (several images, several turns, streamed tokens) through
 the same decoder and the same chat template; `generation.py` holds the decoding strategies.
 
@@ -64,7 +69,8 @@ class VLMConfig:
     stop_token_ids: tuple[int, ...] = ()  # token ids that end an assistant turn besides the tokenizer's eos
     # What the projector reads of an image: "grid" (every patch token, after pixel shuffle) | "objects"
     # (object_slots tokens, one per object, chosen and read by the tower's object head: ObjectSlots in
-    # object_head.py; needs object_head, which training copies from a dual encoder trained with one)
+    # object_head.py; needs object_head, which training copies from a dual encoder trained with one; keep
+    # that tower frozen, task_options.freeze_vision, as the language loss does not train the head's choice)
     image_tokens: str = "grid"
     object_slots: int = 6
     object_position_frequencies: int = 0  # sine/cosine features of each object's centre (ObjectSlots)
@@ -100,6 +106,9 @@ class VLMConfig:
                                  "one (task_options.vision_from), or give model.object_head")
             if self.pixel_shuffle != 1:
                 raise ValueError("image_tokens 'objects' reads one patch token per object: set pixel_shuffle to 1")
+            if self.vision_layer is not None or self.vision_tokens != "patches":
+                raise ValueError("image_tokens 'objects' reads the tower's final patch tokens, which its object head "
+                                 "was trained on: leave vision_layer unset and vision_tokens 'patches'")
 
 
 class VLMOutput(NamedTuple):
