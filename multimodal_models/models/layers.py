@@ -85,6 +85,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def causal_mask(queries: int, keys: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """(queries, keys) bool mask, True where attention is allowed: the queries are the last
+    `queries` positions of `keys` (those before them are a cached prefix), each sees itself
+    and everything earlier."""
+    keys = queries if keys is None else keys
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(diagonal=keys - queries)
+
+
 class KVCache:
     """Keys and values of every decoder layer, preallocated up to `max_length` positions."""
 
@@ -152,7 +160,7 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         if causal and (offset > 0 and T > 1 or mask is not None):
             # causal with an offset (cached prefix) or combined with a padding mask: spell it out
-            allowed = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
+            allowed = causal_mask(T, k.shape[2], x.device)
             mask = allowed if mask is None else mask & allowed
             causal = False
         elif causal and offset > 0:  # one new token attends to everything cached

@@ -106,7 +106,7 @@ class ObjectSlots(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, C), one per grid cell -> slots (B, slots, self.width)."""
-        B, N, C = tokens.shape
+        _, N, C = tokens.shape
         if self.slots > N:
             raise ValueError(f"object_slots is {self.slots} but the vision grid has only {N} cells")
         predicted = self.head(tokens)

@@ -30,7 +30,7 @@ from torch import nn
 
 from .chat import JinjaChatTemplate, WordChatTemplate, attach_images
 from .generation import GenerationConfig, beam_search, generate_tokens, stream_text
-from .layers import activation, init_weights
+from .layers import activation, causal_mask, init_weights
 from .object_head import ObjectHeadConfig, ObjectSlots
 from .pretrained import PretrainedModel
 from .text import CausalDecoder, DecoderConfig
@@ -102,8 +102,8 @@ class VLMConfig:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
         if self.image_tokens == "objects":
             if self.object_head is None:
-                raise ValueError("image_tokens 'objects' needs an object_head: start from a dual encoder trained with "
-                                 "one (task_options.vision_from), or give model.object_head")
+                raise ValueError("image_tokens 'objects' needs object_head, the config of the tower's object head; "
+                                 "training copies it from the dual encoder named by task_options.vision_from")
             if self.pixel_shuffle != 1:
                 raise ValueError("image_tokens 'objects' reads one patch token per object: set pixel_shuffle to 1")
             if self.vision_layer is not None or self.vision_tokens != "patches":
@@ -229,8 +229,7 @@ class VisionLanguageModel(PretrainedModel):
         B, T = ids.shape
         image = ids == self.config.image_token_id
         if mask is None:
-            keys = torch.arange(start + T, device=ids.device)
-            mask = (keys[None, :] <= start + torch.arange(T, device=ids.device)[:, None]).expand(B, 1, T, start + T)
+            mask = causal_mask(T, start + T, ids.device).expand(B, 1, T, start + T)
         if not image.any():
             return mask
         first = image & ~F.pad(image[:, :-1], (1, 0), value=False)
@@ -322,7 +321,7 @@ class VisionLanguageModel(PretrainedModel):
             ids[row, longest - len(prompt):] = torch.tensor(prompt, device=self.device)
             valid[row, longest - len(prompt):] = True
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()
+        causal = causal_mask(longest, device=self.device)
         eye = torch.eye(longest, dtype=torch.bool, device=self.device)
         mask = (causal & valid[:, None, :]) | eye  # (B, T, T); pads attend to themselves only
         cache = self.decoder.new_cache(B, longest + max_new_tokens)

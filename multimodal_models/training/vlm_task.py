@@ -22,6 +22,7 @@ from ..data.preprocess import ImageProcessor
 from ..data.records import ImageSource
 from ..data.tokenizer import WordTokenizer
 from ..models.chat import CHAT_SPECIAL_TOKENS, conversation_to_messages
+from ..models.layers import causal_mask
 from ..models.pretrained import config_from_dict
 from ..models.vision import VisionConfig
 from ..models.vlm import CAPTION_PROMPT, VisionLanguageModel, VLMConfig
@@ -213,7 +214,7 @@ class VLMTask:
             labels[b, :n] = torch.where(torch.tensor(row_targets), torch.tensor(row_ids), torch.tensor(-100))
             positions[b, :n] = torch.tensor(row_positions)
             segment = torch.tensor(row_segments)
-            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            causal = causal_mask(n)
             same = (segment[:, None] == segment[None, :]) | (segment[None, :] == 0)
             mask[b, :n, :n] = causal & same
             mask[b, n:, n:] = torch.eye(T - n, dtype=torch.bool)  # padding attends to itself only
