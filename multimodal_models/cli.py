@@ -143,7 +143,9 @@ def _load(name: str, expected: str | None = None, dtype: str | None = None):
 
 
 def _generation_options(args) -> dict:
-    options = {"max_new_tokens": args.max_tokens, "num_beams": args.beams}
+    options = {"max_new_tokens": args.max_tokens}
+    if args.beams is not None:  # otherwise the model's default (captions: its config's caption_beams; else greedy)
+        options["num_beams"] = args.beams
     if args.temperature is not None:
         options.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     return options
@@ -366,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     def generation_options(p):
         dtype_option(p)
         p.add_argument("--max-tokens", type=int, default=48, help="most tokens to generate (default 48)")
-        p.add_argument("--beams", type=int, default=1, help="beam search width (default 1: greedy)")
+        p.add_argument("--beams", type=int, default=None,
+                       help="beam search width (default: greedy, or for captions the model's caption_beams)")
         p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default greedy)")
         p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
         p.add_argument("--seed", type=int, default=None, help="seed for sampling")

@@ -122,6 +122,22 @@ def test_sampling_is_reproducible_with_a_seed_and_beam_search_runs():
         model.chat([{"role": "user", "content": "<image> hi"}], images=IMAGES[:1], stream=True, num_beams=2)
 
 
+def test_captions_are_decoded_with_the_configured_beam_width_one_by_one_or_batched():
+    model = tiny_vlm(caption_beams=3)
+    greedy = [model.caption(image, num_beams=1, max_new_tokens=8) for image in IMAGES]
+    beams = [model.caption(image, num_beams=3, max_new_tokens=8) for image in IMAGES]
+    assert greedy != beams  # the random model's beams find other captions
+    assert [model.caption(image, max_new_tokens=8) for image in IMAGES] == beams  # config.caption_beams
+    pixels = model.image_processor(IMAGES)
+    assert model.caption_batch(pixels=pixels, max_new_tokens=8) == beams
+    assert model.caption_batch(images=IMAGES, max_new_tokens=8) == beams
+    assert model.caption_batch(pixels=pixels, max_new_tokens=8, num_beams=1) == greedy
+    streamed = model.caption(IMAGES[0], stream=True, max_new_tokens=8)  # beam search cannot stream: greedy
+    assert "".join(streamed) == greedy[0]
+    with pytest.raises(ValueError, match="caption_beams must be at least 1"):
+        tiny_vlm(caption_beams=0)
+
+
 def test_stop_strings_cut_the_text_and_are_never_shown():
     pieces = ["a", " red", " cir", "cle", " and", " more"]
     stream = TextStream(lambda ids: "".join(pieces[: len(ids)]), stop=(" and",))

@@ -79,6 +79,10 @@ class VLMConfig:
     # image token sees all tokens of its image, a prefix-LM image block as in PaliGemma, so each can gather
     # the whole scene; text stays causal)
     image_attention: str = "causal"
+    # How captions are decoded unless a call says otherwise (caption, caption_batch, `multimodal caption`,
+    # evaluation): the beam width, 1 for greedy. A caption is one long answer, where greedy decoding can
+    # talk itself into a corner ("a hexagon and a ..." in a scene of two hexagons) that a beam avoids
+    caption_beams: int = 1
 
     @property
     def tokens_per_image(self) -> int:
@@ -100,6 +104,8 @@ class VLMConfig:
                                      ("image_attention", self.image_attention, IMAGE_ATTENTION)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if self.caption_beams < 1:
+            raise ValueError(f"caption_beams must be at least 1 (1: greedy), got {self.caption_beams}")
         if self.image_tokens == "objects":
             if self.object_head is None:
                 raise ValueError("image_tokens 'objects' needs object_head, the config of the tower's object head; "
@@ -370,12 +376,33 @@ class VisionLanguageModel(PretrainedModel):
                                       max_new_tokens=max_new_tokens)
         return [self.tokenizer.decode(o) for o in outputs]
 
+    @torch.no_grad()
     def caption_batch(self, *, images: list[Any] | None = None, pixels: torch.Tensor | None = None,
-                      prompt: str = CAPTION_PROMPT, max_new_tokens: int = 48) -> list[str]:
+                      prompt: str = CAPTION_PROMPT, max_new_tokens: int = 48, num_beams: int | None = None) -> list[str]:
+        """One caption per image, decoded as `caption` decodes it: greedy for all images at once, or
+        with num_beams > 1 (default: config.caption_beams) a beam search per image."""
         count = len(images) if images is not None else pixels.shape[0]
-        return self.answer_batch([prompt] * count, images=images, pixels=pixels, max_new_tokens=max_new_tokens)
+        num_beams = num_beams or self.config.caption_beams
+        if num_beams == 1:
+            return self.answer_batch([prompt] * count, images=images, pixels=pixels, max_new_tokens=max_new_tokens)
+        if images is not None:
+            return [self.caption(image, prompt, num_beams=num_beams, max_new_tokens=max_new_tokens) for image in images]
+        if getattr(self.image_processor, "do_image_splitting", False):
+            raise ValueError("this model splits each image into tiles: pass the images, not preprocessed pixels")
+        features = self.image_features(pixels.to(self.device))
+        config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
+        stop_ids = self.chat_template().stop_ids()
+        captions = []
+        for ids, image_features in zip(self._user_prompts([prompt] * count), features):
+            session = VLMSession(self, torch.tensor([ids], device=self.device), None, config, features=image_features[None])
+            captions.append("".join(stream_text(iter(beam_search(session, config, stop_ids)), self.tokenizer.decode, ())))
+        return captions
 
-    def caption(self, image: Any, prompt: str = CAPTION_PROMPT, **options) -> str:
+    def caption(self, image: Any, prompt: str = CAPTION_PROMPT, **options) -> str | Iterator[str]:
+        """A caption of one image; without decoding options, as config.caption_beams says (streamed
+        or sampled captions are decoded token by token: beam search cannot stream)."""
+        if not ({"num_beams", "generation", "do_sample"} & set(options)) and not options.get("stream"):
+            options["num_beams"] = self.config.caption_beams
         return self.chat([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}],
                          **options)
 
@@ -387,10 +414,12 @@ class VisionLanguageModel(PretrainedModel):
 class VLMSession:
     """Decoding state for `generation.py`: the prompt, the image features, the KV cache."""
 
-    def __init__(self, model: VisionLanguageModel, ids: torch.Tensor, pixels: torch.Tensor | None, config: GenerationConfig):
+    def __init__(self, model: VisionLanguageModel, ids: torch.Tensor, pixels: torch.Tensor | None, config: GenerationConfig,
+                 *, features: torch.Tensor | None = None):
+        """The images as pixels, or as their features already computed (N, K, C)."""
         self.model = model
         self.ids = ids
-        self.features = model.image_features(pixels) if pixels is not None else None
+        self.features = model.image_features(pixels) if pixels is not None else features
         length = ids.shape[1] + config.max_new_tokens + 1
         if length > model.config.decoder.max_length:
             raise ValueError(f"prompt of {ids.shape[1]} tokens + max_new_tokens {config.max_new_tokens} exceeds the "
