@@ -494,6 +494,19 @@ def test_caption_answer_and_classify_by_upload_and_by_json(client, env, models):
     result = upload.json()
     assert result["object"] == "caption" and result["model"] == "tiny-vlm" and result["text"]
     assert result["text"] == vlm.caption(Image.open(io.BytesIO(red)), max_new_tokens=6).strip()
+    image = Image.open(io.BytesIO(red))
+    # the served model's caption decoding is the one the API uses: a beam width that finds another caption
+    width = next(w for w in range(2, 9) if vlm.caption(image, num_beams=w, max_new_tokens=12) !=
+                 vlm.caption(image, num_beams=1, max_new_tokens=12))
+    vlm.config.caption_beams = width
+    try:
+        beams = client.post("/v1/caption", json={"image": data_uri(red), "max_tokens": 12}).json()["text"]
+        assert beams == vlm.caption(image, max_new_tokens=12).strip() == vlm.caption(image, num_beams=width,
+                                                                                      max_new_tokens=12).strip()
+        sampled = client.post("/v1/caption", json={"image": data_uri(red), "max_tokens": 6, "temperature": 1.0})
+        assert sampled.status_code == 200  # sampling decodes token by token, beams or not
+    finally:
+        vlm.config.caption_beams = 1
     answer = client.post("/v1/answer", files={"image": ("red.png", red, "image/png")},
                          data={"question": "what color is the circle?", "max_tokens": "5"}).json()
     assert answer["object"] == "answer"

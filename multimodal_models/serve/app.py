@@ -606,7 +606,8 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
         served = engine.require("vlm", body.model, what=f"{kind}s")
         check_text(prompt, settings, param="prompt" if kind == "caption" else "question")
         deadline = time.monotonic() + settings.request_timeout_s
-        options = GenerationOptions(max_tokens=body.max_tokens, temperature=body.temperature)
+        beams = served.model.config.caption_beams if kind == "caption" else 1  # captions as `caption` decodes them
+        options = GenerationOptions(max_tokens=body.max_tokens, temperature=body.temperature, num_beams=beams)
 
         def start() -> GenerationJob:
             image = image_refs.decode(source, settings, param="image")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..models.generation import GenerationConfig, TextStream, generate_tokens
+from ..models.generation import GenerationConfig, TextStream, beam_search, generate_tokens
 from ..models.vlm import VLMSession
 from .errors import APIError
 from .settings import Settings
@@ -112,6 +112,7 @@ class GenerationOptions:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    num_beams: int = 1  # > 1: beam search when decoding greedily (captions: the model's caption_beams); not streamed
     param_prefix: str = ""  # how errors name the request's fields
 
 
@@ -163,11 +164,19 @@ class GenerationJob:
             top_p = 1.0 if options.top_p is None else options.top_p
             sample = temperature > 0 and top_p > 0
             config = GenerationConfig(max_new_tokens=max_new, do_sample=sample, temperature=temperature if sample else 1.0,
-                                      top_p=top_p if sample else 1.0, stop=tuple(options.stop), seed=options.seed)
+                                      top_p=top_p if sample else 1.0, stop=tuple(options.stop), seed=options.seed,
+                                      num_beams=1 if sample else options.num_beams)
             ids = torch.tensor([encoding.ids], device=model.device)
             pixels = model._pixels(encoding.images)  # the model's own preprocessing (tiles for Idefics3)
             session = VLMSession(model, ids, pixels, config)  # this job's own KV cache
-            tokens = generate_tokens(session, config, template.stop_ids())
+            stop_ids = template.stop_ids()
+            if config.num_beams > 1:
+                def searched():  # the whole search runs when the first token is asked for
+                    yield from beam_search(session, config, stop_ids)
+
+                tokens = searched()
+            else:
+                tokens = generate_tokens(session, config, stop_ids)
         return cls(model=model, settings=settings, prompt_tokens=prompt_tokens, max_new_tokens=max_new,
                    tokens=tokens, text=TextStream(model.tokenizer.decode, config.stop),
                    filtered=FilteredStream(OutputFilter.from_settings(settings)), deadline=deadline)
