@@ -125,6 +125,15 @@ def beam_search(session: DecodingSession, config: GenerationConfig, stop_ids: se
     return max(finished, key=lambda item: item[0])[1]
 
 
+def decode_tokens(session: DecodingSession, config: GenerationConfig, stop_ids: set[int]) -> Iterator[int]:
+    """The new token ids as `config` decodes them: one by one (greedy or sampled), or, with
+    num_beams > 1, the best beam, found in full when the first token is asked for."""
+    if config.num_beams > 1:
+        yield from beam_search(session, config, stop_ids)
+    else:
+        yield from generate_tokens(session, config, stop_ids)
+
+
 class TextStream:
     """Turn a token iterator into text deltas, honouring stop strings.
 

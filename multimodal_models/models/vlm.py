@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chat import JinjaChatTemplate, WordChatTemplate, attach_images
-from .generation import GenerationConfig, beam_search, generate_tokens, stream_text
+from .generation import GenerationConfig, decode_tokens, stream_text
 from .layers import activation, causal_mask, init_weights
 from .object_head import ObjectHeadConfig, ObjectSlots
 from .pretrained import PretrainedModel
@@ -300,13 +300,9 @@ class VisionLanguageModel(PretrainedModel):
         config = generation or GenerationConfig(**options)
         session = VLMSession(self, torch.tensor([encoding.ids], device=self.device), self._pixels(encoding.images),
                              config)
-        stop_ids = template.stop_ids()
-        decode = self.tokenizer.decode
-        if config.num_beams > 1:
-            if stream:
-                raise ValueError("beam search cannot stream; use num_beams=1")
-            return "".join(stream_text(iter(beam_search(session, config, stop_ids)), decode, config.stop))
-        pieces = stream_text(generate_tokens(session, config, stop_ids), decode, config.stop)
+        if stream and config.num_beams > 1:
+            raise ValueError("beam search cannot stream; use num_beams=1")
+        pieces = stream_text(decode_tokens(session, config, template.stop_ids()), self.tokenizer.decode, config.stop)
         return pieces if stream else "".join(pieces)
 
     @torch.no_grad()
@@ -395,7 +391,7 @@ class VisionLanguageModel(PretrainedModel):
         captions = []
         for ids, image_features in zip(self._user_prompts([prompt] * count), features):
             session = VLMSession(self, torch.tensor([ids], device=self.device), None, config, features=image_features[None])
-            captions.append("".join(stream_text(iter(beam_search(session, config, stop_ids)), self.tokenizer.decode, ())))
+            captions.append("".join(stream_text(decode_tokens(session, config, stop_ids), self.tokenizer.decode)))
         return captions
 
     def caption(self, image: Any, prompt: str = CAPTION_PROMPT, **options) -> str | Iterator[str]:

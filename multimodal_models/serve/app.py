@@ -625,7 +625,10 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
               openapi_extra=S.json_and_upload_body(S.CaptionRequest, {"prompt": {"type": "string"},
                                                                       **form_generation}))
     async def caption(request: Request):
-        """Caption an image: JSON `{"image": "data:image/png;base64,..."}` or a multipart upload."""
+        """Caption an image: JSON `{"image": "data:image/png;base64,..."}` or a multipart upload.
+
+        Decoded as the model's `caption()` decodes it: with a beam of the model's `caption_beams`
+        (4 for shapes-vlm) unless `temperature` asks for sampling."""
         from ..models.vlm import CAPTION_PROMPT
 
         body, source = await read_upload_body(request, S.CaptionRequest, engine)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..models.generation import GenerationConfig, TextStream, beam_search, generate_tokens
+from ..models.generation import GenerationConfig, TextStream, decode_tokens
 from ..models.vlm import VLMSession
 from .errors import APIError
 from .settings import Settings
@@ -169,14 +169,7 @@ class GenerationJob:
             ids = torch.tensor([encoding.ids], device=model.device)
             pixels = model._pixels(encoding.images)  # the model's own preprocessing (tiles for Idefics3)
             session = VLMSession(model, ids, pixels, config)  # this job's own KV cache
-            stop_ids = template.stop_ids()
-            if config.num_beams > 1:
-                def searched():  # the whole search runs when the first token is asked for
-                    yield from beam_search(session, config, stop_ids)
-
-                tokens = searched()
-            else:
-                tokens = generate_tokens(session, config, stop_ids)
+            tokens = decode_tokens(session, config, template.stop_ids())
         return cls(model=model, settings=settings, prompt_tokens=prompt_tokens, max_new_tokens=max_new,
                    tokens=tokens, text=TextStream(model.tokenizer.decode, config.stop),
                    filtered=FilteredStream(OutputFilter.from_settings(settings)), deadline=deadline)
