@@ -8,8 +8,8 @@ The server is `multimodal serve` in a subprocess (as a user runs it); the client
 threads in this process. Every job is sent as a streamed chat completion (TTFT = time to the
 first content chunk; decode tokens/s = (tokens - 1) / (latency - TTFT)); caption and answer are
 also timed on their own endpoints (/v1/caption, /v1/answer; /v1/caption decodes with the
-model's caption beam, as `model.caption()` does, so it is slower than the streamed greedy
-caption, which can return after its last token only). The reference is the same
+model's caption beam, as `model.caption()` does, so it takes longer than the streamed greedy
+caption). The reference is the same
 generation called in this process without HTTP, one at a time, before the server starts:
 `server_overhead` is the single-client p50 over that reference's p50, `load_slowdown` the
 loaded p50 over the single-client p50. `--model random` builds a random VLM of a small size
