@@ -134,6 +134,8 @@ def test_captions_are_decoded_with_the_configured_beam_width_one_by_one_or_batch
     assert model.caption_batch(pixels=pixels, max_new_tokens=8, num_beams=1) == greedy
     streamed = model.caption(IMAGES[0], stream=True, max_new_tokens=8)  # beam search cannot stream: greedy
     assert "".join(streamed) == greedy[0]
+    with pytest.raises(ValueError, match="num_beams must be at least 1"):
+        model.caption_batch(pixels=pixels, num_beams=0)
     with pytest.raises(ValueError, match="caption_beams must be at least 1"):
         tiny_vlm(caption_beams=0)
 

@@ -36,7 +36,9 @@ class GenerationConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_beams < 1 or (self.num_beams > 1 and self.do_sample):
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1 (1: no beam search), got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
             raise ValueError("num_beams > 1 is beam search and cannot be combined with do_sample")
 
 

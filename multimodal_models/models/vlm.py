@@ -378,7 +378,7 @@ class VisionLanguageModel(PretrainedModel):
         """One caption per image, decoded as `caption` decodes it: greedy for all images at once, or
         with num_beams > 1 (default: config.caption_beams) a beam search per image."""
         count = len(images) if images is not None else pixels.shape[0]
-        num_beams = num_beams or self.config.caption_beams
+        num_beams = self.config.caption_beams if num_beams is None else num_beams
         if num_beams == 1:
             return self.answer_batch([prompt] * count, images=images, pixels=pixels, max_new_tokens=max_new_tokens)
         if images is not None:
