@@ -163,8 +163,14 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate.report import evaluate_model
 
+    reranker = None
+    if args.rerank_with:
+        from .index.rerank import Reranker
+
+        reranker = Reranker(_load(args.rerank_with, "vlm", dtype=args.dtype), top=args.rerank_top,
+                            similarity_weight=args.rerank_similarity_weight)
     results = evaluate_model(_load(args.model, dtype=args.dtype), args.data, args.out, split=args.split, limit=args.limit,
-                             progress=not args.quiet)
+                             progress=not args.quiet, reranker=reranker)
     from .evaluate.harness import headline
 
     _print_json({"report": str(Path(args.out) / "report.md"), **headline(results)})
@@ -276,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                        help="weights' dtype: bfloat16 halves the memory (default float32)")
 
+    def rerank_options(p, what):
+        from .index.rerank import DEFAULT_SIMILARITY_WEIGHT, DEFAULT_TOP
+
+        p.add_argument("--rerank-with", default=None, metavar="VLM",
+                       help=f"a multimodal LM (e.g. shapes-vlm) that rescores the dual encoder's top images of a text by "
+                            f"how likely it finds the text as their caption; {what} with it")
+        p.add_argument("--rerank-top", type=int, default=DEFAULT_TOP,
+                       help=f"images rescored per text (default {DEFAULT_TOP})")
+        p.add_argument("--rerank-similarity-weight", type=float, default=DEFAULT_SIMILARITY_WEIGHT,
+                       help="weight of the dual encoder's cosine similarity added to the LM's log-likelihood "
+                            f"(default {DEFAULT_SIMILARITY_WEIGHT})")
+
     shapes = commands.add_parser("shapes", help="the Shapes benchmark: generate it, preview it")
     shapes_commands = shapes.add_subparsers(dest="shapes_command", required=True, metavar="SUBCOMMAND")
     gen = shapes_commands.add_parser("generate", help="write the benchmark (images, captions, VQA, dialogues, MMMU)")
@@ -362,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, type=Path, help="report folder to write")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    rerank_options(ev, "a dual encoder's text→image retrieval is also scored")
     dtype_option(ev)
     ev.set_defaults(func=cmd_evaluate)
 
@@ -432,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--nprobe", type=int, default=None,
                     help="approximate indexes: lists scanned per query; more is slower and finds more (default 32)")
     se.add_argument("--json", action="store_true", help='JSON lines {"rank", "path", "score", "file", "caption"}')
+    rerank_options(se, "text queries are ranked")
     se.set_defaults(func=cmd_search)
 
     from .serve.runner import add_arguments as serve_arguments

@@ -78,6 +78,39 @@ def test_evaluate_writes_metrics_report_and_plots(trained, tiny_shapes, tmp_path
     assert "Ambiguity ceiling" in (out / "report.md").read_text()
 
 
+def test_retrieval_reranked_by_the_lm_in_evaluate_and_search(trained, tiny_shapes, tmp_path, capsys):
+    out = tmp_path / "report_rerank"
+    assert main(["evaluate", "--model", str(trained["contrastive"]), "--data", str(tiny_shapes), "--out", str(out),
+                 "--rerank-with", str(trained["vlm"]), "--rerank-top", "3", "--quiet"]) == 0
+    retrieval = json.loads((out / "metrics.json").read_text())["retrieval"]
+    reranked = retrieval["reranked"]
+    assert reranked["top"] == 3 and reranked["similarity_weight"] == 0.0
+    # only each caption's top 3 are reordered: what was found by rank 3 is still found by rank 3, and below it
+    # nothing moves
+    for k in (3, 4, 5, 10):
+        assert reranked["text_to_image"][f"R@{k}"] == retrieval["text_to_image"][f"R@{k}"]
+    assert "reranked by the LM" in (out / "report.md").read_text()
+    assert "t2i_R@1_reranked" in json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--model", str(trained["contrastive"]), "--data", str(tiny_shapes), "--out", str(out),
+                 "--rerank-with", str(trained["contrastive"]), "--quiet"]) == 2
+    assert "vlm" in capsys.readouterr().err
+
+    folder = tiny_shapes / "images" / "test"
+    index = tmp_path / "index"
+    assert main(["index", str(folder), "--model", str(trained["contrastive"]), "--out", str(index), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(index), "a red circle", "-k", "2", "--rerank-with", str(trained["vlm"]), "--json"]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(hits) == 2 and hits[0]["score"] >= hits[1]["score"]
+    vlm = load(trained["vlm"])
+    pixels = vlm.image_processor([hit["file"] for hit in hits])
+    expected = vlm.text_log_likelihoods(["a red circle"] * 2, vlm.image_features(pixels))
+    assert [hit["score"] for hit in hits] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert main(["search", str(index), "--image", str(next(folder.glob("*.png"))), "--rerank-with",
+                 str(trained["vlm"])]) == 2
+    assert "text query" in capsys.readouterr().err
+
+
 def test_fusion_experiment_writes_a_table_and_a_plot(tiny_shapes, tmp_path, capsys):
     out = tmp_path / "fusion"
     assert main(["experiment", "fusion", "--data", str(tiny_shapes), "--out", str(out), "--steps", "2",

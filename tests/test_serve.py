@@ -473,6 +473,24 @@ def test_search_by_text_and_image_with_clean_thumbnails(client, env, models):
     assert error_of(no_index.post("/v1/search", json={"query": "red"}), 404)["code"] == "no_index"
 
 
+def test_search_reranked_by_the_served_vlm(client, env, models):
+    vlm, _ = models
+    out = client.post("/v1/search", json={"query": "a red circle", "k": 3, "rerank": True, "thumbnails": False}).json()
+    hits = out["data"]
+    assert len(hits) == 3 and out["total"] == 6
+    # all six images are rescored (the top 10 of six); the three best by the VLM's likelihood come back, with it
+    paths = ["red.png", "green.png", "blue.png", "nested/yellow.png", "gps.jpg", "link-out.png"]
+    pixels = vlm.image_processor([env["photos"] / p for p in paths])
+    likelihood = vlm.text_log_likelihoods(["a red circle"] * 6, vlm.image_features(pixels))
+    best = likelihood.argsort(descending=True)[:3].tolist()
+    assert [h["path"] for h in hits] == [paths[i] for i in best]
+    assert [h["score"] for h in hits] == pytest.approx([float(likelihood[i]) for i in best], abs=1e-4)
+    both = client.post("/v1/search", json={"query": "red", "image": "red.png", "rerank": True})
+    assert error_of(both, 400)["param"] == "rerank"
+    no_vlm = make_client(env, model=None)
+    assert error_of(no_vlm.post("/v1/search", json={"query": "red", "rerank": True}), 404)["code"] == "model_not_found"
+
+
 def test_the_index_must_match_the_embedder(env, tmp_path):
     other = tiny_clip(seed=1).save_pretrained(tmp_path / "other-clip")
     with pytest.raises(MultimodalError, match="different space"):

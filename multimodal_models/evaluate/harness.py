@@ -169,6 +169,8 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
         flat["t2i_R@1"] = results["retrieval"]["text_to_image"]["R@1"]
         flat["t2i_ceiling"] = results["retrieval"]["ceiling"]["text_to_image_R@1"]
         flat["i2t_R@1"] = results["retrieval"]["image_to_text"]["R@1"]
+        if "reranked" in results["retrieval"]:
+            flat["t2i_R@1_reranked"] = results["retrieval"]["reranked"]["text_to_image"]["R@1"]
     if "objects" in results:  # the object head's accuracy (dual encoders trained with one)
         flat.update({f"objects/{k}": v for k, v in results["objects"].items()})
     return flat
@@ -176,8 +178,12 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_retrieval(model, records: list[CaptionRecord], store: ImageStore, *, scenes: dict | None = None,
-                       ceiling: dict | None = None, batch_size: int = 256, progress: bool = False) -> dict:
-    """Image->text and text->image recall@K over all captions of the split, with the ambiguity ceiling."""
+                       ceiling: dict | None = None, batch_size: int = 256, progress: bool = False,
+                       reranker=None, rerank_store: ImageStore | None = None) -> dict:
+    """Image->text and text->image recall@K over all captions of the split, with the ambiguity ceiling.
+
+    With a reranker (index.rerank.Reranker) also text->image recall@K after it rescored each
+    caption's top images ("reranked"); rerank_store holds the images as the reranker preprocesses them."""
     from .metrics.retrieval import retrieval_metrics
 
     image_embeds = torch.cat([
@@ -191,6 +197,17 @@ def evaluate_retrieval(model, records: list[CaptionRecord], store: ImageStore, *
     scores = retrieval_metrics(similarity, text_to_image, ks=tuple(range(1, 11)))
     scores["ceiling"] = ceiling if ceiling is not None else retrieval_ceiling(records, scenes)
     scores["num_images"], scores["num_texts"] = len(records), len(texts)
+    if reranker is not None:
+        if rerank_store is None:
+            raise ValueError("reranking needs rerank_store: the images preprocessed for the reranker")
+        features = torch.cat([
+            reranker.image_features(rerank_store.batch([rerank_store.position(r.image) for r in chunk]))
+            for chunk in _batches(records, batch_size, "reranker images", progress)
+        ])
+        reranked = retrieval_metrics(reranker.rerank_similarity(similarity, texts, features, progress=progress),
+                                     text_to_image, ks=tuple(range(1, 11)))
+        scores["reranked"] = {"text_to_image": reranked["text_to_image"], "top": reranker.top,
+                              "similarity_weight": reranker.similarity_weight}
     return scores
 
 

@@ -27,7 +27,10 @@ from .metrics.caption import java_available
 
 
 def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "test", limit: int | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, reranker=None) -> dict[str, Any]:
+    """Run `model` on every task of the split that it can do; write metrics.json, report.md and
+    plots to `out`. reranker (index.rerank.Reranker): for a dual encoder, also text->image
+    retrieval with a multimodal LM rescoring each caption's top images."""
     out = Path(out)
     split_data = first_images(load_split(DataConfig(root=str(data), eval_split=split), "eval"), limit)
     sources = [r.image for r in split_data.captions] + [r.image for r in split_data.vqa]
@@ -46,8 +49,12 @@ def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "te
     if hasattr(model, "chat") and split_data.multiple_choice:
         results["multiple_choice"] = evaluate_multiple_choice(model, split_data.multiple_choice, progress=progress)
     if hasattr(model, "encode_image") and split_data.captions:
+        rerank_store = None
+        if reranker is not None:
+            rerank_store = ImageStore([r.image for r in split_data.captions], reranker.model.image_processor,
+                                      progress=progress, desc="reranker images")
         results["retrieval"] = evaluate_retrieval(model, split_data.captions, store, scenes=split_data.scenes,
-                                                  progress=progress)
+                                                  progress=progress, reranker=reranker, rerank_store=rerank_store)
     if getattr(model, "object_head", None) is not None and split_data.scenes and split_data.captions:
         from ..training.objects import ObjectGrid
 
@@ -116,7 +123,11 @@ def markdown_report(metrics: dict, plots: list[str]) -> str:
         lines += ["## Retrieval", "", "| direction | R@1 | R@5 | R@10 | median rank |", "|---|---|---|---|---|"]
         for direction, key in (("text→image", "text_to_image"), ("image→text", "image_to_text")):
             x = r[key]
-            lines.append(f"| {direction} | {x['R@1']} | {x['R@5']} | {x['R@10']} | {x['median_rank']} |")
+            lines.append(f"| {direction} | {x['R@1']:.2f} | {x['R@5']:.2f} | {x['R@10']:.2f} | {x['median_rank']} |")
+        if "reranked" in r:
+            x = r["reranked"]["text_to_image"]
+            lines.append(f"| text→image, top {r['reranked']['top']} reranked by the LM | {x['R@1']:.2f} | {x['R@5']:.2f} | "
+                         f"{x['R@10']:.2f} | {x['median_rank']} |")
         lines += ["", f"Ambiguity ceiling of text→image R@1: **{r['ceiling']['text_to_image_R@1']}** (the best expected "
                   f"R@1 when several images fit a caption equally well, decided from {r['ceiling']['basis']}).", ""]
     if "objects" in metrics:
@@ -169,6 +180,11 @@ def _recall_plot(path: Path, retrieval: dict) -> Path:
         if key == "text_to_image":
             ax.axhline(retrieval["ceiling"]["text_to_image_R@1"], color=line.get_color(), linestyle="--", alpha=0.6,
                        label="text→image R@1 ceiling")
+    if "reranked" in retrieval:
+        reranked = retrieval["reranked"]["text_to_image"]
+        ks = sorted(int(k[2:]) for k in reranked if k.startswith("R@"))
+        ax.plot(ks, [reranked[f"R@{k}"] for k in ks], marker="o",
+                label=f"text→image, top {retrieval['reranked']['top']} reranked")
     ax.set_xlabel("K")
     ax.set_ylabel("recall@K (%)")
     ax.set_ylim(0, 105)

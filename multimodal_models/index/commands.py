@@ -44,8 +44,20 @@ def run_search(args) -> None:
         name = args.model or index.info.get("model_name")
         if name is None:
             raise MultimodalError(f"the index {index.path} is empty: no model has indexed anything yet")
-        hits = index.search(load(name, expect="dual_encoder"), text=args.query,
-                            image=str(args.image) if args.image else None, k=args.k)
+        model = load(name, expect="dual_encoder")
+        if args.rerank_with:
+            if args.query is None or args.image is not None:
+                raise MultimodalError("--rerank-with reranks text queries: give a text query and no --image")
+            from .rerank import Reranker
+
+            lm = load(args.rerank_with, expect="vlm")
+            try:
+                reranker = Reranker(lm, top=args.rerank_top, similarity_weight=args.rerank_similarity_weight)
+                hits = reranker.search(index, model, args.query, k=args.k)
+            except ValueError as error:
+                raise MultimodalError(str(error)) from error
+        else:
+            hits = index.search(model, text=args.query, image=str(args.image) if args.image else None, k=args.k)
         root = index.root
     for rank, hit in enumerate(hits, 1):
         file = str(root / hit.path) if root else hit.path

@@ -394,6 +394,30 @@ class VisionLanguageModel(PretrainedModel):
             captions.append("".join(stream_text(decode_tokens(session, config, stop_ids), self.tokenizer.decode)))
         return captions
 
+    @torch.no_grad()
+    def text_log_likelihoods(self, texts: list[str], features: torch.Tensor, *, prompt: str = CAPTION_PROMPT) -> torch.Tensor:
+        """How likely the model finds each text as its answer to `prompt` about an image: the summed
+        log-probabilities of the text's tokens and of the end of the turn, one number per text.
+        texts[i] is about the image whose embeddings (`image_features`) are features[i], (N, K, C).
+        A reranker's score: it ranks images for a caption, as BLIP's matching head reranks the
+        candidates of its dual encoder."""
+        if len(texts) != features.shape[0]:
+            raise ValueError(f"got {len(texts)} texts and {features.shape[0]} images' features: pair them one to one")
+        template = self.chat_template()
+        encodings = [template.encode([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+                                      {"role": "assistant", "content": text}]) for text in texts]
+        longest = max(len(e.ids) for e in encodings)
+        pad = getattr(self.tokenizer, "pad_id", None) or 0  # right padding: no real token sees it
+        ids = torch.full((len(texts), longest), pad, dtype=torch.long)
+        scored = torch.zeros(len(texts), longest, dtype=torch.bool)
+        for row, encoding in enumerate(encodings):
+            ids[row, :len(encoding.ids)] = torch.tensor(encoding.ids)
+            scored[row, :len(encoding.ids)] = torch.tensor(encoding.targets)
+        ids, scored = ids.to(self.device), scored.to(self.device)
+        log_probs = self(ids, features=features.to(self.device)).logits[:, :-1].float().log_softmax(-1)
+        chosen = log_probs.gather(-1, ids[:, 1:, None])[..., 0]
+        return (chosen * scored[:, 1:]).sum(-1).cpu()
+
     def caption(self, image: Any, prompt: str = CAPTION_PROMPT, **options) -> str | Iterator[str]:
         """A caption of one image; without decoding options, as config.caption_beams says (streamed
         or sampled captions are decoded token by token: beam search cannot stream)."""

@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data.images import encode_png, load_image
 from ..data.tokenizer import IMAGE
 from ..errors import ImageLoadError, MultimodalError
+from ..index.rerank import Reranker
 from . import images as image_refs
 from . import schemas as S
 from .errors import APIError, bad_request, error_response
@@ -581,10 +582,19 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
         if body.k > settings.max_k:
             raise bad_request(f"k={body.k}: this server returns at most {settings.max_k} results", param="k")
         source = None if body.image is None else await image_refs.image_source(body.image, settings, param="image")
+        reranker = None
+        if body.rerank:
+            if query is None or source is not None:
+                raise bad_request("rerank reorders the results of a text query: give a 'query' and no 'image'",
+                                  param="rerank")
+            reranker = Reranker(engine.require("vlm", None, what="reranking").model)
 
         def run_search() -> tuple[list[dict], int]:
             image = None if source is None else image_refs.decode(source, settings, param="image")
-            hits = engine.index.search(served.model, text=query, image=image, k=body.k)
+            if reranker is not None:
+                hits = reranker.search(engine.index, served.model, query, k=body.k)
+            else:
+                hits = engine.index.search(served.model, text=query, image=image, k=body.k)
             root = engine.index.root
             out = []
             for rank, hit in enumerate(hits, 1):

@@ -156,12 +156,15 @@ class SearchRequest(BaseModel):
     thumbnails: bool = True
     thumbnail_size: int = Field(128, ge=16, le=512, description="longest side of the thumbnails in pixels")
     model: str | None = None
+    rerank: bool = Field(False, description="text queries: rescore the best 10 (or k) images by how likely the served "
+                                            "VLM finds the query as their caption (slower, finds counts and details "
+                                            "better)")
 
 
 class SearchHit(BaseModel):
     rank: int
     path: str = Field(description="relative to the indexed folder")
-    score: float = Field(description="cosine similarity")
+    score: float = Field(description="cosine similarity; with rerank, the VLM's log-likelihood of the query")
     caption: str | None = None
     thumbnail: str | None = Field(None, description="PNG data: URI without metadata")
 
