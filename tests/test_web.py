@@ -97,6 +97,13 @@ def test_search_shows_a_thumbnail_grid(page):
     sources = page.eval_on_selector_all("#results img", "imgs => imgs.map(i => i.src)")
     assert len(sources) == 8 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert page.eval_on_selector_all("#results img", "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)")
+    page.check("#search-rerank")  # the served VLM rescores the results
+    page.press("#search-query", "Enter")
+    expect()(page.locator("#search-info")).to_contain_text("8 results for “a red circle”, reranked by the VLM")
+    expect()(figures).to_have_count(8)
+    scores = page.eval_on_selector_all("#results .score", "spans => spans.map(s => parseFloat(s.textContent.slice(6)))")
+    assert scores == sorted(scores, reverse=True) and scores[0] < 0  # log-likelihoods, best first
+    page.uncheck("#search-rerank")
     figures.first.click()  # a result becomes the image to talk about: it is captioned at once
     expect()(page.locator("#preview")).to_be_visible()
     expect()(page.locator("#caption")).to_have_text(re.compile(r"\w"))

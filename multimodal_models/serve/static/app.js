@@ -136,8 +136,9 @@ $("search-form").addEventListener("submit", (event) => {
   const query = $("search-query").value.trim();
   if (!query) { showError("type something to search for"); return; }
   busy([$("search-button")], async () => {
-    const result = await postJSON("/v1/search", { query, k: 12 });
-    renderResults(result.data, `“${query}”`);
+    const rerank = $("search-rerank").checked && !$("search-rerank").disabled;
+    const result = await postJSON("/v1/search", rerank ? { query, k: 12, rerank: true } : { query, k: 12 });
+    renderResults(result.data, `“${query}”` + (rerank ? ", reranked by the VLM" : ""));
   });
 });
 
@@ -224,6 +225,7 @@ function updateButtons() {
   $("chat-button").disabled = !haveImage || !vlm;
   $("similar-button").disabled = !haveImage || !index;
   $("search-button").disabled = !index;
+  $("search-rerank").disabled = !index || !vlm;
 }
 
 // --- caption and answer --------------------------------------------------------------------------
