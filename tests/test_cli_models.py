@@ -84,7 +84,7 @@ def test_retrieval_reranked_by_the_lm_in_evaluate_and_search(trained, tiny_shape
                  "--rerank-with", str(trained["vlm"]), "--rerank-top", "3", "--quiet"]) == 0
     retrieval = json.loads((out / "metrics.json").read_text())["retrieval"]
     reranked = retrieval["reranked"]
-    assert reranked["top"] == 3 and reranked["similarity_weight"] == 0.0
+    assert reranked["top"] == 3 and reranked["similarity_weight"] == 20.0
     # only each caption's top 3 are reordered: what was found by rank 3 is still found by rank 3, and below it
     # nothing moves
     for k in (3, 4, 5, 10):
@@ -99,7 +99,8 @@ def test_retrieval_reranked_by_the_lm_in_evaluate_and_search(trained, tiny_shape
     index = tmp_path / "index"
     assert main(["index", str(folder), "--model", str(trained["contrastive"]), "--out", str(index), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["search", str(index), "a red circle", "-k", "2", "--rerank-with", str(trained["vlm"]), "--json"]) == 0
+    assert main(["search", str(index), "a red circle", "-k", "2", "--rerank-with", str(trained["vlm"]),
+                 "--rerank-similarity-weight", "0", "--json"]) == 0
     hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(hits) == 2 and hits[0]["score"] >= hits[1]["score"]
     vlm = load(trained["vlm"])

@@ -54,7 +54,7 @@ def test_reranker_reorders_each_texts_top_images_and_keeps_the_rest_below():
     likelihood = torch.tensor([-5.0, -4.0, -1.0, -3.0, -2.0])  # what the LM thinks of each image, whatever the text
     features = likelihood[:, None, None]
     ranks = lambda matrix: matrix.T.argsort(dim=1, descending=True).tolist()  # noqa: E731
-    reranked = Reranker(ScriptedLM(), top=3).rerank_similarity(similarity, ["a", "b"], features)
+    reranked = Reranker(ScriptedLM(), top=3, similarity_weight=0.0).rerank_similarity(similarity, ["a", "b"], features)
     # text 0: its top 3 (images 0, 1, 2) reordered by likelihood (2, 1, 0), then 3 and 4 as before
     # text 1: its top 3 (4, 3, 2) reordered (2, 4, 3), then 1 and 0
     assert ranks(reranked) == [[2, 1, 0, 3, 4], [2, 4, 3, 1, 0]]
@@ -75,3 +75,4 @@ def test_reranked_search_hits_carry_the_rerankers_score():
     assert [h.path for h in reranked] == ["b.png", "c.png", "a.png"]
     assert [round(h.score, 4) for h in reranked] == [-0.2, -1.3, -2.1]
     assert Reranker(ScriptedLM()).rerank_hits("a text", [], []) == []
+    assert Reranker(ScriptedLM()).similarity_weight == 20.0  # the default, chosen on Shapes val

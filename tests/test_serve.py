@@ -29,6 +29,7 @@ from PIL import Image
 from multimodal_models.data.preprocess import ImageProcessor
 from multimodal_models.data.tokenizer import WordTokenizer
 from multimodal_models.errors import MultimodalError
+from multimodal_models.index.rerank import DEFAULT_SIMILARITY_WEIGHT
 from multimodal_models.loading import load
 from multimodal_models.models.chat import CHAT_SPECIAL_TOKENS
 from multimodal_models.models.dual_encoder import SHAPES_TEMPLATES, DualEncoder, DualEncoderConfig
@@ -474,17 +475,19 @@ def test_search_by_text_and_image_with_clean_thumbnails(client, env, models):
 
 
 def test_search_reranked_by_the_served_vlm(client, env, models):
-    vlm, _ = models
+    vlm, clip = models
     out = client.post("/v1/search", json={"query": "a red circle", "k": 3, "rerank": True, "thumbnails": False}).json()
     hits = out["data"]
     assert len(hits) == 3 and out["total"] == 6
-    # all six images are rescored (the top 10 of six); the three best by the VLM's likelihood come back, with it
+    # all six images are rescored (the top 10 of six): the VLM's likelihood + 20 x the cosine; the best three come back
     paths = ["red.png", "green.png", "blue.png", "nested/yellow.png", "gps.jpg", "link-out.png"]
-    pixels = vlm.image_processor([env["photos"] / p for p in paths])
-    likelihood = vlm.text_log_likelihoods(["a red circle"] * 6, vlm.image_features(pixels))
-    best = likelihood.argsort(descending=True)[:3].tolist()
+    images = [Image.open(env["photos"] / p).convert("RGB") for p in paths]
+    likelihood = vlm.text_log_likelihoods(["a red circle"] * 6, vlm.image_features(vlm.image_processor(images)))
+    cosine = torch.as_tensor(np.asarray(clip.embed_images(images)) @ np.asarray(clip.embed_texts(["a red circle"]))[0])
+    score = likelihood + DEFAULT_SIMILARITY_WEIGHT * cosine.float()
+    best = score.argsort(descending=True)[:3].tolist()
     assert [h["path"] for h in hits] == [paths[i] for i in best]
-    assert [h["score"] for h in hits] == pytest.approx([float(likelihood[i]) for i in best], abs=1e-4)
+    assert [h["score"] for h in hits] == pytest.approx([float(score[i]) for i in best], abs=1e-3)
     both = client.post("/v1/search", json={"query": "red", "image": "red.png", "rerank": True})
     assert error_of(both, 400)["param"] == "rerank"
     no_vlm = make_client(env, model=None)
