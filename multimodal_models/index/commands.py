@@ -50,12 +50,9 @@ def run_search(args) -> None:
                 raise MultimodalError("--rerank-with reranks text queries: give a text query and no --image")
             from .rerank import Reranker
 
-            lm = load(args.rerank_with, expect="vlm")
-            try:
-                reranker = Reranker(lm, top=args.rerank_top, similarity_weight=args.rerank_similarity_weight)
-                hits = reranker.search(index, model, args.query, k=args.k)
-            except ValueError as error:
-                raise MultimodalError(str(error)) from error
+            reranker = Reranker(load(args.rerank_with, expect="vlm"), top=args.rerank_top,
+                                similarity_weight=args.rerank_similarity_weight)
+            hits = reranker.search(index, model, args.query, k=args.k)
         else:
             hits = index.search(model, text=args.query, image=str(args.image) if args.image else None, k=args.k)
         root = index.root

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..index.rerank import DEFAULT_SIMILARITY_WEIGHT as WEIGHT
+
 # --- errors ---------------------------------------------------------------------------------
 
 
@@ -157,14 +159,15 @@ class SearchRequest(BaseModel):
     thumbnail_size: int = Field(128, ge=16, le=512, description="longest side of the thumbnails in pixels")
     model: str | None = None
     rerank: bool = Field(False, description="text queries: rescore the best 10 (or k) images by how likely the served "
-                                            "VLM finds the query as their caption (slower, finds counts and details "
-                                            "better)")
+                                            f"VLM finds the query as their caption, plus {WEIGHT:g} x the cosine (slower; "
+                                            "better for relations and lists of objects)")
 
 
 class SearchHit(BaseModel):
     rank: int
     path: str = Field(description="relative to the indexed folder")
-    score: float = Field(description="cosine similarity; with rerank, the VLM's log-likelihood of the query")
+    score: float = Field(description="cosine similarity; with rerank, the reranker's score (the VLM's "
+                                     f"log-likelihood of the query + {WEIGHT:g} x the cosine)")
     caption: str | None = None
     thumbnail: str | None = Field(None, description="PNG data: URI without metadata")
 
