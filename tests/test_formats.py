@@ -341,6 +341,18 @@ def test_vqa_ambiguous_image_files(tmp_path):
             lambda d: d["annotations"][0].pop("multiple_choice_answer"),
             "field 'multiple_choice_answer': missing; expected a string",
         ),
+        (
+            lambda d: d["annotations"][0].update(referents=[[[0.2, 0.5]], [[0.4, 1.5]]]),
+            "field 'referents[1][0]': expected [x, y] with both in [0, 1] (fractions of the image side), got [0.4, 1.5]",
+        ),
+        (
+            lambda d: d["annotations"][1].update(evidence=[0.2, 0.5]),
+            "field 'evidence[0]': expected [x, y] with both in [0, 1]",
+        ),
+        (
+            lambda d: d["annotations"][1].update(referents=[{"x": 0.2}]),
+            "field 'referents[0]': expected a list of [x, y] points, got an object",
+        ),
     ],
 )
 def test_vqa_malformed_annotations(tmp_path, change, expected):
@@ -387,7 +399,8 @@ def test_vqa_write_read_round_trip_with_shapes_style_png_names(tmp_path):
             "what color is the",
         ),
         VQARecord(
-            11, 2, images / "shapes_val_000000000002.png", "How many circles?", ("2",) * 10, "2", "number", "how many"
+            11, 2, images / "shapes_val_000000000002.png", "How many circles?", ("2",) * 10, "2", "number", "how many",
+            referents=(((0.25, 0.5), (0.75, 0.125)),), evidence=((0.25, 0.5), (0.75, 0.125)),
         ),
     ]
     questions, annotations = tmp_path / "q.json", tmp_path / "a.json"
@@ -397,6 +410,8 @@ def test_vqa_write_read_round_trip_with_shapes_style_png_names(tmp_path):
     assert {"info", "task_type", "data_type", "data_subtype", "license", "questions"} == set(q_doc)
     assert {"info", "data_type", "data_subtype", "license", "annotations"} == set(a_doc)
     assert a_doc["annotations"][0]["answers"][9] == {"answer": "dark red", "answer_confidence": "yes", "answer_id": 10}
+    assert "referents" not in a_doc["annotations"][0]  # written only where a record has them
+    assert a_doc["annotations"][1]["referents"] == [[[0.25, 0.5], [0.75, 0.125]]]
 
 
 def test_vqa_annotation_writer_needs_answers(tmp_path):

@@ -155,7 +155,8 @@ def test_a_vlm_reads_one_token_per_object_through_the_towers_object_head(object_
     assert all(torch.equal(vlm.objects.head.state_dict()[k], head[k]) for k in head)  # copied, then kept frozen
     image = sorted((tiny_shapes / "images" / "test").iterdir())[0]
     pixels = vlm.image_processor([image])
-    assert vlm.image_features(pixels).shape == (1, 6, vlm.config.decoder.width)
+    assert vlm.image_features(pixels).shape == (1, 6, vlm.objects.width)  # one slot per object, before the projector
+    assert vlm.projector(vlm.image_features(pixels)).shape == (1, 6, vlm.config.decoder.width)
     assert isinstance(vlm.ask(image, "how many shapes are there?", max_new_tokens=3), str)
 
     plain = tmp_path / "plain"
@@ -200,3 +201,48 @@ def test_evaluate_reports_the_object_heads_accuracy(tiny_shapes, tmp_path):
     objects = json.loads((out / "metrics.json").read_text())["objects"]
     assert set(objects) == {"objectness", "shape", "color", "size"} and all(0 <= v <= 100 for v in objects.values())
     assert "## Object head" in (out / "report.md").read_text()
+
+
+def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(object_clip, tiny_shapes, tmp_path):
+    """Questions whose annotations name their objects train the readers' heads to look at them."""
+    import random
+
+    from multimodal_models.training.loop import build_task
+
+    raw = tiny_config("vlm", tiny_shapes, tmp_path / "grounded")
+    raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
+    raw["model"].update({"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1, "image_reader_blocks": [0, 1]})
+    raw["task_options"] = {"vision_from": str(object_clip), "freeze_vision": True, "grounding_weight": 0.5}
+    task = build_task(config_from_raw(raw), progress=False)
+    batch = task.make_batch(list(range(6)), random.Random(0))
+    targets = batch["grounding"]
+    assert len(targets) > 6 and set(targets.readers.tolist()) == {0, 1} and set(targets.heads.tolist()) <= {0, 1}
+    labels, ids = batch["labels"], batch["ids"]
+    tokenizer = task.tokenizer
+    user = tokenizer.token_to_id("<user>")
+    questions = []
+    for row, position, head in zip(targets.rows.tolist(), targets.positions.tolist(), targets.heads.tolist()):
+        assert labels[row, position] == -100 and labels[row, position + 1] != -100  # predicts the answer's first token
+        assert tokenizer.decode(ids[row, position - 1:position].tolist()) == "?"  # right after the question
+        turn = max(t for t in range(position) if ids[row, t] == user)
+        questions.append(tokenizer.decode(ids[row, turn:position].tolist()))
+    assert any(q.endswith(" it?") for q in questions)  # dialogue turns are grounded too, "it" included
+    # the tiny tower has hardly learned to find objects: put the targets' objects in its slots (one image per row)
+    model = task.model
+    features = model.image_features(batch["pixels"]).detach()
+    C = model.config.vision.width  # slot = patch token, objectness, centre, attributes
+    features[:, :, C] = 0.0
+    for row in range(features.shape[0]):
+        chosen = targets.rows == row
+        points = {tuple(p) for p, n in zip(targets.points[chosen].tolist(), targets.counts[chosen].tolist()) for p in p[:n]}
+        for slot, point in enumerate(sorted(points)):
+            features[row, slot, C:C + 3] = torch.tensor([1.0, *point])
+    model.image_features = lambda pixels: features
+    out = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
+                labels=batch["labels"], grounding=targets)
+    assert out.grounding_loss > 0
+    torch.testing.assert_close(task.loss(model, batch), out.loss + 0.5 * out.grounding_loss)
+    del model.image_features
+    train(config_from_raw(raw), progress=False)
+    vlm = load(tmp_path / "grounded" / "model")
+    assert vlm.config.image_reader_blocks == (0, 1) and len(vlm.readers) == 2

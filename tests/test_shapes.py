@@ -238,3 +238,41 @@ def test_preview_draws_a_picture(dataset, tmp_path):
     assert main(["shapes", "preview", str(dataset), "--out", str(out), "--count", "8"]) == 0
     width, height = Image.open(out).size
     assert width > 600 and height > 400
+
+
+def _is_description(text: str) -> bool:
+    nouns = {s for s in SHAPES} | {s + "s" for s in SHAPES} | {"object", "objects", "shape", "shapes"}
+    words = text.split()
+    if text in ("color", "shape", "size"):  # the asked attribute, not a description
+        return False
+    return bool(words) and words[-1] in nouns and all(w in COLORS or w in ("small", "little", "large", "big")
+                                                         for w in words[:-1])
+
+
+def test_question_referents_are_the_objects_each_description_names(dataset):
+    from .shapes_solver import RULES, matches, nearest, parse_description
+
+    files = load_manifest(dataset)["splits"]["val"]
+    objects = scene_objects(dataset, "val")
+    records = formats.read_vqa(dataset / files["vqa_questions"], dataset / files["vqa_annotations"],
+                               image_dir=dataset / files["images"])
+    seen = Counter()
+    for r in records:
+        scene = objects[r.image_id]
+        text = r.question.lower().rstrip("?").strip()
+        groups = next(m.groups() for pattern, _ in RULES if (m := re.fullmatch(pattern, text)))
+        named = [[tuple(o["position"]) for o in scene if matches(o, parse_description(g))]
+                 for g in groups if g and _is_description(g)] or [[tuple(o["position"]) for o in scene]]
+        got = [sorted(group) for group in r.referents]
+        assert got == [sorted(group) for group in named], (r.question, r.referents)  # empty: none such
+        if r.question_type in ("closest", "furthest"):
+            anchor = next(o for o in scene if tuple(o["position"]) == r.referents[0][0])
+            target = nearest(scene, anchor, furthest=r.question_type == "furthest")
+            assert r.evidence == (tuple(target["position"]),)
+        if r.question_type.startswith("query_"):
+            assert r.evidence == r.referents[0] and len(r.evidence) == 1
+            assert next(o for o in scene if tuple(o["position"]) == r.evidence[0])[r.question_type[6:]] == r.answer
+        if r.question_type == "spatial":
+            assert len(r.referents) == 2 and not r.evidence
+        seen[r.question_type] += 1
+    assert set(seen) == set(QUESTION_TYPES)

@@ -71,8 +71,10 @@ def test_a_bidirectional_image_block_sees_its_whole_image_and_nothing_after_it()
     changed = features.clone()
     changed[0, -1] += 10 * torch.randn(model.config.decoder.width)  # the last token of the first image
 
-    def hidden(image_features, mask):
-        return model.decoder(embeds=model.embed(ids, image_features), mask=mask, return_hidden=True)[0]
+    def hidden(image_embeddings, mask):  # the projected image tokens in place of the placeholders
+        embeds = model.decoder.embed(ids).masked_scatter((ids == image_id)[..., None],
+                                                         image_embeddings.reshape(-1, image_embeddings.shape[-1]))
+        return model.decoder(embeds=embeds, mask=mask, return_hidden=True)[0]
 
     block = model.image_block_mask(ids, None)
     moved = (hidden(features, block) - hidden(changed, block)).abs().sum(-1) > 1e-6
@@ -208,7 +210,7 @@ def test_a_packed_training_sequence_trains_each_segment_as_if_it_were_alone(tiny
     assert len(unit.segments) > 3 and segments.count(1) > 0
     with torch.no_grad():
         packed = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"]).logits[0]
-        for number, (seg_ids, _) in enumerate(unit.segments, start=1):
+        for number, (seg_ids, _, _) in enumerate(unit.segments, start=1):
             where = [i for i, s in enumerate(segments) if s == number]
             if not where:  # left out: longer than max_length
                 continue

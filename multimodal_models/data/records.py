@@ -38,6 +38,11 @@ class VQARecord:
     answer: str | None = None  # the single target answer (VQA's multiple_choice_answer)
     answer_type: str | None = None  # "yes/no" | "number" | "other" in VQA v2
     question_type: str | None = None
+    # Optional grounding (GQA's question annotations in spirit), object centres as fractions of the
+    # image side: referents[i], the objects the question's i-th description names; evidence, the
+    # objects its answer is read from. Training may supervise where the model looks with them.
+    referents: tuple[tuple[tuple[float, float], ...], ...] = ()
+    evidence: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ class Turn:
 
     role: str  # "system" | "user" | "assistant"
     text: str
+    # a user turn's grounding, as VQARecord's: the objects its question names and reads its answer from
+    referents: tuple[tuple[tuple[float, float], ...], ...] = ()
+    evidence: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,9 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.length = 0  # positions filled, shared by all layers
         self.max_length = max_length
+        # batch-first tensors that later steps need besides keys and values (an image reader's
+        # image tokens); reorder() keeps them in step with the beams
+        self.context: tuple[torch.Tensor, ...] | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, D) after the cached positions; return everything cached so far."""
@@ -121,6 +124,8 @@ class KVCache:
         """Keep the batch rows `index` (beam search)."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+        if self.context is not None:
+            self.context = tuple(c.index_select(0, index) for c in self.context)
 
 
 class Attention(nn.Module):

@@ -9,6 +9,7 @@ bias) cover the Llama and Qwen2 layouts as well as the small models trained here
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -161,12 +162,14 @@ class CausalDecoder(nn.Module):
 
     def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, return_hidden: bool = False,
+                after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (B, T, V) for ids (B, T) or embeds (B, T, C).
 
         mask: None for plain causal attention, or a boolean (B, 1, T, S) mask that already
         contains causality (packed training sequences). positions (B, T): position ids,
-        by default 0..T-1 after whatever the cache holds.
+        by default 0..T-1 after whatever the cache holds. after_block(i, x): a step inserted
+        after block i (the multimodal LM's image readers), returning the new x.
         """
         x = self.embed(ids) if embeds is None else embeds
         B, T, _ = x.shape
@@ -181,6 +184,8 @@ class CausalDecoder(nn.Module):
         causal = mask is None
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, causal=causal, rotary=rotary, cache=cache, layer=i)
+            if after_block is not None:
+                x = after_block(i, x)
         if cache is not None:
             cache.advance(T)
         x = self.final_norm(x)

@@ -30,6 +30,7 @@ from torch import nn
 
 from .chat import JinjaChatTemplate, WordChatTemplate, attach_images
 from .generation import GenerationConfig, decode_tokens, stream_text
+from .image_reader import GroundingTargets, ImageReader, grounding_loss
 from .layers import activation, causal_mask, init_weights
 from .object_head import ObjectHeadConfig, ObjectSlots
 from .pretrained import PretrainedModel
@@ -83,6 +84,13 @@ class VLMConfig:
     # evaluation): the beam width, 1 for greedy. A caption is one long answer, where greedy decoding can
     # talk itself into a corner ("a hexagon and a ..." in a scene of two hexagons) that a beam avoids
     caption_beams: int = 1
+    # Image readers (`image_reader.ImageReader`): after each of these decoder blocks, a cross-attention
+    # from the text positions to the image's tokens as the vision side gives them (before the
+    # projector), whose heads training can point at the objects a question names (grounding). Empty:
+    # none (LLaVA / nanoVLM). heads x head_dim is the readers' inner width.
+    image_reader_blocks: tuple[int, ...] = ()
+    image_reader_heads: int = 4
+    image_reader_head_dim: int = 32
 
     @property
     def tokens_per_image(self) -> int:
@@ -104,6 +112,10 @@ class VLMConfig:
                                      ("image_attention", self.image_attention, IMAGE_ATTENTION)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        for block in self.image_reader_blocks:
+            if not 0 <= block < self.decoder.depth:
+                raise ValueError(f"image_reader_blocks: block {block} is not one of the decoder's "
+                                 f"{self.decoder.depth} blocks (0..{self.decoder.depth - 1})")
         if self.caption_beams < 1:
             raise ValueError(f"caption_beams must be at least 1 (1: greedy), got {self.caption_beams}")
         if self.image_tokens == "objects":
@@ -120,6 +132,7 @@ class VLMConfig:
 class VLMOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None
+    grounding_loss: torch.Tensor | None = None  # given grounding targets and image readers
 
 
 def pixel_shuffle(tokens: torch.Tensor, factor: int) -> torch.Tensor:
@@ -184,22 +197,30 @@ class VisionLanguageModel(PretrainedModel):
         self.projector = ModalityProjector(config, source)
         init_weights(self.projector)
         self.decoder = CausalDecoder(config.decoder)
+        self.readers = nn.ModuleList(
+            ImageReader(config.decoder.width, source, config.image_reader_heads, config.image_reader_head_dim)
+            for _ in config.image_reader_blocks
+        )
 
     # -- model -----------------------------------------------------------------------------
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (N, 3, H, W) -> image embeddings (N, K, C_decoder)."""
+        """pixels (N, 3, H, W) -> the image tokens the language side reads (N, K, C_vision): the vision
+        tokens (or object slots) before the projector, which `embed` applies; image readers read
+        them as they are."""
         tokens = self.vision(pixels, layer=self.config.vision_layer).tokens
         if self.config.vision_tokens == "skip_first" or (self.config.vision_tokens == "patches"
                                                           and self.config.vision.class_token):
             tokens = tokens[:, 1:]
         if self.objects is not None:
             tokens = self.objects(tokens)
-        return self.projector(tokens)
+        return tokens
 
     def embed(self, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the <image> placeholders replaced by image features, in order."""
+        """Token embeddings with the <image> placeholders replaced by the projected image features
+        (`image_features`), in order."""
         embeds = self.decoder.embed(ids)
+        features = None if features is None else self.projector(features)
         slots = ids == self.config.image_token_id
         count = int(slots.sum())
         given = 0 if features is None else features.shape[0] * features.shape[1]
@@ -212,21 +233,80 @@ class VisionLanguageModel(PretrainedModel):
 
     def forward(self, ids: torch.Tensor, pixels: torch.Tensor | None = None, *, features: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, cache=None) -> VLMOutput:
-        """ids (B, T); pixels (N, 3, H, W) for the N images of the batch in reading order.
+                labels: torch.Tensor | None = None, cache=None, grounding: GroundingTargets | None = None
+                ) -> VLMOutput:
+        """ids (B, T); pixels (N, 3, H, W) for the N images of the batch in reading order (or their
+        `image_features`). With a cache, later calls pass only the new ids.
 
         labels (B, T): the token each position should predict next is labels[:, t+1];
-        -100 marks positions that are not trained on.
+        -100 marks positions that are not trained on. grounding: where the image readers'
+        heads should look (training), giving VLMOutput.grounding_loss.
         """
         if features is None and pixels is not None:
             features = self.image_features(pixels)
+        start = cache.length if cache is not None else 0
         if self.config.image_attention == "bidirectional":
-            mask = self.image_block_mask(ids, mask, start=cache.length if cache is not None else 0)
-        logits = self.decoder(embeds=self.embed(ids, features), mask=mask, positions=positions, cache=cache)
+            mask = self.image_block_mask(ids, mask, start=start)
+        after_block, reader_logits = None, []
+        if len(self.readers):
+            context, valid, visible = self.image_context(ids, features, cache)
+            reader_at = {block: reader for block, reader in zip(self.config.image_reader_blocks, self.readers)}
+
+            def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
+                if i not in reader_at:
+                    return x
+                x, logits = reader_at[i](x, context, visible)
+                reader_logits.append(logits)
+                return x
+
+        logits = self.decoder(embeds=self.embed(ids, features), mask=mask, positions=positions, cache=cache,
+                              after_block=after_block)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return VLMOutput(logits, loss)
+        ground = None
+        if grounding is not None and len(self.readers):
+            if self.objects is None:
+                raise ValueError("grounding supervision needs image_tokens 'objects': it matches object centres to "
+                                 "the object slots' predicted centres")
+            C = self.config.vision.width  # slot = patch token, objectness, centre (x, y), attributes
+            ground = grounding_loss(reader_logits, context[..., C + 1:C + 3], valid & (context[..., C] > 0.5),
+                                    grounding.to(ids.device))
+        return VLMOutput(logits, loss, ground)
+
+    def image_context(self, ids: torch.Tensor, features: torch.Tensor | None, cache=None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the image readers read: each row's images' tokens side by side (B, S, C_projector_in), which
+        of them are real (B, S; rows with fewer images are padded) and which each position may see
+        (B, T, S: the tokens of images that start at or before it). With a cache the context of the
+        prompt is kept there for the steps that follow."""
+        B, T = ids.shape
+        if features is None and cache is not None and cache.context is not None:
+            context, valid = cache.context
+            return context, valid, valid[:, None, :].expand(B, T, -1)
+        if features is None:  # no image anywhere: the readers read nothing
+            empty = torch.zeros(B, 0, dtype=torch.bool, device=ids.device)
+            width = self.projector.layers[0].in_features
+            return torch.zeros(B, 0, width, device=ids.device), empty, empty[:, None, :].expand(B, T, 0)
+        features = pixel_shuffle(features, self.config.pixel_shuffle)  # one token per placeholder, as projected
+        placeholders = self.config.tokens_per_image
+        K = features.shape[1]
+        starts = [(ids[b] == self.config.image_token_id).nonzero()[::placeholders, 0] for b in range(B)]
+        most = max(len(s) for s in starts)
+        context = features.new_zeros(B, most * K, features.shape[-1])
+        valid = torch.zeros(B, most * K, dtype=torch.bool, device=ids.device)
+        first = torch.full((B, most * K), T, dtype=torch.long, device=ids.device)  # position where a token shows
+        image = 0
+        for b, row_starts in enumerate(starts):
+            for j, position in enumerate(row_starts.tolist()):
+                context[b, j * K:(j + 1) * K] = features[image]
+                valid[b, j * K:(j + 1) * K] = True
+                first[b, j * K:(j + 1) * K] = position
+                image += 1
+        if cache is not None:
+            cache.context = (context, valid)
+        visible = torch.arange(T, device=ids.device)[None, :, None] >= first[:, None, :]
+        return context, valid, visible & valid[:, None, :]
 
     def image_block_mask(self, ids: torch.Tensor, mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
         """The attention mask (B, 1, T, start + T) with each image's tokens also seeing the later
@@ -345,8 +425,8 @@ class VisionLanguageModel(PretrainedModel):
             if bool(done.all()):
                 break
             keys = torch.cat([keys, torch.ones(B, 1, dtype=torch.bool, device=self.device)], dim=1)
-            logits = self.decoder(tokens[:, None], mask=keys[:, None, None, :], positions=next_position[:, None],
-                                  cache=cache)[:, -1]
+            logits = self(tokens[:, None], mask=keys[:, None, None, :], positions=next_position[:, None],
+                          cache=cache).logits[:, -1]
             next_position = next_position + 1
         return outputs
 
@@ -452,7 +532,7 @@ class VLMSession:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
         if self.cache is not None:
-            return self.model.decoder(tokens[:, None], cache=self.cache)[:, -1]
+            return self.model(tokens[:, None], cache=self.cache).logits[:, -1]
         # the features belong to one conversation; beams are copies of it
         features = None if self.features is None else self.features.repeat(self.ids.shape[0], 1, 1)
         return self.model(self.ids, features=features).logits[:, -1]

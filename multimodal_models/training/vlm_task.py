@@ -22,6 +22,7 @@ from ..data.preprocess import ImageProcessor
 from ..data.records import ImageSource
 from ..data.tokenizer import WordTokenizer
 from ..models.chat import CHAT_SPECIAL_TOKENS, conversation_to_messages
+from ..models.image_reader import GroundingTargets
 from ..models.layers import causal_mask
 from ..models.pretrained import config_from_dict
 from ..models.vision import VisionConfig
@@ -31,6 +32,45 @@ from .data import ImageStore, SplitData, image_key
 # Ways of asking for a caption seen in training; CAPTION_PROMPT is the one inference uses.
 CAPTION_PROMPTS = (CAPTION_PROMPT, "what is in the picture?", "write a caption.", "describe this image.")
 
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """Where a question looks (VQARecord.referents / evidence): object centres, image fractions."""
+
+    referents: tuple[tuple[Point, ...], ...]
+    evidence: tuple[Point, ...]
+
+    def targets(self, readers: int, heads: int) -> list[tuple[int, int, tuple[Point, ...]]]:
+        """(reader, head, points) to supervise: the first reader's head i looks at what the question's
+        i-th description names; with two or more readers, the last one's head 0 at the answer's evidence
+        (found from the first look: the object closest to A)."""
+        out = [(0, head, group) for head, group in enumerate(self.referents[:heads]) if group]
+        if readers > 1 and self.evidence:
+            out.append((readers - 1, 0, self.evidence))
+        return out
+
+    @classmethod
+    def of(cls, item) -> Grounding | None:
+        """A VQARecord's or a Turn's grounding, None where it has none."""
+        return cls(item.referents, item.evidence) if item.referents or item.evidence else None
+
+
+Answers = tuple[Grounding | None, ...]  # the grounding of each assistant turn of a chat, in order
+
+
+def conversation_answers(record) -> Answers:
+    """Each assistant turn's grounding: that of the user turn just before it."""
+    out, last = [], None
+    for turn in record.turns:
+        if turn.role == "user":
+            last = Grounding.of(turn)
+        elif turn.role == "assistant":
+            out.append(last)
+            last = None
+    return tuple(out)
+
 
 @dataclass
 class ImageExamples:
@@ -38,8 +78,9 @@ class ImageExamples:
 
     images: list[ImageSource]
     captions: list[str] = field(default_factory=list)
-    qa: list[tuple[str, str]] = field(default_factory=list)
-    chats: list[list[dict]] = field(default_factory=list)  # conversations as chat messages
+    qa: list[tuple[str, str, Grounding | None]] = field(default_factory=list)
+    # conversations as chat messages, each with the grounding of each assistant turn's question
+    chats: list[tuple[list[dict], Answers]] = field(default_factory=list)
     shared_prefix: bool = True  # False: a conversation with several images or a late image, packed alone
 
 
@@ -49,23 +90,26 @@ class Unit:
 
     images: list[ImageSource]
     prefix: list[int]
-    segments: list[tuple[list[int], list[bool]]]  # (ids, is-target) of each segment after the prefix
+    segments: list[tuple[list[int], list[bool], Answers]]  # (ids, is-target, groundings) after the prefix
 
 
 class VLMTask:
     name = "vlm"
 
     OPTIONS = ("questions_per_image", "captions_per_image", "max_length", "vision_from", "init_from", "lora",
-               "freeze_vision")
+               "freeze_vision", "grounding_weight")
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         self.config = config
         options = {"questions_per_image": 0, "captions_per_image": 1, "max_length": None, "vision_from": None,
-                   "init_from": None, "lora": None, "freeze_vision": False, **config.task_options}
+                   "init_from": None, "lora": None, "freeze_vision": False, "grounding_weight": 1.0,
+                   **config.task_options}
         unknown = set(options) - set(self.OPTIONS)
         if unknown:
             raise ValueError(f"unknown task_options for the vlm task: {sorted(unknown)}; known: {list(self.OPTIONS)}")
         self.questions_per_image = options["questions_per_image"]  # 0: all of them
+        # weight of the image readers' grounding loss, where questions carry referents (0: off)
+        self.grounding_weight = float(options["grounding_weight"])
         self.captions_per_image = options["captions_per_image"]
         if options["init_from"]:  # fine-tune a saved or Hugging Face model with its own tokenizer and template
             self.model = load_model(options["init_from"], "vlm")
@@ -148,15 +192,17 @@ class VLMTask:
         for record in split.captions:
             entry(record.image).captions.extend(record.captions)
         for record in split.vqa:
-            entry(record.image).qa.append((record.question, record.answer or (record.answers[0] if record.answers else "")))
+            answer = record.answer or (record.answers[0] if record.answers else "")
+            entry(record.image).qa.append((record.question, answer, Grounding.of(record)))
         free_form = []
         for record in split.conversations:
             messages = conversation_to_messages(record)
             first = messages[0]
             if len(record.images) == 1 and first["role"] == "user" and first["content"].lstrip().startswith("<image>"):
-                entry(record.images[0]).chats.append(messages)
+                entry(record.images[0]).chats.append((messages, conversation_answers(record)))
             else:  # several images, or the image later in the chat: a sequence of its own
-                free_form.append(ImageExamples(list(record.images), chats=[messages], shared_prefix=False))
+                free_form.append(ImageExamples(list(record.images), chats=[(messages, conversation_answers(record))],
+                                               shared_prefix=False))
         return list(by_image.values()) + free_form
 
     def unit_sequence(self, item: ImageExamples, rng: random.Random) -> Unit:
@@ -164,10 +210,12 @@ class VLMTask:
 
         The shared prefix is the longest common start of all the image's chats that ends before
         the first trained token; it must hold every image placeholder (the image comes first)."""
-        encodings = [self.template.encode(messages) for messages in self._chats(item, rng)]
+        chats = self._chats(item, rng)
+        encodings = [self.template.encode(messages) for messages, _ in chats]
+        answers = [a for _, a in chats]
         if not item.shared_prefix or len(encodings) == 1:
             encoding = encodings[0]
-            return Unit(item.images, encoding.ids[:1], [(encoding.ids[1:], encoding.targets[1:])])
+            return Unit(item.images, encoding.ids[:1], [(encoding.ids[1:], encoding.targets[1:], answers[0])])
         common = 0
         shortest = min(len(e.ids) for e in encodings)
         while common < shortest and len({e.ids[common] for e in encodings}) == 1:
@@ -177,22 +225,23 @@ class VLMTask:
         if any(image_id in e.ids[common:] for e in encodings):
             raise ValueError("the chat template does not put the image before the text it varies; "
                              "these conversations cannot share one image prefix")
-        segments = [(e.ids[common:], e.targets[common:]) for e in encodings]
+        segments = [(e.ids[common:], e.targets[common:], a) for e, a in zip(encodings, answers)]
         rng.shuffle(segments)
         return Unit(item.images, encodings[0].ids[:common], segments)
 
-    def _chats(self, item: ImageExamples, rng: random.Random) -> list[list[dict]]:
+    def _chats(self, item: ImageExamples, rng: random.Random) -> list[tuple[list[dict], Answers]]:
+        """This step's chats about the item, each with the grounding of each of its answers."""
         if not item.shared_prefix:
             return item.chats
         image_part = {"type": "image"}
         chats = []
         for caption in rng.sample(item.captions, min(self.captions_per_image, len(item.captions))):
-            chats.append([{"role": "user", "content": [image_part, {"type": "text", "text": rng.choice(CAPTION_PROMPTS)}]},
-                          {"role": "assistant", "content": caption}])
+            chats.append(([{"role": "user", "content": [image_part, {"type": "text", "text": rng.choice(CAPTION_PROMPTS)}]},
+                           {"role": "assistant", "content": caption}], (None,)))
         qa = item.qa if not self.questions_per_image else rng.sample(item.qa, min(self.questions_per_image, len(item.qa)))
-        for question, answer in qa:
-            chats.append([{"role": "user", "content": [image_part, {"type": "text", "text": question}]},
-                          {"role": "assistant", "content": answer}])
+        for question, answer, grounding in qa:
+            chats.append(([{"role": "user", "content": [image_part, {"type": "text", "text": question}]},
+                           {"role": "assistant", "content": answer}], (grounding,)))
         return chats + item.chats
 
     def __len__(self) -> int:
@@ -208,7 +257,7 @@ class VLMTask:
         labels = torch.full((B, T), -100, dtype=torch.long)
         positions = torch.zeros(B, T, dtype=torch.long)
         mask = torch.zeros(B, T, T, dtype=torch.bool)
-        for b, (row_ids, row_targets, row_positions, row_segments) in enumerate(rows):
+        for b, (row_ids, row_targets, row_positions, row_segments, _) in enumerate(rows):
             n = len(row_ids)
             ids[b, :n] = torch.tensor(row_ids)
             labels[b, :n] = torch.where(torch.tensor(row_targets), torch.tensor(row_ids), torch.tensor(-100))
@@ -220,8 +269,30 @@ class VLMTask:
             mask[b, n:, n:] = torch.eye(T - n, dtype=torch.bool)  # padding attends to itself only
         positions_of_images = [self.store.position(s) for u in units for s in u.images]
         pixels = self.store.batch(positions_of_images) if positions_of_images else None
-        return {"ids": ids, "labels": labels, "positions": positions, "mask": mask[:, None], "pixels": pixels,
-                "examples": sum(len(u.segments) for u in units), "tokens": int((labels != -100).sum())}
+        batch = {"ids": ids, "labels": labels, "positions": positions, "mask": mask[:, None], "pixels": pixels,
+                 "examples": sum(len(u.segments) for u in units), "tokens": int((labels != -100).sum())}
+        if self.grounding_weight > 0 and len(getattr(self.model, "readers", ())):
+            batch["grounding"] = self.grounding_targets(rows)
+        return batch
+
+    def grounding_targets(self, rows: list) -> GroundingTargets:
+        """Each grounded question's targets at the position that predicts its answer's first token."""
+        readers, heads = len(self.model.readers), self.model.config.image_reader_heads
+        entries = []
+        for row, (_, row_targets, _, _, placed) in enumerate(rows):
+            for start, end, answers in placed:
+                # each assistant turn is a run of trained tokens; its first is predicted one position earlier
+                firsts = [t for t in range(start, end) if row_targets[t] and not row_targets[t - 1]]
+                for first, grounding in zip(firsts, answers):
+                    for reader, head, points in grounding.targets(readers, heads) if grounding else ():
+                        entries.append((row, first - 1, reader, head, points))
+        most = max((len(e[4]) for e in entries), default=1)
+        points = torch.zeros(len(entries), most, 2)
+        for g, entry in enumerate(entries):
+            points[g, :len(entry[4])] = torch.tensor(entry[4])
+        column = lambda k: torch.tensor([e[k] for e in entries], dtype=torch.long)  # noqa: E731
+        return GroundingTargets(column(0), column(1), column(2), column(3), points,
+                                torch.tensor([len(e[4]) for e in entries], dtype=torch.long))
 
     def evaluate(self, model, limit: int) -> dict:
         """VQA accuracy, caption metrics (+ grounding on Shapes), dialogue turn accuracy on the eval split."""
@@ -242,10 +313,13 @@ class VLMTask:
                 return flat[key]
         return 0.0
 
-    @staticmethod
-    def loss(model, batch: dict) -> torch.Tensor:
-        return model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
-                     labels=batch["labels"]).loss
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """The next-token loss, plus grounding_weight x the image readers' grounding loss."""
+        out = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
+                    labels=batch["labels"], grounding=batch.get("grounding"))
+        if out.grounding_loss is None:
+            return out.loss
+        return out.loss + self.grounding_weight * out.grounding_loss
 
 
 def load_model(name_or_path: str, model_type: str | None = None):
@@ -258,18 +332,21 @@ def load_model(name_or_path: str, model_type: str | None = None):
     return model
 
 
-def pack(unit: Unit, max_length: int) -> tuple[list[int], list[bool], list[int], list[int]]:
-    """ids, targets, positions and segment numbers (0 = prefix) of a packed sequence.
+def pack(unit: Unit, max_length: int) -> tuple[list[int], list[bool], list[int], list[int], list]:
+    """ids, targets, positions and segment numbers (0 = prefix) of a packed sequence, and where each
+    packed segment starts and ends, with its answers' groundings.
 
     Segments that would run past max_length are left for another step (dropped here)."""
     ids, targets = list(unit.prefix), [False] * len(unit.prefix)
     positions, segments = list(range(len(unit.prefix))), [0] * len(unit.prefix)
-    for number, (seg_ids, seg_targets) in enumerate(unit.segments, start=1):
+    placed = []
+    for number, (seg_ids, seg_targets, answers) in enumerate(unit.segments, start=1):
         if len(unit.prefix) + len(seg_ids) > max_length:
             continue
+        placed.append((len(ids), len(ids) + len(seg_ids), answers))
         ids += seg_ids
         targets += seg_targets
         positions += range(len(unit.prefix), len(unit.prefix) + len(seg_ids))
         segments += [number] * len(seg_ids)
-    return ids, targets, positions, segments
+    return ids, targets, positions, segments, placed
 

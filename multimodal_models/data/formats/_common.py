@@ -233,3 +233,42 @@ def _require_int_id(value: object, *, what: str, format_name: str) -> int:
     if not _is_int(value):
         raise ValueError(f"{what}: {format_name} needs integer ids, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+# --- grounding annotations: object centres a question (or a conversation turn) is about ----------
+
+
+def _points(file: Path, value, *, record: str, field: str) -> tuple[tuple[float, float], ...]:
+    """A list of [x, y] object centres, fractions of the image side (grounding annotations)."""
+    if not isinstance(value, list):
+        raise DataFormatError(file, f"expected a list of [x, y] points, got {_describe(value)}", record=record, field=field)
+    points = []
+    for k, point in enumerate(value):
+        if (not isinstance(point, list) or len(point) != 2
+                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in point)):
+            raise DataFormatError(file, f"expected [x, y] with both in [0, 1] (fractions of the image side), "
+                                  f"got {point!r}", record=record, field=f"{field}[{k}]")
+        points.append((float(point[0]), float(point[1])))
+    return tuple(points)
+
+
+def _read_grounding(file: Path, entry: Mapping, *, record: str, prefix: str = "") -> dict:
+    """The optional "referents" (a list of point lists, one per description) and "evidence" (a point
+    list) of a VQA annotation or a conversation message, as VQARecord / Turn fields."""
+    groups = _get(file, entry, "referents", "list", record=record, prefix=prefix, default=[])
+    return {
+        "referents": tuple(_points(file, group, record=record, field=f"{prefix}referents[{k}]")
+                           for k, group in enumerate(groups)),
+        "evidence": _points(file, _get(file, entry, "evidence", "list", record=record, prefix=prefix, default=[]),
+                            record=record, field=prefix + "evidence"),
+    }
+
+
+def _grounding_json(item) -> dict:
+    """The grounding fields of a VQARecord or Turn for JSON, only those it has."""
+    out = {}
+    if item.referents:
+        out["referents"] = [[list(p) for p in group] for group in item.referents]
+    if item.evidence:
+        out["evidence"] = [list(p) for p in item.evidence]
+    return out

@@ -14,9 +14,11 @@ from ._common import (
     _check,
     _describe,
     _get,
+    _grounding_json,
     _json_lines,
     _load_json,
     _nested_objects,
+    _read_grounding,
     _relative_image,
     _require_images_exist,
     _top_level,
@@ -81,7 +83,8 @@ def _llava_record(file: Path, entry: Mapping, label: str, image_dir: Path) -> tu
                 file, f"expected 'human', 'gpt' or 'system', got {speaker!r}", record=label, field=prefix + "from"
             )
         text = _get(file, message, "value", "string", record=label, prefix=prefix)
-        turns.append(Turn(role=_FROM_LLAVA_ROLE[speaker], text=text))
+        turns.append(Turn(role=_FROM_LLAVA_ROLE[speaker], text=text,
+                          **_read_grounding(file, message, record=label, prefix=prefix)))
     if not turns:
         raise DataFormatError(
             file, "expected at least one message, got an empty list", record=label, field="conversations"
@@ -117,7 +120,7 @@ def write_llava(path: PathLike, records: Iterable[ConversationRecord], *, image_
         for turn in record.turns:
             if turn.role not in _TO_LLAVA_ROLE:
                 raise ValueError(f"{what}: role {turn.role!r} is not one of {ROLES}")
-            conversations.append({"from": _TO_LLAVA_ROLE[turn.role], "value": turn.text})
+            conversations.append({"from": _TO_LLAVA_ROLE[turn.role], "value": turn.text} | _grounding_json(turn))
         entry["conversations"] = conversations
         entries.append(entry)
     return _write_json(path, entries, indent=2)

@@ -20,9 +20,11 @@ from ._common import (
     _MAX_LISTED,
     PathLike,
     _get,
+    _grounding_json,
     _load_json,
     _nested_objects,
     _objects,
+    _read_grounding,
     _read_results,
     _require_images_exist,
     _require_int_id,
@@ -194,6 +196,7 @@ def _read_vqa_annotations(file: Path, questions: Mapping[int, tuple[str, dict]])
             "answer": _get(file, entry, "multiple_choice_answer", "string", record=label),
             "answer_type": _get(file, entry, "answer_type", "string", record=label, default=None),
             "question_type": _get(file, entry, "question_type", "string", record=label, default=None),
+            **_read_grounding(file, entry, record=label),
         }
     for question_id, (label, _) in questions.items():
         if question_id not in annotations:
@@ -300,6 +303,7 @@ def write_vqa_annotations(
                 "answer_type": record.answer_type or "other",
                 "question_id": question_id,
             }
+            | _grounding_json(record)
         )
     return _write_json(path, {**_vqa_header(data_subtype, data_type, info, license), "annotations": annotations})
 

@@ -54,6 +54,8 @@ def write_layouts(out: Path, config, per_split: dict[str, list[dict]]) -> dict[s
                 answer=q["answer"],
                 answer_type=q["answer_type"],
                 question_type=q["question_type"],
+                referents=tuple(tuple(tuple(p) for p in group) for group in q["referents"]),
+                evidence=tuple(tuple(p) for p in q["evidence"]),
             )
             for item in items
             for k, q in enumerate(item["questions"])
@@ -66,10 +68,11 @@ def write_layouts(out: Path, config, per_split: dict[str, list[dict]]) -> dict[s
                 images=(image_dir / item["file_name"],),
                 turns=tuple(
                     turn
-                    for k, (question, answer) in enumerate(item["dialogue"])
+                    for k, t in enumerate(item["dialogue"])
                     for turn in (
-                        Turn("user", ("<image>\n" if k == 0 else "") + sentence_case(question)),
-                        Turn("assistant", answer),
+                        Turn("user", ("<image>\n" if k == 0 else "") + sentence_case(t.question),
+                             referents=t.referents, evidence=t.evidence),
+                        Turn("assistant", t.answer),
                     )
                 ),
             )

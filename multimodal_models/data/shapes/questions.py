@@ -63,6 +63,12 @@ class Question:
     answer_type: str  # VQA's answer types: "yes/no" | "number" | "other"
     question_type: str
     answer_space: str  # key of ANSWER_SPACES the answer is drawn from
+    # Where the question looks, as object centres (fractions of the image side), for grounding
+    # supervision: referents[i] holds the objects the i-th description of the question names (one for
+    # "the red circle", all of them for "red circles"); evidence, the objects the answer is read from
+    # (the object closest to A, the counted ones, the one whose colour is asked).
+    referents: tuple[tuple[tuple[float, float], ...], ...] = ()
+    evidence: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,16 @@ class Candidate:
     answer: str
     build: Callable[[random.Random], str]  # writes the question, choosing among its wordings
     answer_space: str
+    referents: tuple[tuple[ShapeObject, ...], ...] = ()  # as Question's, the objects themselves
+    evidence: tuple[ShapeObject, ...] = ()
+
+
+def centres(objects) -> tuple[tuple[float, float], ...]:
+    return tuple((round(o.x, 4), round(o.y, 4)) for o in objects)
+
+
+def matching(scene: Scene, d: Description) -> tuple[ShapeObject, ...]:
+    return tuple(o for o in scene.objects if d.matches(o))
 
 
 def answer_type_of(space: str) -> str:
@@ -125,6 +141,8 @@ def candidates_exist(scene, forbidden, descriptions):
                 ]
             ),
             "yes/no",
+            referents=(matching(scene, d),),
+            evidence=matching(scene, d),
         )
 
 
@@ -134,6 +152,8 @@ def candidates_count(scene, forbidden, descriptions):
         str(len(scene.objects)),
         lambda rng: rng.choice(["how many objects are there?", "how many shapes are in the image?"]),
         "number",
+        referents=(tuple(scene.objects),),
+        evidence=tuple(scene.objects),
     )
     for attributes, d in descriptions:
         yield Candidate(
@@ -147,6 +167,8 @@ def candidates_count(scene, forbidden, descriptions):
                 ]
             ),
             "number",
+            referents=(matching(scene, d),),
+            evidence=matching(scene, d),
         )
 
 
@@ -165,6 +187,8 @@ def _candidates_query(attribute):
                     getattr(obj, attribute),
                     lambda rng, d=d: rng.choice(templates).format(ref=the(d)),
                     attribute,
+                    referents=((obj,),),
+                    evidence=(obj,),
                 )
 
     return candidates
@@ -190,6 +214,7 @@ def candidates_spatial(scene, forbidden, descriptions):
                         f"is {the(rng.choice(das))} {phrase} {the(rng.choice(dbs))}?"
                     ),
                     "yes/no",
+                    referents=((a,), (b,)),
                 )
         if RELATIONS["to the left of"](a, b) or RELATIONS["to the right of"](a, b):
             yield Candidate(
@@ -199,6 +224,7 @@ def candidates_spatial(scene, forbidden, descriptions):
                     f"is {the(rng.choice(das))} to the left or to the right of {the(rng.choice(dbs))}?"
                 ),
                 "horizontal",
+                referents=((a,), (b,)),
             )
         if RELATIONS["above"](a, b) or RELATIONS["below"](a, b):
             yield Candidate(
@@ -206,6 +232,7 @@ def candidates_spatial(scene, forbidden, descriptions):
                 "above" if a.y < b.y else "below",
                 lambda rng, das=das, dbs=dbs: f"is {the(rng.choice(das))} above or below {the(rng.choice(dbs))}?",
                 "vertical",
+                referents=((a,), (b,)),
             )
 
 
@@ -232,6 +259,8 @@ def _candidates_distance(op):
                         f"what {attribute} is the object {rng.choice(phrases)} {the(rng.choice(ds))}?"
                     ),
                     attribute,
+                    referents=((anchor,),),
+                    evidence=(target,),
                 )
 
     return candidates
@@ -252,6 +281,7 @@ def candidates_same_attribute(scene, forbidden, descriptions):
                     a=the(rng.choice(das)), b=the(rng.choice(dbs))
                 ),
                 "yes/no",
+                referents=((a,), (b,)),
             )
     for a, das in referable(scene, forbidden):
         for attribute in ATTRIBUTES:
@@ -260,6 +290,8 @@ def candidates_same_attribute(scene, forbidden, descriptions):
                 str(sum(getattr(o, attribute) == getattr(a, attribute) for o in scene.objects if o is not a)),
                 lambda rng, das=das, attribute=attribute: wording[attribute][1].format(a=the(rng.choice(das))),
                 "number",
+                referents=((a,),),
+                evidence=tuple(o for o in scene.objects if o is not a and getattr(o, attribute) == getattr(a, attribute)),
             )
 
 
@@ -287,6 +319,7 @@ def candidates_compare_count(scene, forbidden, descriptions):
                             a=da.words(plural=True), b=db.words(plural=True)
                         ),
                         "yes/no",
+                        referents=(matching(scene, da), matching(scene, db)),
                     )
 
 
@@ -299,6 +332,7 @@ def candidates_compare_size(scene, forbidden, descriptions):
                 yes_no(holds),
                 lambda rng, das=das, dbs=dbs, relation=relation: f"is {the(rng.choice(das))} {relation} than {the(rng.choice(dbs))}?",
                 "yes/no",
+                referents=((a,), (b,)),
             )
 
 
@@ -371,7 +405,8 @@ def make_questions(scene: Scene, rng: random.Random, count: int, forbidden: froz
         seen.add(text)
         pools[qtype].remove(chosen)
         questions.append(
-            Question(text, chosen.answer, answer_type_of(chosen.answer_space), qtype, chosen.answer_space)
+            Question(text, chosen.answer, answer_type_of(chosen.answer_space), qtype, chosen.answer_space,
+                     tuple(centres(group) for group in chosen.referents), centres(chosen.evidence))
         )
         if len(questions) == count:
             break
@@ -386,57 +421,74 @@ def named_attributes(d: Description) -> set[str]:
     return {a for a in ATTRIBUTES if getattr(d, a) is not None}
 
 
-def make_dialogue(scene: Scene, rng: random.Random, forbidden: frozenset = frozenset()) -> list[tuple[str, str]]:
-    """3-6 (question, answer) turns in which later turns refer back to an object as "it".
+def make_dialogue(scene: Scene, rng: random.Random, forbidden: frozenset = frozenset()) -> list[DialogueTurn]:
+    """3-6 turns in which later turns refer back to an object as "it".
 
     The first turn introduces a uniquely described object; a follow-up either asks about
     "it" or moves the conversation to another object ("and what color is the star?"),
     which "it" then means.
     """
     refs = referable(scene, forbidden)
+    everything = (centres(scene.objects),)
     if not refs:  # identical twins and nothing else: nothing can be singled out
         return [
-            ("how many objects are there?", str(len(scene.objects))),
-            ("are they all the same color?", yes_no(len({o.color for o in scene.objects}) == 1)),
-            ("are they all the same shape?", yes_no(len({o.shape for o in scene.objects}) == 1)),
+            DialogueTurn("how many objects are there?", str(len(scene.objects)), everything, everything[0]),
+            DialogueTurn("are they all the same color?", yes_no(len({o.color for o in scene.objects}) == 1), everything),
+            DialogueTurn("are they all the same shape?", yes_no(len({o.shape for o in scene.objects}) == 1), everything),
         ]
     n_turns = rng.randint(3, 6)
     obj, descriptions = rng.choice(refs)
     d = rng.choice(descriptions)
-    turns = [(f"is there {with_article(d.words())}?", "yes")]
+    turns = [DialogueTurn(f"is there {with_article(d.words())}?", "yes", (centres([obj]),), centres([obj]))]
     known = named_attributes(d)
     for _attempt in range(20):
         if len(turns) == n_turns:
             break
-        question, answer, known_after, referent = rng.choice(_follow_ups(scene, obj, known, refs, rng))
-        if question in (q for q, _ in turns):
+        turn, known_after, referent = rng.choice(_follow_ups(scene, obj, known, refs, rng))
+        if turn.question in (t.question for t in turns):
             continue
-        turns.append((question, answer))
+        turns.append(turn)
         obj, known = referent, known_after
     return turns
 
 
+@dataclass(frozen=True)
+class DialogueTurn:
+    """A dialogue's question and answer, with where the question looks (as Question's)."""
+
+    question: str
+    answer: str
+    referents: tuple[tuple[tuple[float, float], ...], ...] = ()
+    evidence: tuple[tuple[float, float], ...] = ()
+
+
 def _follow_ups(scene: Scene, obj: ShapeObject, known: set[str], refs, rng: random.Random) -> list[tuple]:
-    """Possible next turns: (question, answer, attributes known afterwards, referent afterwards)."""
-    options = [(f"what {a} is it?", getattr(obj, a), known | {a}, obj) for a in ATTRIBUTES if a not in known]
+    """Possible next turns: (turn, attributes known afterwards, referent afterwards)."""
+    it = centres([obj])
+    options = [(DialogueTurn(f"what {a} is it?", getattr(obj, a), (it,), it), known | {a}, obj)
+               for a in ATTRIBUTES if a not in known]
     for other, descriptions in refs:
         if other is obj:
             continue
         d = descriptions[0]
         phrase = rng.choice(list(RELATIONS))
         if RELATIONS[phrase](obj, other) or RELATIONS[OPPOSITE[phrase]](obj, other):
-            options.append((f"is it {phrase} {the(d)}?", yes_no(RELATIONS[phrase](obj, other)), known, obj))
+            options.append((DialogueTurn(f"is it {phrase} {the(d)}?", yes_no(RELATIONS[phrase](obj, other)),
+                                         (it, centres([other]))), known, obj))
         unnamed = [a for a in ATTRIBUTES if a not in named_attributes(d)]
         if unnamed:
             a = rng.choice(unnamed)
-            options.append((f"and what {a} is {the(d)}?", getattr(other, a), named_attributes(d) | {a}, other))
+            options.append((DialogueTurn(f"and what {a} is {the(d)}?", getattr(other, a), (centres([other]),),
+                                         centres([other])), named_attributes(d) | {a}, other))
     a = rng.choice(ATTRIBUTES)
-    same = sum(getattr(o, a) == getattr(obj, a) for o in scene.objects if o is not obj)
-    options.append((f"how many other objects have the same {a} as it?", str(same), known, obj))
+    same = [o for o in scene.objects if o is not obj and getattr(o, a) == getattr(obj, a)]
+    options.append((DialogueTurn(f"how many other objects have the same {a} as it?", str(len(same)), (it,),
+                                 centres(same)), known, obj))
     nearest = sorted((o for o in scene.objects if o is not obj), key=obj.distance)
     if len(nearest) == 1 or (len(nearest) > 1 and obj.distance(nearest[1]) - obj.distance(nearest[0]) >= EXTREME_MARGIN):
         a = rng.choice(ATTRIBUTES)
-        options.append((f"what {a} is the object closest to it?", getattr(nearest[0], a), known, obj))
+        options.append((DialogueTurn(f"what {a} is the object closest to it?", getattr(nearest[0], a), (it,),
+                                     centres(nearest[:1])), known, obj))
     return options
 
 

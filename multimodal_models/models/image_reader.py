@@ -1,0 +1,101 @@
+"""A cross-attention from the decoder's text positions back to an image's own tokens.
+
+The native multimodal LM sees an image as projected embeddings inside its sequence, and what
+the projector hands over fades through the decoder blocks (on Shapes a linear probe finds an
+object's height with R^2 0.75 after the first block, 0.08 after the sixth). An `ImageReader`
+after a decoder block lets every text position look again at the image tokens as the vision
+side wrote them (before the projector, e.g. each object slot's centre and attribute readings),
+as the cross-attention layers of Flamingo and Llama 3.2 Vision do, added to the residual.
+
+Its attention can be supervised (`grounding_loss`): where a question's annotations say which
+objects it names, one head per description is trained to look at them. Without that, a
+comparison of two objects ("is A left of B?") does not start within our budgets: attention
+averages what it reads, and nothing pulls one head toward A and another toward B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ImageReader(nn.Module):
+    """x (B, T, C) + out(softmax(q(x) k(ctx)^T) v(ctx)): text positions read the image tokens."""
+
+    def __init__(self, width: int, context_width: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.norm = nn.LayerNorm(width)
+        self.context_norm = nn.LayerNorm(context_width)
+        self.q = nn.Linear(width, heads * head_dim)
+        self.k = nn.Linear(context_width, heads * head_dim)
+        self.v = nn.Linear(context_width, heads * head_dim)
+        self.out = nn.Linear(heads * head_dim, width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C); context (B, S, C_ctx); visible (B, T, S) bool: which image tokens each
+        position may read (those of images placed before it). Returns the updated x and the
+        attention logits (B, H, T, S), -inf where not visible."""
+        B, T, _ = x.shape
+        S = context.shape[1]
+        context = self.context_norm(context)
+        q = self.q(self.norm(x)).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(context).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(context).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)) / self.head_dim**0.5  # (B, H, T, S)
+        logits = logits.masked_fill(~visible[:, None], float("-inf"))
+        weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)  # no image yet: reads nothing
+        read = (weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+        return x + self.out(read), logits
+
+
+@dataclass
+class GroundingTargets:
+    """Where some heads of some readers should look, for a batch.
+
+    Entry g: at sequence `rows[g]`, position `positions[g]` (the position that predicts the answer),
+    head `heads[g]` of reader `readers[g]` should put its attention on the image tokens nearest to
+    the object centres points[g, :counts[g]] (fractions of the image side)."""
+
+    rows: torch.Tensor  # (G,) long
+    positions: torch.Tensor  # (G,) long
+    readers: torch.Tensor  # (G,) long
+    heads: torch.Tensor  # (G,) long
+    points: torch.Tensor  # (G, M, 2) float
+    counts: torch.Tensor  # (G,) long
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def to(self, device) -> GroundingTargets:
+        return GroundingTargets(*(getattr(self, name).to(device) for name in
+                                  ("rows", "positions", "readers", "heads", "points", "counts")))
+
+
+def grounding_loss(logits: list[torch.Tensor], centres: torch.Tensor, present: torch.Tensor,
+                   targets: GroundingTargets, *, match_radius: float = 0.1) -> torch.Tensor | None:
+    """Mean over targets of -log(attention mass on the target objects' tokens).
+
+    logits: each reader's (B, H, T, S); centres (B, S, 2) and present (B, S): where each image
+    token's object is and whether there is one. Each target point takes the present token whose
+    centre is nearest, if within `match_radius` (an object the vision side missed is skipped)."""
+    if not len(targets):
+        return None
+    G, M = targets.points.shape[:2]
+    token_centres = centres[targets.rows]  # (G, S, 2)
+    distance = (targets.points[:, :, None, :] - token_centres[:, None, :, :]).norm(dim=-1)  # (G, M, S)
+    distance = distance.masked_fill(~present[targets.rows][:, None, :], float("inf"))
+    nearest = distance.min(-1)
+    valid = (torch.arange(M, device=distance.device)[None] < targets.counts[:, None]) & (nearest.values <= match_radius)
+    chosen = (F.one_hot(nearest.indices, distance.shape[-1]).bool() & valid[..., None]).any(1)  # (G, S)
+    rows = torch.stack([logits[int(r)][targets.rows[g], targets.heads[g], targets.positions[g]]
+                        for g, r in enumerate(targets.readers.tolist())]).float()  # (G, S)
+    keep = chosen.any(-1)
+    if not keep.any():
+        return None
+    log_probs = rows[keep].log_softmax(-1)
+    on_target = log_probs.masked_fill(~chosen[keep], float("-inf")).logsumexp(-1)
+    return -on_target.mean()
