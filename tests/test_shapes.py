@@ -79,6 +79,9 @@ def test_every_dialogue_turn_is_recomputed_and_refers_back(dataset):
             assert (user.role, assistant.role) == ("user", "assistant")
             assert solve(objects[image_id], user.text, state) == assistant.text, user.text
             refers_back += " it" in user.text
+            if "it" in state and (" it" in user.text or user.text.startswith("<image>")):  # grounded on "it"
+                assert user.referents[0] == (tuple(state["it"]["position"]),), user.text
+            assert user.referents and not assistant.referents and not assistant.evidence
     assert refers_back > len(conversations)  # more than one back-reference per dialogue on average
 
 
