@@ -224,7 +224,9 @@ def test_readers_see_the_real_layouts(dataset):
     karpathy = formats.read_karpathy(dataset / manifest["karpathy"], image_root=dataset / "images")
     assert Counter(r.split for r in karpathy) == {s: SMALL.count(s) for s in SPLITS}
     raw = json.loads((dataset / manifest["splits"]["val"]["vqa_annotations"]).read_text())
-    assert set(raw["annotations"][0]) == {"question_type", "multiple_choice_answer", "answers", "image_id", "answer_type", "question_id"}
+    vqa_v2 = {"question_type", "multiple_choice_answer", "answers", "image_id", "answer_type", "question_id"}
+    assert all(vqa_v2 <= set(a) <= vqa_v2 | {"referents", "evidence"} for a in raw["annotations"])
+    assert all("referents" in a for a in raw["annotations"])  # every question is grounded
     assert Image.open(captions[0].image).size == (64, 64)
 
 
