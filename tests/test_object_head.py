@@ -246,3 +246,24 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     train(config_from_raw(raw), progress=False)
     vlm = load(tmp_path / "grounded" / "model")
     assert vlm.config.image_reader_blocks == (0, 1) and len(vlm.readers) == 2
+
+
+def test_readers_without_grounded_questions_are_warned_about(object_clip, tiny_shapes, tmp_path):
+    import shutil
+
+    data = tmp_path / "ungrounded"
+    shutil.copytree(tiny_shapes, data)
+    for path in list((data / "vqa").glob("*annotations.json")) + list((data / "dialogues").glob("*.json")):
+        text = json.loads(path.read_text())
+        for entry in text["annotations"] if isinstance(text, dict) else [m for c in text for m in c["conversations"]]:
+            entry.pop("referents", None)
+            entry.pop("evidence", None)
+        path.write_text(json.dumps(text))
+    raw = tiny_config("vlm", data, tmp_path / "out")
+    raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
+    raw["model"].update({"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1, "image_reader_blocks": [1]})
+    raw["task_options"] = {"vision_from": str(object_clip), "freeze_vision": True}
+    from multimodal_models.training.loop import build_task
+
+    with pytest.warns(UserWarning, match="no training question carries referents"):
+        build_task(config_from_raw(raw), progress=False)

@@ -14,6 +14,7 @@ sends at inference), while the image is encoded once for a dozen examples.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -134,6 +135,11 @@ class VLMTask:
         self.template = self.model.chat_template()
         self.train_split, self.eval_split = train, evaluation
         self.units = self._build_units(train)
+        grounded = any(g for u in self.units for _, _, g in u.qa) or any(any(a) for u in self.units for _, a in u.chats)
+        if len(getattr(self.model, "readers", ())) and self.grounding_weight > 0 and not grounded:
+            warnings.warn("the model has image readers but no training question carries referents, so nothing "
+                          "teaches them where to look; regenerate Shapes data written before grounding annotations "
+                          "(multimodal shapes generate) or add 'referents' to the VQA annotations", stacklevel=2)
         self.max_length = options["max_length"] or self.model.config.decoder.max_length
         self.store = ImageStore([s for u in self.units for s in u.images], self.model.image_processor,
                                 preload=config.data.preload_images, progress=progress, desc="train images")
