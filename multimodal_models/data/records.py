@@ -16,6 +16,8 @@ from pathlib import Path
 ImageSource = Path | bytes
 
 
+Points = tuple[tuple[float, float], ...]  # object centres (x, y), fractions of the image side
+
 @dataclass(frozen=True)
 class CaptionRecord:
     """One image with its reference captions (COCO has 5 per image)."""
@@ -41,8 +43,8 @@ class VQARecord:
     # Optional grounding (GQA's question annotations in spirit), object centres as fractions of the
     # image side: referents[i], the objects the question's i-th description names; evidence, the
     # objects its answer is read from. Training may supervise where the model looks with them.
-    referents: tuple[tuple[tuple[float, float], ...], ...] = ()
-    evidence: tuple[tuple[float, float], ...] = ()
+    referents: tuple[Points, ...] = ()
+    evidence: Points = ()
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,8 @@ class Turn:
     role: str  # "system" | "user" | "assistant"
     text: str
     # a user turn's grounding, as VQARecord's: the objects its question names and reads its answer from
-    referents: tuple[tuple[tuple[float, float], ...], ...] = ()
-    evidence: tuple[tuple[float, float], ...] = ()
+    referents: tuple[Points, ...] = ()
+    evidence: Points = ()
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,7 @@ def grounding_loss(logits: list[torch.Tensor], centres: torch.Tensor, present: t
     nearest = distance.min(-1)
     valid = (torch.arange(M, device=distance.device)[None] < targets.counts[:, None]) & (nearest.values <= match_radius)
     chosen = (F.one_hot(nearest.indices, distance.shape[-1]).bool() & valid[..., None]).any(1)  # (G, S)
-    rows = torch.stack([logits[int(r)][targets.rows[g], targets.heads[g], targets.positions[g]]
-                        for g, r in enumerate(targets.readers.tolist())]).float()  # (G, S)
+    rows = torch.stack(logits)[targets.readers, targets.rows, targets.heads, targets.positions].float()  # (G, S)
     keep = chosen.any(-1)
     if not keep.any():
         return None

@@ -102,7 +102,13 @@ class ObjectSlots(nn.Module):
         self.head = ObjectHead(width, config)
         self.slots = slots
         self.register_buffer("frequencies", torch.pi * 2.0 ** torch.arange(frequencies), persistent=False)
+        self.token_width = width
         self.width = width + 3 + sum(len(values) for values in config.attributes.values()) + 4 * frequencies
+
+    def places(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots (..., self.width) -> each slot's centre (..., 2) and whether it holds an object (...)."""
+        C = self.token_width  # a slot: patch token, objectness, centre (x, y), attributes, sines
+        return slots[..., C + 1:C + 3], slots[..., C] > 0.5
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, C), one per grid cell -> slots (B, slots, self.width)."""
@@ -118,6 +124,6 @@ class ObjectSlots(nn.Module):
                              + [angles.sin(), angles.cos()], dim=-1)
         kept = objectness.topk(self.slots, dim=1).indices
         slots = readings.gather(1, kept[..., None].expand(-1, -1, readings.shape[-1]))
-        present, x = slots[..., C], slots[..., C + 1]
-        order = torch.where(present > 0.5, x, 2.0 - present).argsort(dim=1)  # objects by x, then empties
+        objectness, x = slots[..., C], slots[..., C + 1]
+        order = torch.where(objectness > 0.5, x, 2.0 - objectness).argsort(dim=1)  # objects by x, then empties
         return slots.gather(1, order[..., None].expand_as(slots))

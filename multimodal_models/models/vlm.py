@@ -269,9 +269,8 @@ class VisionLanguageModel(PretrainedModel):
             if self.objects is None:
                 raise ValueError("grounding supervision needs image_tokens 'objects': it matches object centres to "
                                  "the object slots' predicted centres")
-            C = self.config.vision.width  # slot = patch token, objectness, centre (x, y), attributes
-            ground = grounding_loss(reader_logits, context[..., C + 1:C + 3], valid & (context[..., C] > 0.5),
-                                    grounding.to(ids.device))
+            centres, present = self.objects.places(context)
+            ground = grounding_loss(reader_logits, centres, valid & present, grounding.to(ids.device))
         return VLMOutput(logits, loss, ground)
 
     def image_context(self, ids: torch.Tensor, features: torch.Tensor | None, cache=None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.preprocess import ImageProcessor
-from ..data.records import ImageSource
+from ..data.records import ImageSource, Points
 from ..data.tokenizer import WordTokenizer
 from ..models.chat import CHAT_SPECIAL_TOKENS, conversation_to_messages
 from ..models.image_reader import GroundingTargets
@@ -33,17 +33,14 @@ from .data import ImageStore, SplitData, image_key
 # Ways of asking for a caption seen in training; CAPTION_PROMPT is the one inference uses.
 CAPTION_PROMPTS = (CAPTION_PROMPT, "what is in the picture?", "write a caption.", "describe this image.")
 
-Point = tuple[float, float]
-
-
 @dataclass(frozen=True)
 class Grounding:
     """Where a question looks (VQARecord.referents / evidence): object centres, image fractions."""
 
-    referents: tuple[tuple[Point, ...], ...]
-    evidence: tuple[Point, ...]
+    referents: tuple[Points, ...]
+    evidence: Points
 
-    def targets(self, readers: int, heads: int) -> list[tuple[int, int, tuple[Point, ...]]]:
+    def targets(self, readers: int, heads: int) -> list[tuple[int, int, Points]]:
         """(reader, head, points) to supervise: the first reader's head i looks at what the question's
         i-th description names; with two or more readers, the last one's head 0 at the answer's evidence
         (found from the first look: the object closest to A)."""
@@ -135,8 +132,10 @@ class VLMTask:
         self.template = self.model.chat_template()
         self.train_split, self.eval_split = train, evaluation
         self.units = self._build_units(train)
+        # the image readers learn where to look from the questions' referents
+        self.supervise_grounding = self.grounding_weight > 0 and len(getattr(self.model, "readers", ())) > 0
         grounded = any(g for u in self.units for _, _, g in u.qa) or any(any(a) for u in self.units for _, a in u.chats)
-        if len(getattr(self.model, "readers", ())) and self.grounding_weight > 0 and not grounded:
+        if self.supervise_grounding and not grounded:
             warnings.warn("the model has image readers but no training question carries referents, so nothing "
                           "teaches them where to look; regenerate Shapes data written before grounding annotations "
                           "(multimodal shapes generate) or add 'referents' to the VQA annotations", stacklevel=2)
@@ -277,28 +276,28 @@ class VLMTask:
         pixels = self.store.batch(positions_of_images) if positions_of_images else None
         batch = {"ids": ids, "labels": labels, "positions": positions, "mask": mask[:, None], "pixels": pixels,
                  "examples": sum(len(u.segments) for u in units), "tokens": int((labels != -100).sum())}
-        if self.grounding_weight > 0 and len(getattr(self.model, "readers", ())):
+        if self.supervise_grounding:
             batch["grounding"] = self.grounding_targets(rows)
         return batch
 
     def grounding_targets(self, rows: list) -> GroundingTargets:
         """Each grounded question's targets at the position that predicts its answer's first token."""
         readers, heads = len(self.model.readers), self.model.config.image_reader_heads
-        entries = []
+        where: list[tuple[int, int, int, int]] = []  # (row, position, reader, head)
+        groups: list[Points] = []
         for row, (_, row_targets, _, _, placed) in enumerate(rows):
             for start, end, answers in placed:
                 # each assistant turn is a run of trained tokens; its first is predicted one position earlier
                 firsts = [t for t in range(start, end) if row_targets[t] and not row_targets[t - 1]]
                 for first, grounding in zip(firsts, answers):
                     for reader, head, points in grounding.targets(readers, heads) if grounding else ():
-                        entries.append((row, first - 1, reader, head, points))
-        most = max((len(e[4]) for e in entries), default=1)
-        points = torch.zeros(len(entries), most, 2)
-        for g, entry in enumerate(entries):
-            points[g, :len(entry[4])] = torch.tensor(entry[4])
-        column = lambda k: torch.tensor([e[k] for e in entries], dtype=torch.long)  # noqa: E731
-        return GroundingTargets(column(0), column(1), column(2), column(3), points,
-                                torch.tensor([len(e[4]) for e in entries], dtype=torch.long))
+                        where.append((row, first - 1, reader, head))
+                        groups.append(points)
+        points = torch.zeros(len(groups), max(map(len, groups), default=1), 2)
+        for g, group in enumerate(groups):
+            points[g, :len(group)] = torch.tensor(group)
+        columns = torch.tensor(where, dtype=torch.long).reshape(-1, 4).T
+        return GroundingTargets(*columns, points, torch.tensor([len(g) for g in groups], dtype=torch.long))
 
     def evaluate(self, model, limit: int) -> dict:
         """VQA accuracy, caption metrics (+ grounding on Shapes), dialogue turn accuracy on the eval split."""

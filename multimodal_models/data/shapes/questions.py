@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
+from ..records import Points
 from .language import (
     ATTRIBUTE_SETS,
     EXTREME_MARGIN,
@@ -67,8 +68,8 @@ class Question:
     # supervision: referents[i] holds the objects the i-th description of the question names (one for
     # "the red circle", all of them for "red circles"); evidence, the objects the answer is read from
     # (the object closest to A, the counted ones, the one whose colour is asked).
-    referents: tuple[tuple[tuple[float, float], ...], ...] = ()
-    evidence: tuple[tuple[float, float], ...] = ()
+    referents: tuple[Points, ...] = ()
+    evidence: Points = ()
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,17 @@ class Candidate:
     evidence: tuple[ShapeObject, ...] = ()
 
 
-def centres(objects) -> tuple[tuple[float, float], ...]:
+def centres(objects) -> Points:
     return tuple((round(o.x, 4), round(o.y, 4)) for o in objects)
 
 
 def matching(scene: Scene, d: Description) -> tuple[ShapeObject, ...]:
     return tuple(o for o in scene.objects if d.matches(o))
+
+
+def others_sharing(scene: Scene, obj: ShapeObject, attribute: str) -> tuple[ShapeObject, ...]:
+    """The other objects with obj's value of `attribute`."""
+    return tuple(o for o in scene.objects if o is not obj and getattr(o, attribute) == getattr(obj, attribute))
 
 
 def answer_type_of(space: str) -> str:
@@ -287,11 +293,11 @@ def candidates_same_attribute(scene, forbidden, descriptions):
         for attribute in ATTRIBUTES:
             yield Candidate(
                 "count-" + attribute,
-                str(sum(getattr(o, attribute) == getattr(a, attribute) for o in scene.objects if o is not a)),
+                str(len(others_sharing(scene, a, attribute))),
                 lambda rng, das=das, attribute=attribute: wording[attribute][1].format(a=the(rng.choice(das))),
                 "number",
                 referents=((a,),),
-                evidence=tuple(o for o in scene.objects if o is not a and getattr(o, attribute) == getattr(a, attribute)),
+                evidence=others_sharing(scene, a, attribute),
             )
 
 
@@ -421,6 +427,16 @@ def named_attributes(d: Description) -> set[str]:
     return {a for a in ATTRIBUTES if getattr(d, a) is not None}
 
 
+@dataclass(frozen=True)
+class DialogueTurn:
+    """A dialogue's question and answer, with where the question looks (as Question's)."""
+
+    question: str
+    answer: str
+    referents: tuple[Points, ...] = ()
+    evidence: Points = ()
+
+
 def make_dialogue(scene: Scene, rng: random.Random, forbidden: frozenset = frozenset()) -> list[DialogueTurn]:
     """3-6 turns in which later turns refer back to an object as "it".
 
@@ -452,16 +468,6 @@ def make_dialogue(scene: Scene, rng: random.Random, forbidden: frozenset = froze
     return turns
 
 
-@dataclass(frozen=True)
-class DialogueTurn:
-    """A dialogue's question and answer, with where the question looks (as Question's)."""
-
-    question: str
-    answer: str
-    referents: tuple[tuple[tuple[float, float], ...], ...] = ()
-    evidence: tuple[tuple[float, float], ...] = ()
-
-
 def _follow_ups(scene: Scene, obj: ShapeObject, known: set[str], refs, rng: random.Random) -> list[tuple]:
     """Possible next turns: (turn, attributes known afterwards, referent afterwards)."""
     it = centres([obj])
@@ -481,7 +487,7 @@ def _follow_ups(scene: Scene, obj: ShapeObject, known: set[str], refs, rng: rand
             options.append((DialogueTurn(f"and what {a} is {the(d)}?", getattr(other, a), (centres([other]),),
                                          centres([other])), named_attributes(d) | {a}, other))
     a = rng.choice(ATTRIBUTES)
-    same = [o for o in scene.objects if o is not obj and getattr(o, a) == getattr(obj, a)]
+    same = others_sharing(scene, obj, a)
     options.append((DialogueTurn(f"how many other objects have the same {a} as it?", str(len(same)), (it,),
                                  centres(same)), known, obj))
     nearest = sorted((o for o in scene.objects if o is not obj), key=obj.distance)
