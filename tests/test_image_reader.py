@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from multimodal_models.models.image_reader import GroundingTargets, grounding_loss
+from multimodal_models.models.image_reader import GroundingTargets, ImageReader, grounding_loss
 
 from .test_vlm import IMAGES, tiny_vlm
 
@@ -54,9 +54,54 @@ def test_a_position_reads_only_the_images_placed_before_it():
     assert not torch.allclose(logits(features), base)
 
 
-@pytest.mark.parametrize("image_attention", ["causal", "bidirectional"])
-def test_decoding_with_readers_is_the_same_with_or_without_cache_batched_or_beamed(image_attention):
-    model = tiny_vlm(image_attention=image_attention, image_reader_blocks=(1,))
+def test_a_reader_with_a_sink_reads_more_the_more_tokens_match_and_nothing_from_no_image():
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 16)
+    token = torch.randn(1, 1, 8)
+    plain, with_sink = ImageReader(16, 8, 1, 4), ImageReader(16, 8, 1, 4, sink=True)
+    for reader in (plain, with_sink):
+        torch.nn.init.zeros_(reader.out.bias)  # what is added is then out.weight @ (share on the tokens * v)
+
+    def read(reader, n, visible=True):
+        with torch.no_grad():
+            return (reader(x, token.expand(1, n, 8), torch.full((1, 1, n), visible))[0] - x).norm().item()
+
+    # softmax attention reads the mean: the same from one copy of a token as from five
+    assert read(plain, 5) == pytest.approx(read(plain, 1), rel=1e-5)
+    reads = [read(with_sink, n) for n in range(1, 6)]
+    assert all(a < b for a, b in zip(reads, reads[1:]))
+    assert read(with_sink, 3, visible=False) == 0.0  # no image visible: the sink takes it all
+    logits = with_sink(x, token.expand(1, 3, 8), torch.ones(1, 1, 3, dtype=torch.bool))[1]
+    assert logits.shape == (1, 1, 1, 3)  # over the image tokens only: grounding leaves the sink out
+
+
+def test_a_reader_with_places_prefers_tokens_near_far_or_in_a_direction_from_the_place_it_names():
+    reader = ImageReader(16, 8, 3, 4, places=True)
+    context = torch.randn(1, 3, 8)
+    places = torch.tensor([[[0.1, 0.2], [0.5, 0.5], [0.9, 0.7]]])
+    visible = torch.ones(1, 1, 3, dtype=torch.bool)
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        plain = reader(x, context, visible, places)[1]
+        without = ImageReader(16, 8, 3, 4)
+        without.load_state_dict(reader.state_dict(), strict=False)  # untrained, the places change nothing
+        assert torch.equal(plain, without(x, context, visible)[1])
+        # head 0: near (0.55, 0.5); head 1: far from it; head 2: below it (y grows downwards)
+        reader.place.bias.copy_(torch.tensor([0.55, 0.5, 1.0, 0, 0, 0.55, 0.5, -0.5, 0, 0, 0.55, 0.5, 0, 0, 2.0]))
+        logits = reader(x, context, visible, places)[1]
+    offset = (places[0] - torch.tensor([0.55, 0.5])) / 0.1
+    distance = (offset**2).sum(-1)
+    assert torch.allclose(logits[0, 0, 0] - plain[0, 0, 0], -1.0 * distance, atol=1e-4)
+    assert torch.allclose(logits[0, 1, 0] - plain[0, 1, 0], 0.5 * distance, atol=1e-4)
+    assert torch.allclose(logits[0, 2, 0] - plain[0, 2, 0], 2.0 * offset[:, 1], atol=1e-4)
+    assert logits[0, 0, 0].argmax() == 1 and logits[0, 1, 0].argmax() == 0 and logits[0, 2, 0].argmax() == 2
+    with pytest.raises(ValueError, match="pass each image token's centre"):
+        reader(x, context, visible)
+
+
+@pytest.mark.parametrize("image_attention,sink", [("causal", False), ("bidirectional", False), ("bidirectional", True)])
+def test_decoding_with_readers_is_the_same_with_or_without_cache_batched_or_beamed(image_attention, sink):
+    model = tiny_vlm(image_attention=image_attention, image_reader_blocks=(1,), image_reader_sink=sink)
     questions = ["is there a red circle?", "what color is the star?", "describe the image."]
     with_cache = [model.ask(i, q, max_new_tokens=6) for i, q in zip(IMAGES, questions)]
     assert with_cache == [model.ask(i, q, max_new_tokens=6, use_cache=False) for i, q in zip(IMAGES, questions)]
@@ -64,6 +109,11 @@ def test_decoding_with_readers_is_the_same_with_or_without_cache_batched_or_beam
     assert model.answer_batch(questions, images=IMAGES, max_new_tokens=6) == with_cache
     beams = [model.ask(i, q, max_new_tokens=6, num_beams=3) for i, q in zip(IMAGES, questions)]
     assert beams == [model.ask(i, q, max_new_tokens=6, num_beams=3, use_cache=False) for i, q in zip(IMAGES, questions)]
+
+
+def test_reader_places_need_object_tokens():
+    with pytest.raises(ValueError, match="image_reader_places measures distances between object centres"):
+        tiny_vlm(image_reader_blocks=(1,), image_reader_places=True)
 
 
 def test_reader_blocks_must_exist():

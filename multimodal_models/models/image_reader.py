@@ -11,6 +11,20 @@ Its attention can be supervised (`grounding_loss`): where a question's annotatio
 objects it names, one head per description is trained to look at them. Without that, a
 comparison of two objects ("is A left of B?") does not start within our budgets: attention
 averages what it reads, and nothing pulls one head toward A and another toward B.
+
+With `sink`, each head may also look at nothing: a learned logit per head (from the reading
+position) competes with the image tokens and reads a zero vector. Plain softmax attention reads
+the same mean from one red object as from three, so it cannot count; with a sink the share left on
+the objects grows with how many match, and "none matches" reads zero.
+
+With `places`, where the image tokens are objects with known centres, each head also names, from
+its reading position, a place p, a signed sharpness s and a direction d, and adds
+-s * |c - p|^2 / PLACE_UNIT^2 + d . (c - p) / PLACE_UNIT to its logit for the token centred at c.
+"The object closest to A" (s > 0, p at A) and "furthest from A" (s < 0) become one attention, and
+with a sink, so does "is A below B?" (p at B, d downwards: the share left on A says whether it
+is). A q.k over the centres' sines and cosines only approximates a distance, and turning it
+around for "furthest" or "above" takes a product of the question's word and a place, which the
+decoder's layers learn slowly; here that product is the attention's own.
 """
 
 from __future__ import annotations
@@ -22,10 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+PLACE_UNIT = 0.1  # distances to a named place are measured in tenths of the image side
+
+
 class ImageReader(nn.Module):
     """x (B, T, C) + out(softmax(q(x) k(ctx)^T) v(ctx)): text positions read the image tokens."""
 
-    def __init__(self, width: int, context_width: int, heads: int, head_dim: int):
+    def __init__(self, width: int, context_width: int, heads: int, head_dim: int, *, sink: bool = False,
+                 places: bool = False):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.norm = nn.LayerNorm(width)
@@ -34,20 +52,40 @@ class ImageReader(nn.Module):
         self.k = nn.Linear(context_width, heads * head_dim)
         self.v = nn.Linear(context_width, heads * head_dim)
         self.out = nn.Linear(heads * head_dim, width)
+        self.sink = nn.Linear(width, heads) if sink else None  # each head's logit for reading nothing
+        self.place = None
+        if places:  # each head's place (x, y), sharpness and direction (x, y); zero at first: no change until trained
+            self.place = nn.Linear(width, heads * 5)
+            nn.init.zeros_(self.place.weight)
+            nn.init.zeros_(self.place.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, visible: torch.Tensor,
+                places: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C); context (B, S, C_ctx); visible (B, T, S) bool: which image tokens each
-        position may read (those of images placed before it). Returns the updated x and the
-        attention logits (B, H, T, S), -inf where not visible."""
+        position may read (those of images placed before it); places (B, S, 2): each token's centre
+        (fractions of the image side), for a reader built with places. Returns the updated x and the
+        attention logits over the image tokens (B, H, T, S), -inf where not visible (the sink's logit
+        is not among them: grounding spreads a head's attention over the tokens alone)."""
         B, T, _ = x.shape
         S = context.shape[1]
         context = self.context_norm(context)
-        q = self.q(self.norm(x)).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        normed = self.norm(x)
+        q = self.q(normed).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(context).view(B, S, self.heads, self.head_dim).transpose(1, 2)
         v = self.v(context).view(B, S, self.heads, self.head_dim).transpose(1, 2)
         logits = (q @ k.transpose(-1, -2)) / self.head_dim**0.5  # (B, H, T, S)
+        if self.place is not None:
+            if places is None:
+                raise ValueError("this image reader measures distances to places: pass each image token's centre")
+            named = self.place(normed).view(B, T, self.heads, 5).transpose(1, 2)  # (B, H, T, 5)
+            offset = (places[:, None, None, :, :] - named[..., None, :2]) / PLACE_UNIT  # (B, H, T, S, 2)
+            logits = logits - named[..., 2:3] * offset.square().sum(-1) + (offset @ named[..., 3:, None])[..., 0]
         logits = logits.masked_fill(~visible[:, None], float("-inf"))
-        weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)  # no image yet: reads nothing
+        if self.sink is not None:  # the sink reads a zero vector, so only the tokens' share is kept
+            with_sink = torch.cat([logits, self.sink(normed).transpose(1, 2)[..., None]], dim=-1)
+            weights = with_sink.float().softmax(-1)[..., :S].to(v.dtype)
+        else:
+            weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)  # no image yet: reads nothing
         read = (weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         return x + self.out(read), logits
 

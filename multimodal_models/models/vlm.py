@@ -91,6 +91,12 @@ class VLMConfig:
     image_reader_blocks: tuple[int, ...] = ()
     image_reader_heads: int = 4
     image_reader_head_dim: int = 32
+    # each reader head may also attend to a learned "nothing" (a sink that reads zeros), which lets a
+    # head's read grow with the number of objects it finds (counting) and be zero when none matches
+    image_reader_sink: bool = False
+    # each reader head may also prefer tokens near to (or far from, or in a direction from) a place it
+    # names, on the object slots' centres (image_tokens 'objects'): "closest to", "furthest from", "below"
+    image_reader_places: bool = False
 
     @property
     def tokens_per_image(self) -> int:
@@ -116,6 +122,9 @@ class VLMConfig:
             if not 0 <= block < self.decoder.depth:
                 raise ValueError(f"image_reader_blocks: block {block} is not one of the decoder's "
                                  f"{self.decoder.depth} blocks (0..{self.decoder.depth - 1})")
+        if self.image_reader_places and self.image_tokens != "objects":
+            raise ValueError("image_reader_places measures distances between object centres: it needs "
+                             "image_tokens 'objects'")
         if self.caption_beams < 1:
             raise ValueError(f"caption_beams must be at least 1 (1: greedy), got {self.caption_beams}")
         if self.image_tokens == "objects":
@@ -198,7 +207,8 @@ class VisionLanguageModel(PretrainedModel):
         init_weights(self.projector)
         self.decoder = CausalDecoder(config.decoder)
         self.readers = nn.ModuleList(
-            ImageReader(config.decoder.width, source, config.image_reader_heads, config.image_reader_head_dim)
+            ImageReader(config.decoder.width, source, config.image_reader_heads, config.image_reader_head_dim,
+                        sink=config.image_reader_sink, places=config.image_reader_places)
             for _ in config.image_reader_blocks
         )
 
@@ -250,12 +260,13 @@ class VisionLanguageModel(PretrainedModel):
         after_block, reader_logits = None, []
         if len(self.readers):
             context, valid, visible = self.image_context(ids, features, cache)
+            places = self.objects.places(context)[0] if self.config.image_reader_places else None
             reader_at = {block: reader for block, reader in zip(self.config.image_reader_blocks, self.readers)}
 
             def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
                 if i not in reader_at:
                     return x
-                x, logits = reader_at[i](x, context, visible)
+                x, logits = reader_at[i](x, context, visible, places)
                 reader_logits.append(logits)
                 return x
 
