@@ -203,6 +203,18 @@ def test_evaluate_reports_the_object_heads_accuracy(tiny_shapes, tmp_path):
     assert "## Object head" in (out / "report.md").read_text()
 
 
+def test_which_reader_heads_look_at_which_objects():
+    from multimodal_models.training.vlm_task import Grounding
+
+    a, b, e = ((0.1, 0.2),), ((0.5, 0.5), (0.7, 0.1)), ((0.9, 0.9),)
+    grounding = Grounding(referents=(a, b), evidence=e)
+    # first reader: one head per description; last reader: head 0 the evidence, then the descriptions again
+    assert grounding.targets(2, 4) == [(0, 0, a), (0, 1, b), (1, 0, e), (1, 1, a), (1, 2, b)]
+    assert grounding.targets(3, 2) == [(0, 0, a), (0, 1, b), (2, 0, e), (2, 1, a)]
+    assert grounding.targets(1, 4) == [(0, 0, a), (0, 1, b)]
+    assert Grounding(referents=((), b), evidence=()).targets(2, 4) == [(0, 1, b), (1, 2, b)]  # "no cyan objects"
+
+
 def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(object_clip, tiny_shapes, tmp_path):
     """Questions whose annotations name their objects train the readers' heads to look at them."""
     import random
@@ -217,7 +229,7 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     task = build_task(config_from_raw(raw), progress=False)
     batch = task.make_batch(list(range(6)), random.Random(0))
     targets = batch["grounding"]
-    assert len(targets) > 6 and set(targets.readers.tolist()) == {0, 1} and set(targets.heads.tolist()) <= {0, 1}
+    assert len(targets) > 6 and set(targets.readers.tolist()) == {0, 1} and set(targets.heads.tolist()) <= {0, 1, 2}
     labels, ids = batch["labels"], batch["ids"]
     tokenizer = task.tokenizer
     user = tokenizer.token_to_id("<user>")

@@ -43,10 +43,14 @@ class Grounding:
     def targets(self, readers: int, heads: int) -> list[tuple[int, int, Points]]:
         """(reader, head, points) to supervise: the first reader's head i looks at what the question's
         i-th description names; with two or more readers, the last one's head 0 at the answer's evidence
-        (found from the first look: the object closest to A)."""
+        (found from the first look: the object closest to A) and its heads 1, 2, ... again at the
+        descriptions' objects (with places and a sink, how much such a second look finds says where
+        they are from a place, "is A below B?", or how many there are)."""
         out = [(0, head, group) for head, group in enumerate(self.referents[:heads]) if group]
-        if readers > 1 and self.evidence:
-            out.append((readers - 1, 0, self.evidence))
+        if readers > 1:
+            if self.evidence:
+                out.append((readers - 1, 0, self.evidence))
+            out += [(readers - 1, head, group) for head, group in enumerate(self.referents[:heads - 1], 1) if group]
         return out
 
     @classmethod
