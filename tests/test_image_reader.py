@@ -54,7 +54,7 @@ def test_a_position_reads_only_the_images_placed_before_it():
     assert not torch.allclose(logits(features), base)
 
 
-def test_a_reader_with_a_sink_reads_more_the_more_tokens_match_and_nothing_from_no_image():
+def test_a_reader_with_a_sink_reads_and_counts_more_the_more_tokens_match_and_nothing_from_no_image():
     torch.manual_seed(0)
     x = torch.randn(1, 1, 16)
     token = torch.randn(1, 1, 8)
@@ -68,9 +68,17 @@ def test_a_reader_with_a_sink_reads_more_the_more_tokens_match_and_nothing_from_
 
     # softmax attention reads the mean: the same from one copy of a token as from five
     assert read(plain, 5) == pytest.approx(read(plain, 1), rel=1e-5)
-    reads = [read(with_sink, n) for n in range(1, 6)]
-    assert all(a < b for a, b in zip(reads, reads[1:]))
-    assert read(with_sink, 3, visible=False) == 0.0  # no image visible: the sink takes it all
+    count = with_sink.count.weight.clone()
+    with torch.no_grad():
+        with_sink.count.weight.zero_()  # the share on the tokens alone: it grows with their number
+        shares = [read(with_sink, n) for n in range(1, 6)]
+        assert all(a < b for a, b in zip(shares, shares[1:]))
+        with_sink.count.weight.copy_(count)
+        with_sink.out.weight.zero_()  # the count alone: the number of tokens beating the sink, linear in it
+        counts = [read(with_sink, n) for n in range(1, 6)]
+        assert counts == pytest.approx([n * counts[0] for n in range(1, 6)], rel=1e-5) and counts[0] > 0
+        with_sink.out.weight.normal_()
+    assert read(with_sink, 3, visible=False) == 0.0  # no image visible: the sink takes it all, nothing is counted
     logits = with_sink(x, token.expand(1, 3, 8), torch.ones(1, 1, 3, dtype=torch.bool))[1]
     assert logits.shape == (1, 1, 1, 3)  # over the image tokens only: grounding leaves the sink out
 

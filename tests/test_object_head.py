@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -126,6 +127,27 @@ def test_object_slots_keep_the_likeliest_cells_left_to_right_with_the_empty_ones
         slots(cells[None, :3])
     with pytest.raises(ValueError, match="object_slots must be at least 1"):
         ObjectSlots(4, head.config, slots=0)
+
+
+def test_object_slots_merge_the_cells_that_name_one_centre():
+    head = hand_made_head(4)
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    # an object on a cell border, split 0.4 / 0.2 between two cells that both put it at x = sigmoid(1);
+    # a clear object at x = sigmoid(-2); a faint cell elsewhere
+    cells = torch.tensor([[logit(0.4), 1.0, 0.0, 0.0], [logit(0.2), 1.01, 0.0, 1.0], [5.0, -2.0, 0.0, 2.0],
+                          [logit(0.1), -1.0, 2.0, 3.0], [-8.0, 0.0, -2.0, 4.0]])
+    plain = ObjectSlots(4, head.config, slots=3)
+    merged = ObjectSlots(4, head.config, slots=3, merge_radius=0.03, presence=0.3)
+    for slots in (plain, merged):
+        slots.head.load_state_dict(head.state_dict())
+    assert plain.places(plain(cells[None]))[1].sum() == 1  # 0.4 < 0.5: the split object is missed
+    out = merged(cells[None])
+    centres, present = merged.places(out)
+    assert present[0].tolist() == [True, True, False]
+    assert out[0, :, 3].tolist() == [2.0, 0.0, 3.0]  # the second half of the split object is set aside
+    assert out[0, :, 4].tolist() == pytest.approx([torch.sigmoid(torch.tensor(5.0)).item(), 0.6, 0.1], abs=1e-6)
+    with pytest.raises(ValueError, match="object_merge_radius must be >= 0 and object_presence in"):
+        ObjectSlots(4, head.config, slots=3, presence=1.0)
 
 
 @pytest.fixture

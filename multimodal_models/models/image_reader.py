@@ -15,7 +15,10 @@ averages what it reads, and nothing pulls one head toward A and another toward B
 With `sink`, each head may also look at nothing: a learned logit per head (from the reading
 position) competes with the image tokens and reads a zero vector. Plain softmax attention reads
 the same mean from one red object as from three, so it cannot count; with a sink the share left on
-the objects grows with how many match, and "none matches" reads zero.
+the objects grows with how many match, and "none matches" reads zero. That share saturates (1/2,
+2/3, 3/4 ... for one, two, three equal tokens), so the head also hands on a count: the sum over the
+tokens of sigmoid(token logit - sink logit), the number of tokens that beat the sink, which grows
+by one with each object that matches.
 
 With `places`, where the image tokens are objects with known centres, each head also names, from
 its reading position, a place p, a signed sharpness s and a direction d, and adds
@@ -52,7 +55,10 @@ class ImageReader(nn.Module):
         self.k = nn.Linear(context_width, heads * head_dim)
         self.v = nn.Linear(context_width, heads * head_dim)
         self.out = nn.Linear(heads * head_dim, width)
-        self.sink = nn.Linear(width, heads) if sink else None  # each head's logit for reading nothing
+        self.sink = self.count = None
+        if sink:
+            self.sink = nn.Linear(width, heads)  # each head's logit for reading nothing
+            self.count = nn.Linear(heads, width, bias=False)  # how many tokens beat each head's sink, into x
         self.place = None
         if places:  # each head's place (x, y), sharpness and direction (x, y); zero at first: no change until trained
             self.place = nn.Linear(width, heads * 5)
@@ -81,13 +87,17 @@ class ImageReader(nn.Module):
             offset = (places[:, None, None, :, :] - named[..., None, :2]) / PLACE_UNIT  # (B, H, T, S, 2)
             logits = logits - named[..., 2:3] * offset.square().sum(-1) + (offset @ named[..., 3:, None])[..., 0]
         logits = logits.masked_fill(~visible[:, None], float("-inf"))
+        counted = None
         if self.sink is not None:  # the sink reads a zero vector, so only the tokens' share is kept
-            with_sink = torch.cat([logits, self.sink(normed).transpose(1, 2)[..., None]], dim=-1)
-            weights = with_sink.float().softmax(-1)[..., :S].to(v.dtype)
+            sink = self.sink(normed).transpose(1, 2)[..., None]  # (B, H, T, 1)
+            weights = torch.cat([logits, sink], dim=-1).float().softmax(-1)[..., :S].to(v.dtype)
+            counted = torch.sigmoid(logits - sink).sum(-1).transpose(1, 2)  # (B, T, H); not visible: sigmoid(-inf) = 0
         else:
             weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)  # no image yet: reads nothing
-        read = (weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
-        return x + self.out(read), logits
+        read = self.out((weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        if counted is not None:
+            read = read + self.count(counted.to(read.dtype))
+        return x + read, logits
 
 
 @dataclass

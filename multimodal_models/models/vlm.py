@@ -75,6 +75,10 @@ class VLMConfig:
     image_tokens: str = "grid"
     object_slots: int = 6
     object_position_frequencies: int = 0  # sine/cosine features of each object's centre (ObjectSlots)
+    # cells whose predicted centres lie this close count as one object (ObjectSlots; 0: a plain top-k of
+    # cells), and a slot holds an object where its (summed) objectness passes object_presence
+    object_merge_radius: float = 0.0
+    object_presence: float = 0.5
     object_head: ObjectHeadConfig | None = None
     # How an image's tokens see each other in the decoder: "causal" (as text does) | "bidirectional" (every
     # image token sees all tokens of its image, a prefix-LM image block as in PaliGemma, so each can gather
@@ -201,7 +205,8 @@ class VisionLanguageModel(PretrainedModel):
         source = config.vision.width * config.pixel_shuffle**2
         if config.image_tokens == "objects":
             self.objects = ObjectSlots(config.vision.width, config.object_head, config.object_slots,
-                                       config.object_position_frequencies)
+                                       config.object_position_frequencies, merge_radius=config.object_merge_radius,
+                                       presence=config.object_presence)
             source = self.objects.width
         self.projector = ModalityProjector(config, source)
         init_weights(self.projector)
