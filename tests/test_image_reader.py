@@ -68,12 +68,11 @@ def test_a_reader_with_a_sink_reads_and_counts_more_the_more_tokens_match_and_no
 
     # softmax attention reads the mean: the same from one copy of a token as from five
     assert read(plain, 5) == pytest.approx(read(plain, 1), rel=1e-5)
-    count = with_sink.count.weight.clone()
+    assert torch.equal(with_sink.count.weight, torch.zeros(16, 1))  # untrained, the count adds nothing
     with torch.no_grad():
-        with_sink.count.weight.zero_()  # the share on the tokens alone: it grows with their number
-        shares = [read(with_sink, n) for n in range(1, 6)]
+        shares = [read(with_sink, n) for n in range(1, 6)]  # the share on the tokens grows with their number
         assert all(a < b for a, b in zip(shares, shares[1:]))
-        with_sink.count.weight.copy_(count)
+        with_sink.count.weight.normal_()
         with_sink.out.weight.zero_()  # the count alone: the number of tokens beating the sink, linear in it
         counts = [read(with_sink, n) for n in range(1, 6)]
         assert counts == pytest.approx([n * counts[0] for n in range(1, 6)], rel=1e-5) and counts[0] > 0

@@ -58,7 +58,8 @@ class ImageReader(nn.Module):
         self.sink = self.count = None
         if sink:
             self.sink = nn.Linear(width, heads)  # each head's logit for reading nothing
-            self.count = nn.Linear(heads, width, bias=False)  # how many tokens beat each head's sink, into x
+            self.count = nn.Linear(heads, width, bias=False)  # how many tokens beat each head's sink, into x;
+            nn.init.zeros_(self.count.weight)  # zero at first: a count of up to six would swamp the residual
         self.place = None
         if places:  # each head's place (x, y), sharpness and direction (x, y); zero at first: no change until trained
             self.place = nn.Linear(width, heads * 5)
