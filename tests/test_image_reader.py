@@ -58,7 +58,7 @@ def test_a_reader_with_a_sink_reads_and_counts_more_the_more_tokens_match_and_no
     torch.manual_seed(0)
     x = torch.randn(1, 1, 16)
     token = torch.randn(1, 1, 8)
-    plain, with_sink = ImageReader(16, 8, 1, 4), ImageReader(16, 8, 1, 4, sink=True)
+    plain, with_sink = ImageReader(16, 8, 1, 4), ImageReader(16, 8, 1, 4, sink=True, counts=True)
     for reader in (plain, with_sink):
         torch.nn.init.zeros_(reader.out.bias)  # what is added is then out.weight @ (share on the tokens * v)
 
@@ -116,6 +116,14 @@ def test_decoding_with_readers_is_the_same_with_or_without_cache_batched_or_beam
     assert model.answer_batch(questions, images=IMAGES, max_new_tokens=6) == with_cache
     beams = [model.ask(i, q, max_new_tokens=6, num_beams=3) for i, q in zip(IMAGES, questions)]
     assert beams == [model.ask(i, q, max_new_tokens=6, num_beams=3, use_cache=False) for i, q in zip(IMAGES, questions)]
+
+
+def test_reader_counts_need_a_sink():
+    with pytest.raises(ValueError, match="image_reader_counts counts the tokens that beat each head's sink"):
+        tiny_vlm(image_reader_blocks=(1,), image_reader_counts=True)
+    with pytest.raises(ValueError, match="counts needs sink"):
+        ImageReader(16, 8, 1, 4, counts=True)
+    assert ImageReader(16, 8, 1, 4, sink=True).count is None
 
 
 def test_reader_places_need_object_tokens():

@@ -246,7 +246,7 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     raw = tiny_config("vlm", tiny_shapes, tmp_path / "grounded")
     raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
     raw["model"].update({"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1, "image_reader_blocks": [0, 1],
-                         "image_reader_sink": True, "image_reader_places": True})
+                         "image_reader_sink": True, "image_reader_counts": True, "image_reader_places": True})
     raw["task_options"] = {"vision_from": str(object_clip), "freeze_vision": True, "grounding_weight": 0.5}
     task = build_task(config_from_raw(raw), progress=False)
     batch = task.make_batch(list(range(6)), random.Random(0))
@@ -281,7 +281,7 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     train(config_from_raw(raw), progress=False)
     vlm = load(tmp_path / "grounded" / "model")
     assert vlm.config.image_reader_blocks == (0, 1) and len(vlm.readers) == 2
-    assert all(r.sink is not None and r.place is not None for r in vlm.readers)
+    assert all(r.sink is not None and r.count is not None and r.place is not None for r in vlm.readers)
     image = sorted((tiny_shapes / "images" / "val").glob("*.png"))[0]
     question = "what color is the object closest to the circle?"
     cached = vlm.ask(image, question, max_new_tokens=5, num_beams=2)

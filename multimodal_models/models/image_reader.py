@@ -16,9 +16,9 @@ With `sink`, each head may also look at nothing: a learned logit per head (from 
 position) competes with the image tokens and reads a zero vector. Plain softmax attention reads
 the same mean from one red object as from three, so it cannot count; with a sink the share left on
 the objects grows with how many match, and "none matches" reads zero. That share saturates (1/2,
-2/3, 3/4 ... for one, two, three equal tokens), so the head also hands on a count: the sum over the
-tokens of sigmoid(token logit - sink logit), the number of tokens that beat the sink, which grows
-by one with each object that matches.
+2/3, 3/4 ... for one, two, three equal tokens); with `counts` the head also hands on a count: the
+sum over the tokens of sigmoid(token logit - sink logit), the number of tokens that beat the sink,
+which grows by one with each object that matches.
 
 With `places`, where the image tokens are objects with known centres, each head also names, from
 its reading position, a place p, a signed sharpness s and a direction d, and adds
@@ -46,7 +46,7 @@ class ImageReader(nn.Module):
     """x (B, T, C) + out(softmax(q(x) k(ctx)^T) v(ctx)): text positions read the image tokens."""
 
     def __init__(self, width: int, context_width: int, heads: int, head_dim: int, *, sink: bool = False,
-                 places: bool = False):
+                 counts: bool = False, places: bool = False):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.norm = nn.LayerNorm(width)
@@ -55,11 +55,13 @@ class ImageReader(nn.Module):
         self.k = nn.Linear(context_width, heads * head_dim)
         self.v = nn.Linear(context_width, heads * head_dim)
         self.out = nn.Linear(heads * head_dim, width)
-        self.sink = self.count = None
-        if sink:
-            self.sink = nn.Linear(width, heads)  # each head's logit for reading nothing
-            self.count = nn.Linear(heads, width, bias=False)  # how many tokens beat each head's sink, into x;
-            nn.init.zeros_(self.count.weight)  # zero at first: a count of up to six would swamp the residual
+        if counts and not sink:
+            raise ValueError("an image reader counts the tokens that beat its sink: counts needs sink")
+        self.sink = nn.Linear(width, heads) if sink else None  # each head's logit for reading nothing
+        self.count = None
+        if counts:  # how many tokens beat each head's sink, into x; zero at first (a count of six would swamp x)
+            self.count = nn.Linear(heads, width, bias=False)
+            nn.init.zeros_(self.count.weight)
         self.place = None
         if places:  # each head's place (x, y), sharpness and direction (x, y); zero at first: no change until trained
             self.place = nn.Linear(width, heads * 5)
@@ -92,7 +94,8 @@ class ImageReader(nn.Module):
         if self.sink is not None:  # the sink reads a zero vector, so only the tokens' share is kept
             sink = self.sink(normed).transpose(1, 2)[..., None]  # (B, H, T, 1)
             weights = torch.cat([logits, sink], dim=-1).float().softmax(-1)[..., :S].to(v.dtype)
-            counted = torch.sigmoid(logits - sink).sum(-1).transpose(1, 2)  # (B, T, H); not visible: sigmoid(-inf) = 0
+            if self.count is not None:  # (B, T, H); a token not visible counts sigmoid(-inf) = 0
+                counted = torch.sigmoid(logits - sink).sum(-1).transpose(1, 2)
         else:
             weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)  # no image yet: reads nothing
         read = self.out((weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim))

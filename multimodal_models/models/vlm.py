@@ -98,6 +98,7 @@ class VLMConfig:
     # each reader head may also attend to a learned "nothing" (a sink that reads zeros), which lets a
     # head's read grow with the number of objects it finds (counting) and be zero when none matches
     image_reader_sink: bool = False
+    image_reader_counts: bool = False  # with the sink: each head also hands on how many tokens beat it
     # each reader head may also prefer tokens near to (or far from, or in a direction from) a place it
     # names, on the object slots' centres (image_tokens 'objects'): "closest to", "furthest from", "below"
     image_reader_places: bool = False
@@ -126,6 +127,8 @@ class VLMConfig:
             if not 0 <= block < self.decoder.depth:
                 raise ValueError(f"image_reader_blocks: block {block} is not one of the decoder's "
                                  f"{self.decoder.depth} blocks (0..{self.decoder.depth - 1})")
+        if self.image_reader_counts and not self.image_reader_sink:
+            raise ValueError("image_reader_counts counts the tokens that beat each head's sink: set image_reader_sink")
         if self.image_reader_places and self.image_tokens != "objects":
             raise ValueError("image_reader_places measures distances between object centres: it needs "
                              "image_tokens 'objects'")
@@ -213,7 +216,8 @@ class VisionLanguageModel(PretrainedModel):
         self.decoder = CausalDecoder(config.decoder)
         self.readers = nn.ModuleList(
             ImageReader(config.decoder.width, source, config.image_reader_heads, config.image_reader_head_dim,
-                        sink=config.image_reader_sink, places=config.image_reader_places)
+                        sink=config.image_reader_sink, counts=config.image_reader_counts,
+                        places=config.image_reader_places)
             for _ in config.image_reader_blocks
         )
 
