@@ -143,8 +143,8 @@ class ObjectSlots(nn.Module):
                              + [predicted[name].softmax(-1) for name in self.head.config.attributes]
                              + [angles.sin(), angles.cos()], dim=-1)
         slots = readings.gather(1, kept[..., None].expand(-1, -1, readings.shape[-1]))
-        objectness, x = slots[..., C], slots[..., C + 1]
-        order = torch.where(objectness > self.presence, x, 2.0 - objectness).argsort(dim=1)  # objects by x, then empties
+        centres, present = self.places(slots)
+        order = torch.where(present, centres[..., 0], 2.0 - slots[..., C]).argsort(dim=1)  # objects by x, then empties
         return slots.gather(1, order[..., None].expand_as(slots))
 
     def _suppressed_top(self, support: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
