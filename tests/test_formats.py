@@ -402,6 +402,8 @@ def test_vqa_write_read_round_trip_with_shapes_style_png_names(tmp_path):
             11, 2, images / "shapes_val_000000000002.png", "How many circles?", ("2",) * 10, "2", "number", "how many",
             referents=(((0.25, 0.5), (0.75, 0.125)),), evidence=((0.25, 0.5), (0.75, 0.125)),
         ),
+        VQARecord(12, 2, images / "shapes_val_000000000002.png", "How many squares?", ("0",) * 10, "0", "number",
+                  "how many", referents=((),), evidence=()),
     ]
     questions, annotations = tmp_path / "q.json", tmp_path / "a.json"
     write_vqa(questions, annotations, records, data_subtype="shapes_val", data_type="shapes")
@@ -412,6 +414,8 @@ def test_vqa_write_read_round_trip_with_shapes_style_png_names(tmp_path):
     assert a_doc["annotations"][0]["answers"][9] == {"answer": "dark red", "answer_confidence": "yes", "answer_id": 10}
     assert "referents" not in a_doc["annotations"][0]  # written only where a record has them
     assert a_doc["annotations"][1]["referents"] == [[[0.25, 0.5], [0.75, 0.125]]]
+    # an empty evidence (the answer rests on no object) is written; none at all (not annotated) is not
+    assert a_doc["annotations"][2]["evidence"] == [] and "evidence" not in a_doc["annotations"][0]
 
 
 def test_vqa_annotation_writer_needs_answers(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -29,6 +30,28 @@ def test_grounding_loss_is_the_attention_mass_on_the_tokens_nearest_each_target(
     nothing = GroundingTargets(*(t[2:] for t in (targets.rows, targets.positions, targets.readers, targets.heads,
                                                  targets.points, targets.counts)))
     assert grounding_loss([logits], centres, present, nothing) is None
+
+
+def test_exact_grounding_also_teaches_which_tokens_beat_the_sink_and_an_empty_group_that_none_does():
+    inf = float("inf")
+    margins = torch.tensor([[[[2.0, -1.0, 0.5], [1.0, -inf, -2.0]]]])  # (B=1, H=1, T=2, S=3); token 1 unseen at 1
+    centres = torch.tensor([[[0.1, 0.1], [0.5, 0.5], [0.9, 0.9]]])
+    present = torch.tensor([[True, True, False]])  # token 2: an empty slot, still one that should not be counted
+    targets = GroundingTargets(
+        rows=torch.tensor([0, 0, 0]), positions=torch.tensor([0, 1, 0]), readers=torch.tensor([0, 0, 0]),
+        heads=torch.tensor([0, 0, 0]), points=torch.tensor([[[0.12, 0.1]], [[0.0, 0.0]], [[0.5, 0.52]]]),
+        counts=torch.tensor([1, 0, 1]), exact=torch.tensor([True, True, False]))
+    loss = grounding_loss([margins], centres, present, targets)
+    below, above = (lambda x: math.log(1 + math.exp(x))), (lambda x: math.log(1 + math.exp(-x)))
+    softmax_terms = [-math.log(math.exp(v) / sum(math.exp(u) for u in (2.0, -1.0, 0.5))) for v in (2.0, -1.0)]
+    exact_terms = [(above(2.0) + below(-1.0) + below(0.5)) / 3,  # token 0 should beat the sink, 1 and 2 not
+                   (below(1.0) + below(-2.0)) / 2]  # nothing named: the tokens seen stay below it
+    assert loss.item() == pytest.approx(sum(softmax_terms) / 2 + sum(exact_terms) / 2, abs=1e-6)
+    assert grounding_loss([margins], centres, present, dataclasses.replace(targets, exact=None)).item() == (
+        pytest.approx(sum(softmax_terms) / 2, abs=1e-6))
+    empty_only = GroundingTargets(*(t[1:2] for t in (targets.rows, targets.positions, targets.readers, targets.heads,
+                                                     targets.points, targets.counts, targets.exact)))
+    assert grounding_loss([margins], centres, present, empty_only).item() == pytest.approx(exact_terms[1], abs=1e-6)
 
 
 def test_a_position_reads_only_the_images_placed_before_it():
@@ -78,8 +101,18 @@ def test_a_reader_with_a_sink_reads_and_counts_more_the_more_tokens_match_and_no
         assert counts == pytest.approx([n * counts[0] for n in range(1, 6)], rel=1e-5) and counts[0] > 0
         with_sink.out.weight.normal_()
     assert read(with_sink, 3, visible=False) == 0.0  # no image visible: the sink takes it all, nothing is counted
-    logits = with_sink(x, token.expand(1, 3, 8), torch.ones(1, 1, 3, dtype=torch.bool))[1]
-    assert logits.shape == (1, 1, 1, 3)  # over the image tokens only: grounding leaves the sink out
+    with torch.no_grad():
+        with_sink.out.weight.zero_()
+        with_sink.count.weight.fill_(1.0)
+        tokens = torch.randn(1, 3, 8)
+        updated, margins = with_sink(x, tokens, torch.ones(1, 1, 3, dtype=torch.bool))
+    assert margins.shape == (1, 1, 1, 3)  # over the image tokens only: grounding leaves the sink out
+    # they are each token's margin over the sink: the count is the sum of their sigmoids
+    assert (updated - x - with_sink.out.bias)[0, 0, 0].item() == pytest.approx(margins.sigmoid().sum().item(), rel=1e-5)
+    k = with_sink.k(with_sink.context_norm(tokens))
+    q = with_sink.q(with_sink.norm(x))
+    sink = with_sink.sink(with_sink.norm(x))
+    torch.testing.assert_close(margins[0, 0, 0], (q @ k.transpose(-1, -2) / 2 - sink)[0, 0])
 
 
 def test_a_reader_with_places_prefers_tokens_near_far_or_in_a_direction_from_the_place_it_names():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -231,10 +232,20 @@ def test_which_reader_heads_look_at_which_objects():
     a, b, e = ((0.1, 0.2),), ((0.5, 0.5), (0.7, 0.1)), ((0.9, 0.9),)
     grounding = Grounding(referents=(a, b), evidence=e)
     # first reader: one head per description; last reader: head 0 the evidence, then the descriptions again
-    assert grounding.targets(2, 4) == [(0, 0, a), (0, 1, b), (1, 0, e), (1, 1, a), (1, 2, b)]
-    assert grounding.targets(3, 2) == [(0, 0, a), (0, 1, b), (2, 0, e), (2, 1, a)]
-    assert grounding.targets(1, 4) == [(0, 0, a), (0, 1, b)]
-    assert Grounding(referents=((), b), evidence=()).targets(2, 4) == [(0, 1, b), (1, 2, b)]  # "no cyan objects"
+    assert grounding.targets(2, 4) == [(0, 0, a, False), (0, 1, b, False), (1, 0, e, False), (1, 1, a, False),
+                                       (1, 2, b, False)]
+    assert grounding.targets(3, 2) == [(0, 0, a, False), (0, 1, b, False), (2, 0, e, False), (2, 1, a, False)]
+    assert grounding.targets(1, 4) == [(0, 0, a, False), (0, 1, b, False)]
+    none_cyan = Grounding(referents=((), b), evidence=None)  # "are there more cyan objects than squares?"
+    assert none_cyan.targets(2, 4) == [(0, 1, b, False), (1, 2, b, False)]
+    # exact: the first look and the evidence also say which objects beat the sink, and an empty
+    # description or evidence is a target (nothing should); the second look stays free
+    assert grounding.targets(2, 4, exact=True) == [(0, 0, a, True), (0, 1, b, True), (1, 0, e, True),
+                                                   (1, 1, a, False), (1, 2, b, False)]
+    assert none_cyan.targets(2, 4, exact=True) == [(0, 0, (), True), (0, 1, b, True), (1, 2, b, False)]
+    no_others = Grounding(referents=(a,), evidence=())  # "how many other objects are the same color as A?" 0
+    assert no_others.targets(2, 4) == [(0, 0, a, False), (1, 1, a, False)]
+    assert no_others.targets(2, 4, exact=True) == [(0, 0, a, True), (1, 0, (), True), (1, 1, a, False)]
 
 
 def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(object_clip, tiny_shapes, tmp_path):
@@ -247,11 +258,16 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
     raw["model"].update({"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1, "image_reader_blocks": [0, 1],
                          "image_reader_sink": True, "image_reader_counts": True, "image_reader_places": True})
-    raw["task_options"] = {"vision_from": str(object_clip), "freeze_vision": True, "grounding_weight": 0.5}
+    raw["task_options"] = {"vision_from": str(object_clip), "freeze_vision": True, "grounding_weight": 0.5,
+                           "exact_grounding": True}
     task = build_task(config_from_raw(raw), progress=False)
     batch = task.make_batch(list(range(6)), random.Random(0))
     targets = batch["grounding"]
     assert len(targets) > 6 and set(targets.readers.tolist()) == {0, 1} and set(targets.heads.tolist()) <= {0, 1, 2}
+    # exact: the first look and the evidence (reader 1's head 0), never a second look
+    assert targets.exact.any() and not targets.exact.all()
+    assert ((targets.readers == 0) | (targets.heads == 0))[targets.exact].all()
+    assert ((targets.readers == 0) == targets.exact)[targets.readers == 0].all()
     labels, ids = batch["labels"], batch["ids"]
     tokenizer = task.tokenizer
     user = tokenizer.token_to_id("<user>")
@@ -277,6 +293,9 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
                 labels=batch["labels"], grounding=targets)
     assert out.grounding_loss > 0
     torch.testing.assert_close(task.loss(model, batch), out.loss + 0.5 * out.grounding_loss)
+    inexact = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
+                    grounding=dataclasses.replace(targets, exact=None))
+    assert 0 < inexact.grounding_loss < out.grounding_loss  # the sink's cross-entropy comes on top
     del model.image_features
     train(config_from_raw(raw), progress=False)
     vlm = load(tmp_path / "grounded" / "model")
@@ -306,4 +325,7 @@ def test_readers_without_grounded_questions_are_warned_about(object_clip, tiny_s
     from multimodal_models.training.loop import build_task
 
     with pytest.warns(UserWarning, match="no training question carries referents"):
+        build_task(config_from_raw(raw), progress=False)
+    raw["task_options"]["exact_grounding"] = True  # without a sink there is nothing to beat
+    with pytest.raises(ValueError, match="exact_grounding .* needs model.image_reader_sink"):
         build_task(config_from_raw(raw), progress=False)

@@ -81,7 +81,9 @@ def test_every_dialogue_turn_is_recomputed_and_refers_back(dataset):
             refers_back += " it" in user.text
             if "it" in state and (" it" in user.text or user.text.startswith("<image>")):  # grounded on "it"
                 assert user.referents[0] == (tuple(state["it"]["position"]),), user.text
-            assert user.referents and not assistant.referents and not assistant.evidence
+            assert user.referents and not assistant.referents and assistant.evidence is None
+            if re.fullmatch(r"is it (above|below|to the (left|right) of) .*\?", user.text.lower()):  # yes: "it"
+                assert user.evidence == (user.referents[0] if assistant.text == "yes" else ()), user.text
     assert refers_back > len(conversations)  # more than one back-reference per dialogue on average
 
 
@@ -277,7 +279,14 @@ def test_question_referents_are_the_objects_each_description_names(dataset):
         if r.question_type.startswith("query_"):
             assert r.evidence == r.referents[0] and len(r.evidence) == 1
             assert next(o for o in scene if tuple(o["position"]) == r.evidence[0])[r.question_type[6:]] == r.answer
-        if r.question_type == "spatial":
-            assert len(r.referents) == 2 and not r.evidence
+        if r.question_type == "spatial":  # yes/no: A where it lies so; "left or right?": not annotated
+            assert len(r.referents) == 2
+            assert r.evidence == ((r.referents[0] if r.answer == "yes" else ()) if r.answer in ("yes", "no") else None)
+        if r.question_type == "compare_size":  # A, where it is the larger (smaller) one
+            assert r.evidence == (r.referents[0] if r.answer == "yes" else ())
+        if r.question_type == "count":  # the counted objects; none is () (annotated: nothing), not None
+            assert r.evidence is not None and len(r.evidence) == int(r.answer)
+        if r.question_type == "same_attribute" and not text.startswith("how many"):  # B, where it matches A
+            assert r.evidence == (r.referents[1] if r.answer == "yes" else ())
         seen[r.question_type] += 1
     assert set(seen) == set(QUESTION_TYPES)

@@ -42,9 +42,10 @@ class VQARecord:
     question_type: str | None = None
     # Optional grounding (GQA's question annotations in spirit), object centres as fractions of the
     # image side: referents[i], the objects the question's i-th description names; evidence, the
-    # objects its answer is read from. Training may supervise where the model looks with them.
+    # objects its answer is read from (empty: it rests on none, "how many ...?" 0; None: not annotated).
+    # Training may supervise where the model looks with them.
     referents: tuple[Points, ...] = ()
-    evidence: Points = ()
+    evidence: Points | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Turn:
     text: str
     # a user turn's grounding, as VQARecord's: the objects its question names and reads its answer from
     referents: tuple[Points, ...] = ()
-    evidence: Points = ()
+    evidence: Points | None = None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ the same mean from one red object as from three, so it cannot count; with a sink
 the objects grows with how many match, and "none matches" reads zero. That share saturates (1/2,
 2/3, 3/4 ... for one, two, three equal tokens); with `counts` the head also hands on a count: the
 sum over the tokens of sigmoid(token logit - sink logit), the number of tokens that beat the sink,
-which grows by one with each object that matches.
+which grows by one with each object that matches. Training can say outright which tokens should
+beat a head's sink (`GroundingTargets.exact`): then the count is taught, not only found.
 
 With `places`, where the image tokens are objects with known centres, each head also names, from
 its reading position, a place p, a signed sharpness s and a direction d, and adds
@@ -73,8 +74,9 @@ class ImageReader(nn.Module):
         """x (B, T, C); context (B, S, C_ctx); visible (B, T, S) bool: which image tokens each
         position may read (those of images placed before it); places (B, S, 2): each token's centre
         (fractions of the image side), for a reader built with places. Returns the updated x and the
-        attention logits over the image tokens (B, H, T, S), -inf where not visible (the sink's logit
-        is not among them: grounding spreads a head's attention over the tokens alone)."""
+        attention logits over the image tokens (B, H, T, S), -inf where not visible. With a sink they
+        are each token's margin over it (token logit - sink logit): the softmax over the tokens alone,
+        which grounding trains, is the same, and a margin above zero is a token the head counts."""
         B, T, _ = x.shape
         S = context.shape[1]
         context = self.context_norm(context)
@@ -94,8 +96,9 @@ class ImageReader(nn.Module):
         if self.sink is not None:  # the sink reads a zero vector, so only the tokens' share is kept
             sink = self.sink(normed).transpose(1, 2)[..., None]  # (B, H, T, 1)
             weights = torch.cat([logits, sink], dim=-1).float().softmax(-1)[..., :S].to(v.dtype)
-            if self.count is not None:  # (B, T, H); a token not visible counts sigmoid(-inf) = 0
-                counted = torch.sigmoid(logits - sink).sum(-1).transpose(1, 2)
+            logits = logits - sink  # a token not visible stays at -inf and counts sigmoid(-inf) = 0
+            if self.count is not None:
+                counted = torch.sigmoid(logits).sum(-1).transpose(1, 2)  # (B, T, H)
         else:
             weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)  # no image yet: reads nothing
         read = self.out((weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
@@ -110,7 +113,9 @@ class GroundingTargets:
 
     Entry g: at sequence `rows[g]`, position `positions[g]` (the position that predicts the answer),
     head `heads[g]` of reader `readers[g]` should put its attention on the image tokens nearest to
-    the object centres points[g, :counts[g]] (fractions of the image side)."""
+    the object centres points[g, :counts[g]] (fractions of the image side). Where exact[g] (for a
+    reader with a sink), those tokens, and no other, should beat the head's sink: "how many" is then
+    taught too, and an empty group says that nothing matches."""
 
     rows: torch.Tensor  # (G,) long
     positions: torch.Tensor  # (G,) long
@@ -118,18 +123,22 @@ class GroundingTargets:
     heads: torch.Tensor  # (G,) long
     points: torch.Tensor  # (G, M, 2) float
     counts: torch.Tensor  # (G,) long
+    exact: torch.Tensor | None = None  # (G,) bool; None: no entry is exact
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
 
     def to(self, device) -> GroundingTargets:
+        exact = None if self.exact is None else self.exact.to(device)
         return GroundingTargets(*(getattr(self, name).to(device) for name in
-                                  ("rows", "positions", "readers", "heads", "points", "counts")))
+                                  ("rows", "positions", "readers", "heads", "points", "counts")), exact)
 
 
 def grounding_loss(logits: list[torch.Tensor], centres: torch.Tensor, present: torch.Tensor,
                    targets: GroundingTargets, *, match_radius: float = 0.1) -> torch.Tensor | None:
-    """Mean over targets of -log(attention mass on the target objects' tokens).
+    """Mean over targets of -log(attention mass on the target objects' tokens); plus, where targets
+    are exact, the mean over them of the binary cross-entropy of each visible token's margin over
+    the sink against whether it is a target (logits then come from readers with a sink).
 
     logits: each reader's (B, H, T, S); centres (B, S, 2) and present (B, S): where each image
     token's object is and whether there is one. Each target point takes the present token whose
@@ -144,9 +153,15 @@ def grounding_loss(logits: list[torch.Tensor], centres: torch.Tensor, present: t
     valid = (torch.arange(M, device=distance.device)[None] < targets.counts[:, None]) & (nearest.values <= match_radius)
     chosen = (F.one_hot(nearest.indices, distance.shape[-1]).bool() & valid[..., None]).any(1)  # (G, S)
     rows = torch.stack(logits)[targets.readers, targets.rows, targets.heads, targets.positions].float()  # (G, S)
+    terms = []
     keep = chosen.any(-1)
-    if not keep.any():
-        return None
-    log_probs = rows[keep].log_softmax(-1)
-    on_target = log_probs.masked_fill(~chosen[keep], float("-inf")).logsumexp(-1)
-    return -on_target.mean()
+    if keep.any():
+        log_probs = rows[keep].log_softmax(-1)
+        terms.append(-log_probs.masked_fill(~chosen[keep], float("-inf")).logsumexp(-1).mean())
+    if targets.exact is not None and targets.exact.any():
+        margins, wanted = rows[targets.exact], chosen[targets.exact]
+        seen = margins.isfinite()  # the tokens each position can see
+        per_token = F.binary_cross_entropy_with_logits(margins[seen], wanted[seen].float(), reduction="none")
+        per_target = torch.zeros_like(margins).masked_scatter(seen, per_token).sum(-1) / seen.sum(-1).clamp(min=1)
+        terms.append(per_target.mean())
+    return sum(terms) if terms else None

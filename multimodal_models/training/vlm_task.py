@@ -38,25 +38,30 @@ class Grounding:
     """Where a question looks (VQARecord.referents / evidence): object centres, image fractions."""
 
     referents: tuple[Points, ...]
-    evidence: Points
+    evidence: Points | None  # None: not annotated; (): the answer rests on no object
 
-    def targets(self, readers: int, heads: int) -> list[tuple[int, int, Points]]:
-        """(reader, head, points) to supervise: the first reader's head i looks at what the question's
-        i-th description names; with two or more readers, the last one's head 0 at the answer's evidence
-        (found from the first look: the object closest to A) and its heads 1, 2, ... again at the
-        descriptions' objects (with places and a sink, how much such a second look finds says where
-        they are from a place, "is A below B?", or how many there are)."""
-        out = [(0, head, group) for head, group in enumerate(self.referents[:heads]) if group]
+    def targets(self, readers: int, heads: int, *, exact: bool = False) -> list[tuple[int, int, Points, bool]]:
+        """(reader, head, points, exact) to supervise: the first reader's head i looks at what the
+        question's i-th description names; with two or more readers, the last one's head 0 at the
+        answer's evidence (found from the first look: the object closest to A) and its heads 1, 2, ...
+        again at the descriptions' objects (with places and a sink, how much such a second look finds
+        says where they are from a place, "is A below B?", or how many there are).
+
+        With `exact` (readers with a sink), the first look and the evidence are also to let exactly
+        their objects beat the sink: a description that names nothing ("no cyan objects") is then
+        a target too, with no objects. The second look is left free to use its sink for places."""
+        out = [(0, head, group, exact) for head, group in enumerate(self.referents[:heads]) if group or exact]
         if readers > 1:
-            if self.evidence:
-                out.append((readers - 1, 0, self.evidence))
-            out += [(readers - 1, head, group) for head, group in enumerate(self.referents[:heads - 1], 1) if group]
+            if self.evidence or (exact and self.evidence is not None):
+                out.append((readers - 1, 0, self.evidence, exact))
+            out += [(readers - 1, head, group, False) for head, group in enumerate(self.referents[:heads - 1], 1)
+                    if group]
         return out
 
     @classmethod
     def of(cls, item) -> Grounding | None:
         """A VQARecord's or a Turn's grounding, None where it has none."""
-        return cls(item.referents, item.evidence) if item.referents or item.evidence else None
+        return cls(item.referents, item.evidence) if item.referents or item.evidence is not None else None
 
 
 Answers = tuple[Grounding | None, ...]  # the grounding of each assistant turn of a chat, in order
@@ -99,12 +104,13 @@ class VLMTask:
     name = "vlm"
 
     OPTIONS = ("questions_per_image", "captions_per_image", "max_length", "vision_from", "init_from", "lora",
-               "freeze_vision", "grounding_weight")
+               "freeze_vision", "grounding_weight", "exact_grounding")
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         self.config = config
         options = {"questions_per_image": 0, "captions_per_image": 1, "max_length": None, "vision_from": None,
                    "init_from": None, "lora": None, "freeze_vision": False, "grounding_weight": 1.0,
+                   "exact_grounding": False,
                    **config.task_options}
         unknown = set(options) - set(self.OPTIONS)
         if unknown:
@@ -112,6 +118,8 @@ class VLMTask:
         self.questions_per_image = options["questions_per_image"]  # 0: all of them
         # weight of the image readers' grounding loss, where questions carry referents (0: off)
         self.grounding_weight = float(options["grounding_weight"])
+        # and whether the first look's and the evidence's heads learn which objects beat their sink (counts)
+        self.exact_grounding = bool(options["exact_grounding"])
         self.captions_per_image = options["captions_per_image"]
         if options["init_from"]:  # fine-tune a saved or Hugging Face model with its own tokenizer and template
             self.model = load_model(options["init_from"], "vlm")
@@ -138,6 +146,9 @@ class VLMTask:
         self.units = self._build_units(train)
         # the image readers learn where to look from the questions' referents
         self.supervise_grounding = self.grounding_weight > 0 and len(getattr(self.model, "readers", ())) > 0
+        if self.exact_grounding and not (self.supervise_grounding and self.model.config.image_reader_sink):
+            raise ValueError("task_options.exact_grounding trains which objects beat each reader head's sink: it needs "
+                             "model.image_reader_sink (and image readers, and grounding_weight > 0)")
         grounded = any(g for u in self.units for _, _, g in u.qa) or any(any(a) for u in self.units for _, a in u.chats)
         if self.supervise_grounding and not grounded:
             warnings.warn("the model has image readers but no training question carries referents, so nothing "
@@ -287,21 +298,24 @@ class VLMTask:
     def grounding_targets(self, rows: list) -> GroundingTargets:
         """Each grounded question's targets at the position that predicts its answer's first token."""
         readers, heads = len(self.model.readers), self.model.config.image_reader_heads
-        where: list[tuple[int, int, int, int]] = []  # (row, position, reader, head)
+        where: list[tuple[int, int, int, int, int]] = []  # (row, position, reader, head, exact)
         groups: list[Points] = []
         for row, (_, row_targets, _, _, placed) in enumerate(rows):
             for start, end, answers in placed:
                 # each assistant turn is a run of trained tokens; its first is predicted one position earlier
                 firsts = [t for t in range(start, end) if row_targets[t] and not row_targets[t - 1]]
                 for first, grounding in zip(firsts, answers):
-                    for reader, head, points in grounding.targets(readers, heads) if grounding else ():
-                        where.append((row, first - 1, reader, head))
+                    targets = grounding.targets(readers, heads, exact=self.exact_grounding) if grounding else ()
+                    for reader, head, points, exact in targets:
+                        where.append((row, first - 1, reader, head, exact))
                         groups.append(points)
         points = torch.zeros(len(groups), max(map(len, groups), default=1), 2)
         for g, group in enumerate(groups):
-            points[g, :len(group)] = torch.tensor(group)
-        columns = torch.tensor(where, dtype=torch.long).reshape(-1, 4).T
-        return GroundingTargets(*columns, points, torch.tensor([len(g) for g in groups], dtype=torch.long))
+            if group:  # an exact target may name no object at all
+                points[g, :len(group)] = torch.tensor(group)
+        columns = torch.tensor(where, dtype=torch.long).reshape(-1, 5).T
+        return GroundingTargets(*columns[:4], points, torch.tensor([len(g) for g in groups], dtype=torch.long),
+                                columns[4].bool() if self.exact_grounding else None)
 
     def evaluate(self, model, limit: int) -> dict:
         """VQA accuracy, caption metrics (+ grounding on Shapes), dialogue turn accuracy on the eval split."""

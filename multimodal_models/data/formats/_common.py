@@ -254,13 +254,14 @@ def _points(file: Path, value, *, record: str, field: str) -> tuple[tuple[float,
 
 def _read_grounding(file: Path, entry: Mapping, *, record: str, prefix: str = "") -> dict:
     """The optional "referents" (a list of point lists, one per description) and "evidence" (a point
-    list) of a VQA annotation or a conversation message, as VQARecord / Turn fields."""
+    list, possibly empty; absent: not annotated) of a VQA annotation or a conversation message, as
+    VQARecord / Turn fields."""
     groups = _get(file, entry, "referents", "list", record=record, prefix=prefix, default=[])
+    evidence = _get(file, entry, "evidence", "list", record=record, prefix=prefix, default=None)
     return {
         "referents": tuple(_points(file, group, record=record, field=f"{prefix}referents[{k}]")
                            for k, group in enumerate(groups)),
-        "evidence": _points(file, _get(file, entry, "evidence", "list", record=record, prefix=prefix, default=[]),
-                            record=record, field=prefix + "evidence"),
+        "evidence": None if evidence is None else _points(file, evidence, record=record, field=prefix + "evidence"),
     }
 
 
@@ -269,6 +270,6 @@ def _grounding_json(item) -> dict:
     out = {}
     if item.referents:
         out["referents"] = [[list(p) for p in group] for group in item.referents]
-    if item.evidence:
+    if item.evidence is not None:
         out["evidence"] = [list(p) for p in item.evidence]
     return out

@@ -55,7 +55,7 @@ def write_layouts(out: Path, config, per_split: dict[str, list[dict]]) -> dict[s
                 answer_type=q["answer_type"],
                 question_type=q["question_type"],
                 referents=tuple(tuple(tuple(p) for p in group) for group in q["referents"]),
-                evidence=tuple(tuple(p) for p in q["evidence"]),
+                evidence=None if q["evidence"] is None else tuple(tuple(p) for p in q["evidence"]),
             )
             for item in items
             for k, q in enumerate(item["questions"])

@@ -67,9 +67,12 @@ class Question:
     # Where the question looks, as object centres (fractions of the image side), for grounding
     # supervision: referents[i] holds the objects the i-th description of the question names (one for
     # "the red circle", all of them for "red circles"); evidence, the objects the answer is read from
-    # (the object closest to A, the counted ones, the one whose colour is asked).
+    # (the object closest to A, the counted ones, the one whose colour is asked; for a yes/no question
+    # about named objects, those that bear out a yes: A where "is A below B?" holds, B where "is A
+    # the same color as B?" does), empty where the answer rests on none ("how many ...?" 0, a no),
+    # None where the question does not say ("are there more A than B?", "left or right?").
     referents: tuple[Points, ...] = ()
-    evidence: Points = ()
+    evidence: Points | None = None
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,16 @@ class Candidate:
     build: Callable[[random.Random], str]  # writes the question, choosing among its wordings
     answer_space: str
     referents: tuple[tuple[ShapeObject, ...], ...] = ()  # as Question's, the objects themselves
-    evidence: tuple[ShapeObject, ...] = ()
+    evidence: tuple[ShapeObject, ...] | None = None
 
 
 def centres(objects) -> Points:
     return tuple((round(o.x, 4), round(o.y, 4)) for o in objects)
+
+
+def evidence_centres(objects) -> Points | None:
+    """centres(objects), keeping None (no evidence annotated) apart from () (the answer rests on none)."""
+    return None if objects is None else centres(objects)
 
 
 def matching(scene: Scene, d: Description) -> tuple[ShapeObject, ...]:
@@ -221,6 +229,7 @@ def candidates_spatial(scene, forbidden, descriptions):
                     ),
                     "yes/no",
                     referents=((a,), (b,)),
+                    evidence=(a,) if holds(a, b) else (),
                 )
         if RELATIONS["to the left of"](a, b) or RELATIONS["to the right of"](a, b):
             yield Candidate(
@@ -280,14 +289,16 @@ def candidates_same_attribute(scene, forbidden, descriptions):
     }
     for attribute in ATTRIBUTES:  # naming the compared attribute would give the answer away
         for a, das, b, dbs in _pairs(scene, forbidden, without=attribute):
+            same = getattr(a, attribute) == getattr(b, attribute)
             yield Candidate(
                 "pair-" + attribute,
-                yes_no(getattr(a, attribute) == getattr(b, attribute)),
+                yes_no(same),
                 lambda rng, das=das, dbs=dbs, attribute=attribute: wording[attribute][0].format(
                     a=the(rng.choice(das)), b=the(rng.choice(dbs))
                 ),
                 "yes/no",
                 referents=((a,), (b,)),
+                evidence=(b,) if same else (),  # B where it shares A's value, as "how many other" counts
             )
     for a, das in referable(scene, forbidden):
         for attribute in ATTRIBUTES:
@@ -339,6 +350,7 @@ def candidates_compare_size(scene, forbidden, descriptions):
                 lambda rng, das=das, dbs=dbs, relation=relation: f"is {the(rng.choice(das))} {relation} than {the(rng.choice(dbs))}?",
                 "yes/no",
                 referents=((a,), (b,)),
+                evidence=(a,) if holds else (),
             )
 
 
@@ -412,7 +424,7 @@ def make_questions(scene: Scene, rng: random.Random, count: int, forbidden: froz
         pools[qtype].remove(chosen)
         questions.append(
             Question(text, chosen.answer, answer_type_of(chosen.answer_space), qtype, chosen.answer_space,
-                     tuple(centres(group) for group in chosen.referents), centres(chosen.evidence))
+                     tuple(centres(group) for group in chosen.referents), evidence_centres(chosen.evidence))
         )
         if len(questions) == count:
             break
@@ -434,7 +446,7 @@ class DialogueTurn:
     question: str
     answer: str
     referents: tuple[Points, ...] = ()
-    evidence: Points = ()
+    evidence: Points | None = None
 
 
 def make_dialogue(scene: Scene, rng: random.Random, forbidden: frozenset = frozenset()) -> list[DialogueTurn]:
@@ -479,8 +491,9 @@ def _follow_ups(scene: Scene, obj: ShapeObject, known: set[str], refs, rng: rand
         d = descriptions[0]
         phrase = rng.choice(list(RELATIONS))
         if RELATIONS[phrase](obj, other) or RELATIONS[OPPOSITE[phrase]](obj, other):
-            options.append((DialogueTurn(f"is it {phrase} {the(d)}?", yes_no(RELATIONS[phrase](obj, other)),
-                                         (it, centres([other]))), known, obj))
+            holds = RELATIONS[phrase](obj, other)
+            options.append((DialogueTurn(f"is it {phrase} {the(d)}?", yes_no(holds), (it, centres([other])),
+                                         it if holds else ()), known, obj))
         unnamed = [a for a in ATTRIBUTES if a not in named_attributes(d)]
         if unnamed:
             a = rng.choice(unnamed)
