@@ -115,6 +115,26 @@ def test_a_reader_with_a_sink_reads_and_counts_more_the_more_tokens_match_and_no
     torch.testing.assert_close(margins[0, 0, 0], (q @ k.transpose(-1, -2) / 2 - sink)[0, 0])
 
 
+def test_a_sink_without_a_share_only_counts_and_the_read_is_weighed_over_the_tokens_alone():
+    torch.manual_seed(1)
+    x, tokens, visible = torch.randn(2, 3, 16), torch.randn(2, 4, 8), torch.ones(2, 3, 4, dtype=torch.bool)
+    visible[1, 0] = False  # the first position of row 1 sees no image yet
+    plain = ImageReader(16, 8, 2, 4)
+    counting = ImageReader(16, 8, 2, 4, sink=True, counts=True, sink_share=False)
+    counting.load_state_dict(plain.state_dict(), strict=False)  # same q, k, v, out; the sink and count its own
+    with torch.no_grad():
+        torch.testing.assert_close(counting(x, tokens, visible)[0], plain(x, tokens, visible)[0])  # count is zero
+        counting.count.weight.fill_(1.0)
+        updated, margins = counting(x, tokens, visible)
+    torch.testing.assert_close(updated - plain(x, tokens, visible)[0],  # the count alone is added
+                               margins.sigmoid().sum(-1).transpose(1, 2).sum(-1, keepdim=True).expand(-1, -1, 16))
+    assert updated[1, 0].equal(x[1, 0] + counting.out.bias)  # nothing visible: nothing read, nothing counted
+    with pytest.raises(ValueError, match="sink_share=False needs counts"):
+        ImageReader(16, 8, 1, 4, sink=True, sink_share=False)
+    with pytest.raises(ValueError, match="image_reader_sink_share: false leaves the sink only the count"):
+        tiny_vlm(image_reader_blocks=(1,), image_reader_sink=True, image_reader_sink_share=False)
+
+
 def test_a_reader_with_places_prefers_tokens_near_far_or_in_a_direction_from_the_place_it_names():
     reader = ImageReader(16, 8, 3, 4, places=True)
     context = torch.randn(1, 3, 8)

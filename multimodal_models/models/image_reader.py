@@ -18,7 +18,10 @@ the same mean from one red object as from three, so it cannot count; with a sink
 the objects grows with how many match, and "none matches" reads zero. That share saturates (1/2,
 2/3, 3/4 ... for one, two, three equal tokens); with `counts` the head also hands on a count: the
 sum over the tokens of sigmoid(token logit - sink logit), the number of tokens that beat the sink,
-which grows by one with each object that matches. Training can say outright which tokens should
+which grows by one with each object that matches. With `sink_share` off, the sink sets only that
+count, and what a head reads is weighed over the tokens alone, as without a sink: a read of one
+object then hands on its centre unscaled, however far the object beats the sink (a place named
+from it is where the object is). Training can say outright which tokens should
 beat a head's sink (`GroundingTargets.exact`): then the count is taught, not only found.
 
 With `places`, where the image tokens are objects with known centres, each head also names, from
@@ -47,7 +50,7 @@ class ImageReader(nn.Module):
     """x (B, T, C) + out(softmax(q(x) k(ctx)^T) v(ctx)): text positions read the image tokens."""
 
     def __init__(self, width: int, context_width: int, heads: int, head_dim: int, *, sink: bool = False,
-                 counts: bool = False, places: bool = False):
+                 counts: bool = False, sink_share: bool = True, places: bool = False):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.norm = nn.LayerNorm(width)
@@ -58,7 +61,10 @@ class ImageReader(nn.Module):
         self.out = nn.Linear(heads * head_dim, width)
         if counts and not sink:
             raise ValueError("an image reader counts the tokens that beat its sink: counts needs sink")
+        if not sink_share and not counts:
+            raise ValueError("a sink that takes no share of the read only sets the count: sink_share=False needs counts")
         self.sink = nn.Linear(width, heads) if sink else None  # each head's logit for reading nothing
+        self.sink_share = sink_share
         self.count = None
         if counts:  # how many tokens beat each head's sink, into x; zero at first (a count of six would swamp x)
             self.count = nn.Linear(heads, width, bias=False)
@@ -92,15 +98,16 @@ class ImageReader(nn.Module):
             offset = (places[:, None, None, :, :] - named[..., None, :2]) / PLACE_UNIT  # (B, H, T, S, 2)
             logits = logits - named[..., 2:3] * offset.square().sum(-1) + (offset @ named[..., 3:, None])[..., 0]
         logits = logits.masked_fill(~visible[:, None], float("-inf"))
-        counted = None
-        if self.sink is not None:  # the sink reads a zero vector, so only the tokens' share is kept
-            sink = self.sink(normed).transpose(1, 2)[..., None]  # (B, H, T, 1)
+        sink = self.sink(normed).transpose(1, 2)[..., None] if self.sink is not None else None  # (B, H, T, 1)
+        if sink is not None and self.sink_share:  # the sink reads a zero vector: only the tokens' share is kept
             weights = torch.cat([logits, sink], dim=-1).float().softmax(-1)[..., :S].to(v.dtype)
+        else:  # over the tokens alone; no image visible yet: reads nothing
+            weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)
+        counted = None
+        if sink is not None:
             logits = logits - sink  # a token not visible stays at -inf and counts sigmoid(-inf) = 0
             if self.count is not None:
                 counted = torch.sigmoid(logits).sum(-1).transpose(1, 2)  # (B, T, H)
-        else:
-            weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)  # no image yet: reads nothing
         read = self.out((weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         if counted is not None:
             read = read + self.count(counted.to(read.dtype))

@@ -99,6 +99,9 @@ class VLMConfig:
     # head's read grow with the number of objects it finds (counting) and be zero when none matches
     image_reader_sink: bool = False
     image_reader_counts: bool = False  # with the sink: each head also hands on how many tokens beat it
+    # False: the sink only sets what a head counts, and what it reads is weighed over the tokens alone
+    # (a read of one object then says that object's centre unscaled, whatever its margin)
+    image_reader_sink_share: bool = True
     # each reader head may also prefer tokens near to (or far from, or in a direction from) a place it
     # names, on the object slots' centres (image_tokens 'objects'): "closest to", "furthest from", "below"
     image_reader_places: bool = False
@@ -129,6 +132,8 @@ class VLMConfig:
                                  f"{self.decoder.depth} blocks (0..{self.decoder.depth - 1})")
         if self.image_reader_counts and not self.image_reader_sink:
             raise ValueError("image_reader_counts counts the tokens that beat each head's sink: set image_reader_sink")
+        if not self.image_reader_sink_share and not self.image_reader_counts:
+            raise ValueError("image_reader_sink_share: false leaves the sink only the count: set image_reader_counts")
         if self.image_reader_places and self.image_tokens != "objects":
             raise ValueError("image_reader_places measures distances between object centres: it needs "
                              "image_tokens 'objects'")
@@ -217,7 +222,7 @@ class VisionLanguageModel(PretrainedModel):
         self.readers = nn.ModuleList(
             ImageReader(config.decoder.width, source, config.image_reader_heads, config.image_reader_head_dim,
                         sink=config.image_reader_sink, counts=config.image_reader_counts,
-                        places=config.image_reader_places)
+                        sink_share=config.image_reader_sink_share, places=config.image_reader_places)
             for _ in config.image_reader_blocks
         )
 
