@@ -133,6 +133,12 @@ def test_a_sink_without_a_share_only_counts_and_the_read_is_weighed_over_the_tok
         ImageReader(16, 8, 1, 4, sink=True, sink_share=False)
     with pytest.raises(ValueError, match="image_reader_sink_share: false leaves the sink only the count"):
         tiny_vlm(image_reader_blocks=(1,), image_reader_sink=True, image_reader_sink_share=False)
+    with pytest.raises(ValueError, match="every reader must count"):
+        tiny_vlm(image_reader_blocks=(0, 1), image_reader_sink=True, image_reader_counts=(0,), image_reader_sink_share=False)
+    with pytest.raises(ValueError, match=r"image_reader_counts: blocks \[1\] have no image reader"):
+        tiny_vlm(image_reader_blocks=(0,), image_reader_sink=True, image_reader_counts=(1,))
+    some = tiny_vlm(image_reader_blocks=(0, 1), image_reader_sink=True, image_reader_counts=(0,))
+    assert [r.count is not None for r in some.readers] == [True, False]
 
 
 def test_a_reader_with_places_prefers_tokens_near_far_or_in_a_direction_from_the_place_it_names():

@@ -240,12 +240,16 @@ def test_which_reader_heads_look_at_which_objects():
     assert none_cyan.targets(2, 4) == [(0, 1, b, False), (1, 2, b, False)]
     # exact: the first look and the evidence also say which objects beat the sink, and an empty
     # description or evidence is a target (nothing should); the second look stays free
-    assert grounding.targets(2, 4, exact=True) == [(0, 0, a, True), (0, 1, b, True), (1, 0, e, True),
-                                                   (1, 1, a, False), (1, 2, b, False)]
-    assert none_cyan.targets(2, 4, exact=True) == [(0, 0, (), True), (0, 1, b, True), (1, 2, b, False)]
+    assert grounding.targets(2, 4, exact={0, 1}) == [(0, 0, a, True), (0, 1, b, True), (1, 0, e, True),
+                                                     (1, 1, a, False), (1, 2, b, False)]
+    assert none_cyan.targets(2, 4, exact={0, 1}) == [(0, 0, (), True), (0, 1, b, True), (1, 2, b, False)]
+    # only the readers that count are taught how many: here the first
+    assert grounding.targets(2, 4, exact={0}) == [(0, 0, a, True), (0, 1, b, True), (1, 0, e, False),
+                                                  (1, 1, a, False), (1, 2, b, False)]
     no_others = Grounding(referents=(a,), evidence=())  # "how many other objects are the same color as A?" 0
     assert no_others.targets(2, 4) == [(0, 0, a, False), (1, 1, a, False)]
-    assert no_others.targets(2, 4, exact=True) == [(0, 0, a, True), (1, 0, (), True), (1, 1, a, False)]
+    assert no_others.targets(2, 4, exact={0, 1}) == [(0, 0, a, True), (1, 0, (), True), (1, 1, a, False)]
+    assert no_others.targets(2, 4, exact={0}) == [(0, 0, a, True), (1, 1, a, False)]
 
 
 def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(object_clip, tiny_shapes, tmp_path):
@@ -327,5 +331,5 @@ def test_readers_without_grounded_questions_are_warned_about(object_clip, tiny_s
     with pytest.warns(UserWarning, match="no training question carries referents"):
         build_task(config_from_raw(raw), progress=False)
     raw["task_options"]["exact_grounding"] = True  # without a sink there is nothing to beat
-    with pytest.raises(ValueError, match="exact_grounding .* needs model.image_reader_sink"):
+    with pytest.raises(ValueError, match="exact_grounding .* needs model.image_reader_sink and image_reader_counts"):
         build_task(config_from_raw(raw), progress=False)

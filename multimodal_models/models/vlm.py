@@ -98,13 +98,22 @@ class VLMConfig:
     # each reader head may also attend to a learned "nothing" (a sink that reads zeros), which lets a
     # head's read grow with the number of objects it finds (counting) and be zero when none matches
     image_reader_sink: bool = False
-    image_reader_counts: bool = False  # with the sink: each head also hands on how many tokens beat it
+    # with the sink: each head also hands on how many tokens beat it; true: every reader's heads, or a
+    # list of the image_reader_blocks whose readers count
+    image_reader_counts: bool | tuple[int, ...] = False
     # False: the sink only sets what a head counts, and what it reads is weighed over the tokens alone
     # (a read of one object then says that object's centre unscaled, whatever its margin)
     image_reader_sink_share: bool = True
     # each reader head may also prefer tokens near to (or far from, or in a direction from) a place it
     # names, on the object slots' centres (image_tokens 'objects'): "closest to", "furthest from", "below"
     image_reader_places: bool = False
+
+    @property
+    def counting_blocks(self) -> tuple[int, ...]:
+        """The image_reader_blocks whose readers hand on counts (image_reader_counts)."""
+        if isinstance(self.image_reader_counts, bool):
+            return tuple(self.image_reader_blocks) if self.image_reader_counts else ()
+        return tuple(self.image_reader_counts)
 
     @property
     def tokens_per_image(self) -> int:
@@ -130,10 +139,14 @@ class VLMConfig:
             if not 0 <= block < self.decoder.depth:
                 raise ValueError(f"image_reader_blocks: block {block} is not one of the decoder's "
                                  f"{self.decoder.depth} blocks (0..{self.decoder.depth - 1})")
-        if self.image_reader_counts and not self.image_reader_sink:
+        if self.counting_blocks and not self.image_reader_sink:
             raise ValueError("image_reader_counts counts the tokens that beat each head's sink: set image_reader_sink")
-        if not self.image_reader_sink_share and not self.image_reader_counts:
-            raise ValueError("image_reader_sink_share: false leaves the sink only the count: set image_reader_counts")
+        if not isinstance(self.image_reader_counts, bool) and not set(self.counting_blocks) <= set(self.image_reader_blocks):
+            raise ValueError(f"image_reader_counts: blocks {sorted(set(self.counting_blocks) - set(self.image_reader_blocks))} "
+                             f"have no image reader (image_reader_blocks: {list(self.image_reader_blocks)})")
+        if not self.image_reader_sink_share and set(self.counting_blocks) != set(self.image_reader_blocks):
+            raise ValueError("image_reader_sink_share: false leaves the sink only the count: every reader must count "
+                             "(image_reader_counts: true)")
         if self.image_reader_places and self.image_tokens != "objects":
             raise ValueError("image_reader_places measures distances between object centres: it needs "
                              "image_tokens 'objects'")
@@ -221,9 +234,9 @@ class VisionLanguageModel(PretrainedModel):
         self.decoder = CausalDecoder(config.decoder)
         self.readers = nn.ModuleList(
             ImageReader(config.decoder.width, source, config.image_reader_heads, config.image_reader_head_dim,
-                        sink=config.image_reader_sink, counts=config.image_reader_counts,
+                        sink=config.image_reader_sink, counts=block in config.counting_blocks,
                         sink_share=config.image_reader_sink_share, places=config.image_reader_places)
-            for _ in config.image_reader_blocks
+            for block in config.image_reader_blocks
         )
 
     # -- model -----------------------------------------------------------------------------
