@@ -14,8 +14,8 @@ sends at inference), while the image is encoded once for a dozen examples.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -121,7 +121,7 @@ class VLMTask:
         self.questions_per_image = options["questions_per_image"]  # 0: all of them
         # weight of the image readers' grounding loss, where questions carry referents (0: off)
         self.grounding_weight = float(options["grounding_weight"])
-        # and whether the first look's and the evidence's heads learn which objects beat their sink (counts)
+        # and whether the counting readers' heads learn which objects beat their sink (how many)
         self.exact_grounding = bool(options["exact_grounding"])
         self.captions_per_image = options["captions_per_image"]
         if options["init_from"]:  # fine-tune a saved or Hugging Face model with its own tokenizer and template
