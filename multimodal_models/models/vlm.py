@@ -141,9 +141,10 @@ class VLMConfig:
                                  f"{self.decoder.depth} blocks (0..{self.decoder.depth - 1})")
         if self.counting_blocks and not self.image_reader_sink:
             raise ValueError("image_reader_counts counts the tokens that beat each head's sink: set image_reader_sink")
-        if not isinstance(self.image_reader_counts, bool) and not set(self.counting_blocks) <= set(self.image_reader_blocks):
-            raise ValueError(f"image_reader_counts: blocks {sorted(set(self.counting_blocks) - set(self.image_reader_blocks))} "
-                             f"have no image reader (image_reader_blocks: {list(self.image_reader_blocks)})")
+        readerless = sorted(set(self.counting_blocks) - set(self.image_reader_blocks))
+        if readerless:
+            raise ValueError(f"image_reader_counts: blocks {readerless} have no image reader "
+                             f"(image_reader_blocks: {list(self.image_reader_blocks)})")
         if not self.image_reader_sink_share and set(self.counting_blocks) != set(self.image_reader_blocks):
             raise ValueError("image_reader_sink_share: false leaves the sink only the count: every reader must count "
                              "(image_reader_counts: true)")
