@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from multimodal_models.models.image_reader import GroundingTargets, ImageReader, grounding_loss
+from multimodal_models.models.vlm import VisionLanguageModel
 
 from .test_vlm import IMAGES, tiny_vlm
 
@@ -133,12 +134,40 @@ def test_a_sink_without_a_share_only_counts_and_the_read_is_weighed_over_the_tok
         ImageReader(16, 8, 1, 4, sink=True, sink_share=False)
     with pytest.raises(ValueError, match="image_reader_sink_share: false leaves the sink only the count"):
         tiny_vlm(image_reader_blocks=(1,), image_reader_sink=True, image_reader_sink_share=False)
-    with pytest.raises(ValueError, match="every reader must count"):
+    with pytest.raises(ValueError, match="every head must count"):
         tiny_vlm(image_reader_blocks=(0, 1), image_reader_sink=True, image_reader_counts=(0,), image_reader_sink_share=False)
-    with pytest.raises(ValueError, match=r"image_reader_counts: blocks \[1\] have no image reader"):
-        tiny_vlm(image_reader_blocks=(0,), image_reader_sink=True, image_reader_counts=(1,))
+
+
+def test_counts_can_be_handed_on_by_some_readers_or_some_heads_only():
+    torch.manual_seed(2)
+    x, tokens, visible = torch.randn(2, 3, 16), torch.randn(2, 4, 8), torch.ones(2, 3, 4, dtype=torch.bool)
+    visible[1, :2, 1:] = False
+    reader = ImageReader(16, 8, 3, 4, sink=True, counts=(2, 0))
+    assert reader.counting_heads == (2, 0) and reader.count.in_features == 2
+    silent = ImageReader(16, 8, 3, 4, sink=True)
+    silent.load_state_dict(reader.state_dict(), strict=False)
+    with torch.no_grad():
+        reader.count.weight.copy_(torch.tensor([1.0, 10.0]).expand(16, 2))
+        updated, margins = reader(x, tokens, visible)
+    counted = margins.sigmoid().sum(-1)  # (B, H, T): each head's count
+    torch.testing.assert_close(updated - silent(x, tokens, visible)[0],  # head 2's count, plus ten times head 0's
+                               (counted[:, 2] + 10 * counted[:, 0])[..., None].expand(-1, -1, 16))
+    for wrong in ((3,), (0, 0)):
+        with pytest.raises(ValueError, match=r"counting heads .* must be distinct heads of 0..2"):
+            ImageReader(16, 8, 3, 4, sink=True, counts=wrong)
+    # in a config: a block counts with all its reader's heads, a pair [block, head] with that head alone
     some = tiny_vlm(image_reader_blocks=(0, 1), image_reader_sink=True, image_reader_counts=(0,))
     assert [r.count is not None for r in some.readers] == [True, False]
+    config = dataclasses.replace(some.config, image_reader_counts=(1, [0, 2], (0, 3)))
+    assert config.counting_heads == {1: (0, 1, 2, 3), 0: (2, 3)}
+    heads = VisionLanguageModel(config).readers
+    assert [r.counting_heads for r in heads] == [(2, 3), (0, 1, 2, 3)]
+    for counts, message in (((1,), r"blocks \[1\] have no image reader"),
+                            (([0, 4],), r"block 0's counting heads \[4\] must be distinct heads of 0..3"),
+                            ((0, [0, 1]), r"block 0's counting heads \[0, 1, 2, 3, 1\] must be distinct"),
+                            (("0:1",), "'0:1' is neither a block nor a pair")):
+        with pytest.raises(ValueError, match=f"image_reader_counts: {message}"):
+            tiny_vlm(image_reader_blocks=(0,), image_reader_sink=True, image_reader_counts=counts)
 
 
 def test_a_reader_with_places_prefers_tokens_near_far_or_in_a_direction_from_the_place_it_names():

@@ -238,18 +238,21 @@ def test_which_reader_heads_look_at_which_objects():
     assert grounding.targets(1, 4) == [(0, 0, a, False), (0, 1, b, False)]
     none_cyan = Grounding(referents=((), b), evidence=None)  # "are there more cyan objects than squares?"
     assert none_cyan.targets(2, 4) == [(0, 1, b, False), (1, 2, b, False)]
-    # exact: the first look and the evidence also say which objects beat the sink, and an empty
-    # description or evidence is a target (nothing should); the second look stays free
-    assert grounding.targets(2, 4, exact={0, 1}) == [(0, 0, a, True), (0, 1, b, True), (1, 0, e, True),
-                                                     (1, 1, a, False), (1, 2, b, False)]
-    assert none_cyan.targets(2, 4, exact={0, 1}) == [(0, 0, (), True), (0, 1, b, True), (1, 2, b, False)]
-    # only the readers that count are taught how many: here the first
-    assert grounding.targets(2, 4, exact={0}) == [(0, 0, a, True), (0, 1, b, True), (1, 0, e, False),
-                                                  (1, 1, a, False), (1, 2, b, False)]
+    # exact (the heads that count, as (reader, head)): the first look and the evidence also say which
+    # objects beat the sink, and an empty description or evidence is a target (nothing should); the
+    # second look stays free even where it counts
+    counting = {(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)}
+    assert grounding.targets(2, 4, exact=counting) == [(0, 0, a, True), (0, 1, b, True), (1, 0, e, True),
+                                                       (1, 1, a, False), (1, 2, b, False)]
+    assert none_cyan.targets(2, 4, exact=counting) == [(0, 0, (), True), (0, 1, b, True), (1, 2, b, False)]
+    # only the heads that count are taught how many: here the first reader's, then head 1 and the evidence
+    assert grounding.targets(2, 4, exact={(0, 0), (0, 1)}) == [(0, 0, a, True), (0, 1, b, True), (1, 0, e, False),
+                                                               (1, 1, a, False), (1, 2, b, False)]
+    assert none_cyan.targets(2, 4, exact={(0, 1), (1, 0)}) == [(0, 1, b, True), (1, 2, b, False)]
     no_others = Grounding(referents=(a,), evidence=())  # "how many other objects are the same color as A?" 0
     assert no_others.targets(2, 4) == [(0, 0, a, False), (1, 1, a, False)]
-    assert no_others.targets(2, 4, exact={0, 1}) == [(0, 0, a, True), (1, 0, (), True), (1, 1, a, False)]
-    assert no_others.targets(2, 4, exact={0}) == [(0, 0, a, True), (1, 1, a, False)]
+    assert no_others.targets(2, 4, exact=counting) == [(0, 0, a, True), (1, 0, (), True), (1, 1, a, False)]
+    assert no_others.targets(2, 4, exact={(0, 0), (0, 1)}) == [(0, 0, a, True), (1, 1, a, False)]
 
 
 def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(object_clip, tiny_shapes, tmp_path):
@@ -261,10 +264,13 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     raw = tiny_config("vlm", tiny_shapes, tmp_path / "grounded")
     raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
     raw["model"].update({"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1, "image_reader_blocks": [0, 1],
-                         "image_reader_sink": True, "image_reader_counts": True, "image_reader_places": True})
+                         "image_reader_sink": True, "image_reader_counts": [0, [1, 0]],  # the first look, the evidence
+                         "image_reader_places": True})
     raw["task_options"] = {"vision_from": str(object_clip), "freeze_vision": True, "grounding_weight": 0.5,
                            "exact_grounding": True}
     task = build_task(config_from_raw(raw), progress=False)
+    heads = task.model.config.image_reader_heads
+    assert task.exact_heads == {(0, head) for head in range(heads)} | {(1, 0)}
     batch = task.make_batch(list(range(6)), random.Random(0))
     targets = batch["grounding"]
     assert len(targets) > 6 and set(targets.readers.tolist()) == {0, 1} and set(targets.heads.tolist()) <= {0, 1, 2}
@@ -304,7 +310,8 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     train(config_from_raw(raw), progress=False)
     vlm = load(tmp_path / "grounded" / "model")
     assert vlm.config.image_reader_blocks == (0, 1) and len(vlm.readers) == 2
-    assert all(r.sink is not None and r.count is not None and r.place is not None for r in vlm.readers)
+    assert all(r.sink is not None and r.place is not None for r in vlm.readers)
+    assert [r.counting_heads for r in vlm.readers] == [tuple(range(heads)), (0,)]  # read back from config.json
     image = sorted((tiny_shapes / "images" / "val").glob("*.png"))[0]
     question = "what color is the object closest to the circle?"
     cached = vlm.ask(image, question, max_new_tokens=5, num_beams=2)

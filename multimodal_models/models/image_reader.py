@@ -16,9 +16,9 @@ With `sink`, each head may also look at nothing: a learned logit per head (from 
 position) competes with the image tokens and reads a zero vector. Plain softmax attention reads
 the same mean from one red object as from three, so it cannot count; with a sink the share left on
 the objects grows with how many match, and "none matches" reads zero. That share saturates (1/2,
-2/3, 3/4 ... for one, two, three equal tokens); with `counts` the head also hands on a count: the
-sum over the tokens of sigmoid(token logit - sink logit), the number of tokens that beat the sink,
-which grows by one with each object that matches. With `sink_share` off, the sink sets only that
+2/3, 3/4 ... for one, two, three equal tokens); with `counts` (every head, or the heads it names)
+a head also hands on a count: the sum over the tokens of sigmoid(token logit - sink logit), the
+number of tokens that beat the sink, which grows by one with each object that matches. With `sink_share` off, the sink sets only that
 count, and what a head reads is weighed over the tokens alone, as without a sink: a read of one
 object then hands on its centre unscaled, however far the object beats the sink (a place named
 from it is where the object is). Training can say outright which tokens should
@@ -36,6 +36,7 @@ decoder's layers learn slowly; here that product is the attention's own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ class ImageReader(nn.Module):
     """x (B, T, C) + out(softmax(q(x) k(ctx)^T) v(ctx)): text positions read the image tokens."""
 
     def __init__(self, width: int, context_width: int, heads: int, head_dim: int, *, sink: bool = False,
-                 counts: bool = False, sink_share: bool = True, places: bool = False):
+                 counts: bool | Sequence[int] = False, sink_share: bool = True, places: bool = False):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.norm = nn.LayerNorm(width)
@@ -65,9 +66,13 @@ class ImageReader(nn.Module):
             raise ValueError("a sink that takes no share of the read only sets the count: sink_share=False needs counts")
         self.sink = nn.Linear(width, heads) if sink else None  # each head's logit for reading nothing
         self.sink_share = sink_share
+        # the heads that hand on a count: counts True is every head, a sequence names them
+        self.counting_heads = tuple(range(heads)) if counts is True else tuple(counts or ())
+        if any(not 0 <= h < heads for h in self.counting_heads) or len(set(self.counting_heads)) < len(self.counting_heads):
+            raise ValueError(f"counting heads {list(self.counting_heads)} must be distinct heads of 0..{heads - 1}")
         self.count = None
-        if counts:  # how many tokens beat each head's sink, into x; zero at first (a count of six would swamp x)
-            self.count = nn.Linear(heads, width, bias=False)
+        if self.counting_heads:  # how many tokens beat each head's sink, into x; zero at first (six would swamp x)
+            self.count = nn.Linear(len(self.counting_heads), width, bias=False)
             nn.init.zeros_(self.count.weight)
         self.place = None
         if places:  # each head's place (x, y), sharpness and direction (x, y); zero at first: no change until trained
@@ -107,7 +112,8 @@ class ImageReader(nn.Module):
         if sink is not None:
             logits = logits - sink  # a token not visible stays at -inf and counts sigmoid(-inf) = 0
             if self.count is not None:
-                counted = torch.sigmoid(logits).sum(-1).transpose(1, 2)  # (B, T, H)
+                counting = logits if len(self.counting_heads) == self.heads else logits[:, list(self.counting_heads)]
+                counted = torch.sigmoid(counting).sum(-1).transpose(1, 2)  # (B, T, counting heads)
         read = self.out((weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         if counted is not None:
             read = read + self.count(counted.to(read.dtype))

@@ -99,8 +99,9 @@ class VLMConfig:
     # head's read grow with the number of objects it finds (counting) and be zero when none matches
     image_reader_sink: bool = False
     # with the sink: each head also hands on how many tokens beat it; true: every reader's heads, or a
-    # list of the image_reader_blocks whose readers count
-    image_reader_counts: bool | tuple[int, ...] = False
+    # list whose entries are a block of image_reader_blocks (all its reader's heads count) or a pair
+    # [block, head] (that one head counts): [2, [4, 0]]
+    image_reader_counts: bool | tuple[int | tuple[int, int], ...] = False
     # False: the sink only sets what a head counts, and what it reads is weighed over the tokens alone
     # (a read of one object then says that object's centre unscaled, whatever its margin)
     image_reader_sink_share: bool = True
@@ -109,11 +110,21 @@ class VLMConfig:
     image_reader_places: bool = False
 
     @property
-    def counting_blocks(self) -> tuple[int, ...]:
-        """The image_reader_blocks whose readers hand on counts (image_reader_counts)."""
+    def counting_heads(self) -> dict[int, tuple[int, ...]]:
+        """Block -> the heads of its image reader that hand on counts (image_reader_counts); blocks
+        with no counting head are left out."""
+        every = tuple(range(self.image_reader_heads))
         if isinstance(self.image_reader_counts, bool):
-            return tuple(self.image_reader_blocks) if self.image_reader_counts else ()
-        return tuple(self.image_reader_counts)
+            return {block: every for block in self.image_reader_blocks} if self.image_reader_counts else {}
+        out: dict[int, list[int]] = {}
+        for entry in self.image_reader_counts:
+            if isinstance(entry, int):
+                out.setdefault(entry, []).extend(every)
+            elif isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry):
+                out.setdefault(entry[0], []).append(entry[1])
+            else:
+                raise ValueError(f"image_reader_counts: {entry!r} is neither a block nor a pair [block, head]")
+        return {block: tuple(heads) for block, heads in out.items()}
 
     @property
     def tokens_per_image(self) -> int:
@@ -139,14 +150,20 @@ class VLMConfig:
             if not 0 <= block < self.decoder.depth:
                 raise ValueError(f"image_reader_blocks: block {block} is not one of the decoder's "
                                  f"{self.decoder.depth} blocks (0..{self.decoder.depth - 1})")
-        if self.counting_blocks and not self.image_reader_sink:
+        counting = self.counting_heads
+        if counting and not self.image_reader_sink:
             raise ValueError("image_reader_counts counts the tokens that beat each head's sink: set image_reader_sink")
-        readerless = sorted(set(self.counting_blocks) - set(self.image_reader_blocks))
+        readerless = sorted(set(counting) - set(self.image_reader_blocks))
         if readerless:
             raise ValueError(f"image_reader_counts: blocks {readerless} have no image reader "
                              f"(image_reader_blocks: {list(self.image_reader_blocks)})")
-        if not self.image_reader_sink_share and set(self.counting_blocks) != set(self.image_reader_blocks):
-            raise ValueError("image_reader_sink_share: false leaves the sink only the count: every reader must count "
+        for block, heads in counting.items():
+            if len(set(heads)) < len(heads) or not all(0 <= h < self.image_reader_heads for h in heads):
+                raise ValueError(f"image_reader_counts: block {block}'s counting heads {list(heads)} must be distinct "
+                                 f"heads of 0..{self.image_reader_heads - 1} (image_reader_heads)")
+        every = tuple(range(self.image_reader_heads))
+        if not self.image_reader_sink_share and any(counting.get(b) != every for b in self.image_reader_blocks):
+            raise ValueError("image_reader_sink_share: false leaves the sink only the count: every head must count "
                              "(image_reader_counts: true)")
         if self.image_reader_places and self.image_tokens != "objects":
             raise ValueError("image_reader_places measures distances between object centres: it needs "
@@ -235,7 +252,7 @@ class VisionLanguageModel(PretrainedModel):
         self.decoder = CausalDecoder(config.decoder)
         self.readers = nn.ModuleList(
             ImageReader(config.decoder.width, source, config.image_reader_heads, config.image_reader_head_dim,
-                        sink=config.image_reader_sink, counts=block in config.counting_blocks,
+                        sink=config.image_reader_sink, counts=config.counting_heads.get(block, ()),
                         sink_share=config.image_reader_sink_share, places=config.image_reader_places)
             for block in config.image_reader_blocks
         )

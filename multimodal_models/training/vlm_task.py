@@ -41,20 +41,24 @@ class Grounding:
     referents: tuple[Points, ...]
     evidence: Points | None  # None: not annotated; (): the answer rests on no object
 
-    def targets(self, readers: int, heads: int, *, exact: Collection[int] = ()) -> list[tuple[int, int, Points, bool]]:
+    def targets(self, readers: int, heads: int, *,
+                exact: Collection[tuple[int, int]] = ()) -> list[tuple[int, int, Points, bool]]:
         """(reader, head, points, exact) to supervise: the first reader's head i looks at what the
         question's i-th description names; with two or more readers, the last one's head 0 at the
         answer's evidence (found from the first look: the object closest to A) and its heads 1, 2, ...
         again at the descriptions' objects (with places and a sink, how much such a second look finds
         says where they are from a place, "is A below B?", or how many there are).
 
-        Where the first (last) reader is in `exact` (readers that count), the first look (the
-        evidence) is also to let exactly its objects beat the sink: a description that names nothing
-        ("no cyan objects") is then a target too, with no objects. The second look is left free to
-        use its sink for places."""
-        first, last = 0 in exact, readers - 1 in exact
-        out = [(0, head, group, first) for head, group in enumerate(self.referents[:heads]) if group or first]
+        Where a first-look (evidence) head is in `exact` as (reader, head) (heads that count), it is
+        also to let exactly its objects beat the sink: a description that names nothing ("no cyan
+        objects") is then a target too, with no objects. The second look is left free to use its sink
+        for places."""
+        out = []
+        for head, group in enumerate(self.referents[:heads]):
+            if group or (0, head) in exact:
+                out.append((0, head, group, (0, head) in exact))
         if readers > 1:
+            last = (readers - 1, 0) in exact
             if self.evidence or (last and self.evidence is not None):
                 out.append((readers - 1, 0, self.evidence, last))
             out += [(readers - 1, head, group, False) for head, group in enumerate(self.referents[:heads - 1], 1)
@@ -149,10 +153,10 @@ class VLMTask:
         self.units = self._build_units(train)
         # the image readers learn where to look from the questions' referents
         self.supervise_grounding = self.grounding_weight > 0 and len(getattr(self.model, "readers", ())) > 0
-        # the readers whose heads count: exact grounding teaches them how many
-        self.exact_readers = frozenset(i for i, r in enumerate(getattr(self.model, "readers", ()))
-                                       if self.exact_grounding and r.count is not None)
-        if self.exact_grounding and not (self.supervise_grounding and self.exact_readers):
+        # (reader, head) of the heads that count: exact grounding teaches them how many
+        self.exact_heads = frozenset((i, head) for i, r in enumerate(getattr(self.model, "readers", ()))
+                                     for head in r.counting_heads if self.exact_grounding)
+        if self.exact_grounding and not (self.supervise_grounding and self.exact_heads):
             raise ValueError("task_options.exact_grounding trains which objects beat each counting reader head's sink: "
                              "it needs model.image_reader_sink and image_reader_counts (and grounding_weight > 0)")
         grounded = any(g for u in self.units for _, _, g in u.qa) or any(any(a) for u in self.units for _, a in u.chats)
@@ -311,7 +315,7 @@ class VLMTask:
                 # each assistant turn is a run of trained tokens; its first is predicted one position earlier
                 firsts = [t for t in range(start, end) if row_targets[t] and not row_targets[t - 1]]
                 for first, grounding in zip(firsts, answers):
-                    targets = grounding.targets(readers, heads, exact=self.exact_readers) if grounding else ()
+                    targets = grounding.targets(readers, heads, exact=self.exact_heads) if grounding else ()
                     for reader, head, points, exact in targets:
                         where.append((row, first - 1, reader, head, exact))
                         groups.append(points)
