@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -130,12 +131,27 @@ def test_a_sink_without_a_share_only_counts_and_the_read_is_weighed_over_the_tok
     torch.testing.assert_close(updated - plain(x, tokens, visible)[0],  # the count alone is added
                                margins.sigmoid().sum(-1).transpose(1, 2).sum(-1, keepdim=True).expand(-1, -1, 16))
     assert updated[1, 0].equal(x[1, 0] + counting.out.bias)  # nothing visible: nothing read, nothing counted
-    with pytest.raises(ValueError, match="sink_share=False needs counts"):
+    with pytest.raises(ValueError, match="sink_share=False leaves a counting head's sink only its count: it needs counts"):
         ImageReader(16, 8, 1, 4, sink=True, sink_share=False)
-    with pytest.raises(ValueError, match="image_reader_sink_share: false leaves the sink only the count"):
+    with pytest.raises(ValueError, match="image_reader_sink_share: false .* it needs image_reader_counts"):
         tiny_vlm(image_reader_blocks=(1,), image_reader_sink=True, image_reader_sink_share=False)
-    with pytest.raises(ValueError, match="every head must count"):
-        tiny_vlm(image_reader_blocks=(0, 1), image_reader_sink=True, image_reader_counts=(0,), image_reader_sink_share=False)
+
+
+def test_without_the_share_only_the_counting_heads_keep_the_sink_out_of_their_read():
+    torch.manual_seed(3)
+    x, tokens, visible = torch.randn(2, 3, 16), torch.randn(2, 4, 8), torch.ones(2, 3, 4, dtype=torch.bool)
+    visible[1, 0] = False
+    mixed = ImageReader(16, 8, 2, 4, sink=True, counts=(0,), sink_share=False)  # head 0 counts, head 1 does not
+    plain, shared = ImageReader(16, 8, 2, 4), ImageReader(16, 8, 2, 4, sink=True)
+    for other in (plain, shared):
+        other.load_state_dict(mixed.state_dict(), strict=False)
+    for silenced, like in ((1, plain), (0, shared)):  # what head 0 reads, then what head 1 reads
+        one_head = copy.deepcopy(mixed)
+        with torch.no_grad():
+            for reader in (one_head, like):
+                reader.v.weight[silenced * 4:(silenced + 1) * 4] = 0.0
+                reader.v.bias[silenced * 4:(silenced + 1) * 4] = 0.0
+        torch.testing.assert_close(one_head(x, tokens, visible)[0], like(x, tokens, visible)[0])
 
 
 def test_counts_can_be_handed_on_by_some_readers_or_some_heads_only():

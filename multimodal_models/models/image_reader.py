@@ -18,11 +18,12 @@ the same mean from one red object as from three, so it cannot count; with a sink
 the objects grows with how many match, and "none matches" reads zero. That share saturates (1/2,
 2/3, 3/4 ... for one, two, three equal tokens); with `counts` (every head, or the heads it names)
 a head also hands on a count: the sum over the tokens of sigmoid(token logit - sink logit), the
-number of tokens that beat the sink, which grows by one with each object that matches. With `sink_share` off, the sink sets only that
-count, and what a head reads is weighed over the tokens alone, as without a sink: a read of one
-object then hands on its centre unscaled, however far the object beats the sink (a place named
-from it is where the object is). Training can say outright which tokens should
-beat a head's sink (`GroundingTargets.exact`): then the count is taught, not only found.
+number of tokens that beat the sink, which grows by one with each object that matches. With
+`sink_share` off, a counting head's sink sets only that count, and what the head reads is weighed
+over the tokens alone, as without a sink: a read of one object then hands on its centre unscaled,
+however far the object beats the sink (a place named from it is where the object is); the heads
+that do not count keep the sink's share. Training can say outright which tokens should beat a
+head's sink (`GroundingTargets.exact`): then the count is taught, not only found.
 
 With `places`, where the image tokens are objects with known centres, each head also names, from
 its reading position, a place p, a signed sharpness s and a direction d, and adds
@@ -63,13 +64,17 @@ class ImageReader(nn.Module):
         if counts and not sink:
             raise ValueError("an image reader counts the tokens that beat its sink: counts needs sink")
         if not sink_share and not counts:
-            raise ValueError("a sink that takes no share of the read only sets the count: sink_share=False needs counts")
+            raise ValueError("sink_share=False leaves a counting head's sink only its count: it needs counts")
         self.sink = nn.Linear(width, heads) if sink else None  # each head's logit for reading nothing
         self.sink_share = sink_share
         # the heads that hand on a count: counts True is every head, a sequence names them
         self.counting_heads = tuple(range(heads)) if counts is True else tuple(counts or ())
         if any(not 0 <= h < heads for h in self.counting_heads) or len(set(self.counting_heads)) < len(self.counting_heads):
             raise ValueError(f"counting heads {list(self.counting_heads)} must be distinct heads of 0..{heads - 1}")
+        # the heads whose sink takes no share of the read (sink_share False: the counting heads)
+        keeps_out = torch.zeros(heads, dtype=torch.bool)
+        keeps_out[list(self.counting_heads if not sink_share else ())] = True
+        self.register_buffer("sink_kept_out", keeps_out, persistent=False)
         self.count = None
         if self.counting_heads:  # how many tokens beat each head's sink, into x; zero at first (six would swamp x)
             self.count = nn.Linear(len(self.counting_heads), width, bias=False)
@@ -104,10 +109,12 @@ class ImageReader(nn.Module):
             logits = logits - named[..., 2:3] * offset.square().sum(-1) + (offset @ named[..., 3:, None])[..., 0]
         logits = logits.masked_fill(~visible[:, None], float("-inf"))
         sink = self.sink(normed).transpose(1, 2)[..., None] if self.sink is not None else None  # (B, H, T, 1)
-        if sink is not None and self.sink_share:  # the sink reads a zero vector: only the tokens' share is kept
-            weights = torch.cat([logits, sink], dim=-1).float().softmax(-1)[..., :S].to(v.dtype)
-        else:  # over the tokens alone; no image visible yet: reads nothing
+        if sink is None:  # over the tokens alone; no image visible yet: reads nothing
             weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)
+        else:  # the sink reads a zero vector: only the tokens' share is kept (all of it where the sink is kept out)
+            shared = sink if self.sink_share else sink.masked_fill(self.sink_kept_out[:, None, None], float("-inf"))
+            weights = torch.cat([logits, shared], dim=-1).float().softmax(-1)[..., :S]
+            weights = (weights if self.sink_share else torch.nan_to_num(weights, nan=0.0)).to(v.dtype)
         counted = None
         if sink is not None:
             logits = logits - sink  # a token not visible stays at -inf and counts sigmoid(-inf) = 0

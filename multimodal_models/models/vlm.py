@@ -102,8 +102,9 @@ class VLMConfig:
     # list whose entries are a block of image_reader_blocks (all its reader's heads count) or a pair
     # [block, head] (that one head counts): [2, [4, 0]]
     image_reader_counts: bool | tuple[int | tuple[int, int], ...] = False
-    # False: the sink only sets what a head counts, and what it reads is weighed over the tokens alone
-    # (a read of one object then says that object's centre unscaled, whatever its margin)
+    # False: a counting head's sink only sets what it counts, and what it reads is weighed over the
+    # tokens alone (a read of one object then says that object's centre unscaled, whatever its
+    # margin); the heads that do not count keep the sink's share
     image_reader_sink_share: bool = True
     # each reader head may also prefer tokens near to (or far from, or in a direction from) a place it
     # names, on the object slots' centres (image_tokens 'objects'): "closest to", "furthest from", "below"
@@ -161,10 +162,9 @@ class VLMConfig:
             if len(set(heads)) < len(heads) or not all(0 <= h < self.image_reader_heads for h in heads):
                 raise ValueError(f"image_reader_counts: block {block}'s counting heads {list(heads)} must be distinct "
                                  f"heads of 0..{self.image_reader_heads - 1} (image_reader_heads)")
-        every = tuple(range(self.image_reader_heads))
-        if not self.image_reader_sink_share and any(counting.get(b) != every for b in self.image_reader_blocks):
-            raise ValueError("image_reader_sink_share: false leaves the sink only the count: every head must count "
-                             "(image_reader_counts: true)")
+        if not self.image_reader_sink_share and not counting:
+            raise ValueError("image_reader_sink_share: false leaves a counting head's sink only its count: "
+                             "it needs image_reader_counts")
         if self.image_reader_places and self.image_tokens != "objects":
             raise ValueError("image_reader_places measures distances between object centres: it needs "
                              "image_tokens 'objects'")
