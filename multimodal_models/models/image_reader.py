@@ -111,10 +111,12 @@ class ImageReader(nn.Module):
         sink = self.sink(normed).transpose(1, 2)[..., None] if self.sink is not None else None  # (B, H, T, 1)
         if sink is None:  # over the tokens alone; no image visible yet: reads nothing
             weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)
-        else:  # the sink reads a zero vector: only the tokens' share is kept (all of it where the sink is kept out)
-            shared = sink if self.sink_share else sink.masked_fill(self.sink_kept_out[:, None, None], float("-inf"))
-            weights = torch.cat([logits, shared], dim=-1).float().softmax(-1)[..., :S]
-            weights = (weights if self.sink_share else torch.nan_to_num(weights, nan=0.0)).to(v.dtype)
+        elif self.sink_share:  # the sink reads a zero vector: only the tokens' share is kept
+            weights = torch.cat([logits, sink], dim=-1).float().softmax(-1)[..., :S].to(v.dtype)
+        else:  # the counting heads' sinks take no share (their weights are over the tokens alone), the others' do
+            kept_out = sink.masked_fill(self.sink_kept_out[:, None, None], float("-inf"))
+            weights = torch.nan_to_num(torch.cat([logits, kept_out], dim=-1).float().softmax(-1)[..., :S], nan=0.0)
+            weights = weights.to(v.dtype)
         counted = None
         if sink is not None:
             logits = logits - sink  # a token not visible stays at -inf and counts sigmoid(-inf) = 0
