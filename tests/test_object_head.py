@@ -253,6 +253,29 @@ def test_which_reader_heads_look_at_which_objects():
     assert no_others.targets(2, 4) == [(0, 0, a, False), (1, 1, a, False)]
     assert no_others.targets(2, 4, exact=counting) == [(0, 0, a, True), (1, 0, (), True), (1, 1, a, False)]
     assert no_others.targets(2, 4, exact={(0, 0), (0, 1)}) == [(0, 0, a, True), (1, 1, a, False)]
+    # exact_grounding "numbers": the evidence is exact only where the answer counts it
+    below = Grounding(referents=(a, b), evidence=a)  # "is A below B?" yes: A bears it out
+    assert below.targets(2, 4, exact=counting, counted_evidence_only=True)[2] == (1, 0, a, False)
+    assert Grounding((a, b), (), counted=False).targets(2, 4, exact=counting, counted_evidence_only=True) == [
+        (0, 0, a, True), (0, 1, b, True), (1, 1, a, False), (1, 2, b, False)]  # a "no": nothing to look at
+    assert no_others.counted is False and dataclasses.replace(no_others, counted=True).targets(
+        2, 4, exact=counting, counted_evidence_only=True) == [(0, 0, a, True), (1, 0, (), True), (1, 1, a, False)]
+
+
+def test_groundings_know_whether_their_answer_is_a_count():
+    from multimodal_models.data.records import ConversationRecord, Turn, VQARecord
+    from multimodal_models.training.vlm_task import Grounding, conversation_answers
+
+    a = ((0.1, 0.2),)
+    record = VQARecord(question_id="1", image_id="x", image="x.png", question="how many circles?", answer="2", referents=(a + a,),
+                       evidence=a + a)
+    assert Grounding.of(record, "2").counted and not Grounding.of(record, "yes").counted
+    assert Grounding.of(VQARecord(question_id="2", image_id="x", image="x.png", question="what?", answer="red"), "red") is None
+    chat = ConversationRecord(id="c", images=("x.png",), turns=(
+        Turn("user", "<image>\nis there a circle?", referents=(a,), evidence=a), Turn("assistant", "yes"),
+        Turn("user", "how many other objects have the same color as it?", referents=(a,), evidence=()),
+        Turn("assistant", "0"), Turn("user", "thanks."), Turn("assistant", "you are welcome.")))
+    assert conversation_answers(chat) == (Grounding((a,), a, counted=False), Grounding((a,), (), counted=True), None)
 
 
 def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(object_clip, tiny_shapes, tmp_path):
@@ -339,4 +362,7 @@ def test_readers_without_grounded_questions_are_warned_about(object_clip, tiny_s
         build_task(config_from_raw(raw), progress=False)
     raw["task_options"]["exact_grounding"] = True  # without a sink there is nothing to beat
     with pytest.raises(ValueError, match="exact_grounding .* needs model.image_reader_sink and image_reader_counts"):
+        build_task(config_from_raw(raw), progress=False)
+    raw["task_options"]["exact_grounding"] = "sometimes"
+    with pytest.raises(ValueError, match="task_options.exact_grounding: expected true, false or 'numbers', got 'sometimes'"):
         build_task(config_from_raw(raw), progress=False)

@@ -40,9 +40,10 @@ class Grounding:
 
     referents: tuple[Points, ...]
     evidence: Points | None  # None: not annotated; (): the answer rests on no object
+    counted: bool = False  # the answer is a number: how many objects the evidence holds
 
-    def targets(self, readers: int, heads: int, *,
-                exact: Collection[tuple[int, int]] = ()) -> list[tuple[int, int, Points, bool]]:
+    def targets(self, readers: int, heads: int, *, exact: Collection[tuple[int, int]] = (),
+                counted_evidence_only: bool = False) -> list[tuple[int, int, Points, bool]]:
         """(reader, head, points, exact) to supervise: the first reader's head i looks at what the
         question's i-th description names; with two or more readers, the last one's head 0 at the
         answer's evidence (found from the first look: the object closest to A) and its heads 1, 2, ...
@@ -51,14 +52,15 @@ class Grounding:
 
         Where a first-look (evidence) head is in `exact` as (reader, head) (heads that count), it is
         also to let exactly its objects beat the sink: a description that names nothing ("no cyan
-        objects") is then a target too, with no objects. The second look is left free to use its sink
-        for places."""
+        objects") is then a target too, with no objects. With `counted_evidence_only`, the evidence is
+        exact only where the answer counts it (a yes/no answer's evidence, "A if it lies below B",
+        then only says where to look). The second look is left free to use its sink for places."""
         out = []
         for head, group in enumerate(self.referents[:heads]):
             if group or (0, head) in exact:
                 out.append((0, head, group, (0, head) in exact))
         if readers > 1:
-            last = (readers - 1, 0) in exact
+            last = (readers - 1, 0) in exact and (self.counted or not counted_evidence_only)
             if self.evidence or (last and self.evidence is not None):
                 out.append((readers - 1, 0, self.evidence, last))
             out += [(readers - 1, head, group, False) for head, group in enumerate(self.referents[:heads - 1], 1)
@@ -66,9 +68,11 @@ class Grounding:
         return out
 
     @classmethod
-    def of(cls, item) -> Grounding | None:
-        """A VQARecord's or a Turn's grounding, None where it has none."""
-        return cls(item.referents, item.evidence) if item.referents or item.evidence is not None else None
+    def of(cls, item, answer: str) -> Grounding | None:
+        """The grounding of a VQARecord or a user Turn, whose answer is `answer`; None where it has none."""
+        if not item.referents and item.evidence is None:
+            return None
+        return cls(item.referents, item.evidence, counted=answer.strip().isdigit())
 
 
 Answers = tuple[Grounding | None, ...]  # the grounding of each assistant turn of a chat, in order
@@ -76,13 +80,13 @@ Answers = tuple[Grounding | None, ...]  # the grounding of each assistant turn o
 
 def conversation_answers(record) -> Answers:
     """Each assistant turn's grounding: that of the user turn just before it."""
-    out, last = [], None
+    out, asked = [], None
     for turn in record.turns:
         if turn.role == "user":
-            last = Grounding.of(turn)
+            asked = turn
         elif turn.role == "assistant":
-            out.append(last)
-            last = None
+            out.append(Grounding.of(asked, turn.text) if asked is not None else None)
+            asked = None
     return tuple(out)
 
 
@@ -125,8 +129,13 @@ class VLMTask:
         self.questions_per_image = options["questions_per_image"]  # 0: all of them
         # weight of the image readers' grounding loss, where questions carry referents (0: off)
         self.grounding_weight = float(options["grounding_weight"])
-        # and whether the counting readers' heads learn which objects beat their sink (how many)
+        # and whether the counting readers' heads learn which objects beat their sink (how many);
+        # "numbers": the evidence head only where the answer is how many
+        if options["exact_grounding"] not in (False, True, "numbers"):
+            raise ValueError(f"task_options.exact_grounding: expected true, false or 'numbers', "
+                             f"got {options['exact_grounding']!r}")
         self.exact_grounding = bool(options["exact_grounding"])
+        self.counted_evidence_only = options["exact_grounding"] == "numbers"
         self.captions_per_image = options["captions_per_image"]
         if options["init_from"]:  # fine-tune a saved or Hugging Face model with its own tokenizer and template
             self.model = load_model(options["init_from"], "vlm")
@@ -223,7 +232,7 @@ class VLMTask:
             entry(record.image).captions.extend(record.captions)
         for record in split.vqa:
             answer = record.answer or (record.answers[0] if record.answers else "")
-            entry(record.image).qa.append((record.question, answer, Grounding.of(record)))
+            entry(record.image).qa.append((record.question, answer, Grounding.of(record, answer)))
         free_form = []
         for record in split.conversations:
             messages = conversation_to_messages(record)
@@ -315,7 +324,8 @@ class VLMTask:
                 # each assistant turn is a run of trained tokens; its first is predicted one position earlier
                 firsts = [t for t in range(start, end) if row_targets[t] and not row_targets[t - 1]]
                 for first, grounding in zip(firsts, answers):
-                    targets = grounding.targets(readers, heads, exact=self.exact_heads) if grounding else ()
+                    targets = grounding.targets(readers, heads, exact=self.exact_heads,
+                                                  counted_evidence_only=self.counted_evidence_only) if grounding else ()
                     for reader, head, points, exact in targets:
                         where.append((row, first - 1, reader, head, exact))
                         groups.append(points)
