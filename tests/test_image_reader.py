@@ -168,6 +168,14 @@ def test_counts_can_be_handed_on_by_some_readers_or_some_heads_only():
     counted = margins.sigmoid().sum(-1)  # (B, H, T): each head's count
     torch.testing.assert_close(updated - silent(x, tokens, visible)[0],  # head 2's count, plus ten times head 0's
                                (counted[:, 2] + 10 * counted[:, 0])[..., None].expand(-1, -1, 16))
+    swapped = ImageReader(16, 8, 2, 4, sink=True, counts=(1, 0))  # every head, in the order named
+    with torch.no_grad():
+        swapped.count.weight.copy_(torch.tensor([1.0, 10.0]).expand(16, 2))
+        swapped_out, swapped_margins = swapped(x, tokens, visible)
+        swapped.count.weight.zero_()
+        counted = swapped_margins.sigmoid().sum(-1)
+        torch.testing.assert_close(swapped_out - swapped(x, tokens, visible)[0],
+                                   (counted[:, 1] + 10 * counted[:, 0])[..., None].expand(-1, -1, 16))
     for wrong in ((3,), (0, 0)):
         with pytest.raises(ValueError, match=r"counting heads .* must be distinct heads of 0..2"):
             ImageReader(16, 8, 3, 4, sink=True, counts=wrong)

@@ -72,9 +72,10 @@ class ImageReader(nn.Module):
         if any(not 0 <= h < heads for h in self.counting_heads) or len(set(self.counting_heads)) < len(self.counting_heads):
             raise ValueError(f"counting heads {list(self.counting_heads)} must be distinct heads of 0..{heads - 1}")
         # the heads whose sink takes no share of the read (sink_share False: the counting heads)
-        keeps_out = torch.zeros(heads, dtype=torch.bool)
-        keeps_out[list(self.counting_heads if not sink_share else ())] = True
-        self.register_buffer("sink_kept_out", keeps_out, persistent=False)
+        kept_out = torch.zeros(heads, dtype=torch.bool)
+        if not sink_share:
+            kept_out[list(self.counting_heads)] = True
+        self.register_buffer("sink_kept_out", kept_out, persistent=False)
         self.count = None
         if self.counting_heads:  # how many tokens beat each head's sink, into x; zero at first (six would swamp x)
             self.count = nn.Linear(len(self.counting_heads), width, bias=False)
@@ -121,7 +122,8 @@ class ImageReader(nn.Module):
         if sink is not None:
             logits = logits - sink  # a token not visible stays at -inf and counts sigmoid(-inf) = 0
             if self.count is not None:
-                counting = logits if len(self.counting_heads) == self.heads else logits[:, list(self.counting_heads)]
+                every = self.counting_heads == tuple(range(self.heads))
+                counting = logits if every else logits[:, list(self.counting_heads)]
                 counted = torch.sigmoid(counting).sum(-1).transpose(1, 2)  # (B, T, counting heads)
         read = self.out((weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         if counted is not None:

@@ -250,9 +250,10 @@ class VisionLanguageModel(PretrainedModel):
         self.projector = ModalityProjector(config, source)
         init_weights(self.projector)
         self.decoder = CausalDecoder(config.decoder)
+        counting = config.counting_heads
         self.readers = nn.ModuleList(
             ImageReader(config.decoder.width, source, config.image_reader_heads, config.image_reader_head_dim,
-                        sink=config.image_reader_sink, counts=config.counting_heads.get(block, ()),
+                        sink=config.image_reader_sink, counts=counting.get(block, ()),
                         sink_share=config.image_reader_sink_share, places=config.image_reader_places)
             for block in config.image_reader_blocks
         )

@@ -57,8 +57,9 @@ class Grounding:
         then only says where to look). The second look is left free to use its sink for places."""
         out = []
         for head, group in enumerate(self.referents[:heads]):
-            if group or (0, head) in exact:
-                out.append((0, head, group, (0, head) in exact))
+            first = (0, head) in exact
+            if group or first:
+                out.append((0, head, group, first))
         if readers > 1:
             last = (readers - 1, 0) in exact and (self.counted or not counted_evidence_only)
             if self.evidence or (last and self.evidence is not None):
@@ -164,7 +165,7 @@ class VLMTask:
         self.supervise_grounding = self.grounding_weight > 0 and len(getattr(self.model, "readers", ())) > 0
         # (reader, head) of the heads that count: exact grounding teaches them how many
         self.exact_heads = frozenset((i, head) for i, r in enumerate(getattr(self.model, "readers", ()))
-                                     for head in r.counting_heads if self.exact_grounding)
+                                     for head in r.counting_heads) if self.exact_grounding else frozenset()
         if self.exact_grounding and not (self.supervise_grounding and self.exact_heads):
             raise ValueError("task_options.exact_grounding trains which objects beat each counting reader head's sink: "
                              "it needs model.image_reader_sink and image_reader_counts (and grounding_weight > 0)")
@@ -324,8 +325,8 @@ class VLMTask:
                 # each assistant turn is a run of trained tokens; its first is predicted one position earlier
                 firsts = [t for t in range(start, end) if row_targets[t] and not row_targets[t - 1]]
                 for first, grounding in zip(firsts, answers):
-                    targets = grounding.targets(readers, heads, exact=self.exact_heads,
-                                                  counted_evidence_only=self.counted_evidence_only) if grounding else ()
+                    targets = () if grounding is None else grounding.targets(
+                        readers, heads, exact=self.exact_heads, counted_evidence_only=self.counted_evidence_only)
                     for reader, head, points, exact in targets:
                         where.append((row, first - 1, reader, head, exact))
                         groups.append(points)
