@@ -67,8 +67,13 @@ def test_evaluate_writes_metrics_report_and_plots(trained, tiny_shapes, tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"vqa", "captions", "dialogue", "multiple_choice"} <= set(metrics)
     assert "grounding" in metrics["captions"] and 0 <= metrics["vqa"]["overall"] <= 100
-    for name in ("report.md", "vqa_per_question_type.png", "vqa_samples.png", "caption_samples.png"):
+    for name in ("report.md", "vqa_per_question_type.png", "vqa_samples.png", "caption_samples.png",
+                 "dialogue_per_question_type.png"):
         assert (out / name).is_file(), name
+    dialogue = metrics["dialogue"]  # every Shapes dialogue turn says its form of question
+    assert sum(dialogue["numPerQuestionType"].values()) == dialogue["num_turns"]
+    assert {"exist", "query_it", "spatial_it"} <= set(dialogue["perQuestionType"])
+    assert "| form of question | accuracy | turns |" in (out / "report.md").read_text()
     out = tmp_path / "report_clip"
     assert main(["evaluate", "--model", str(trained["contrastive"]), "--data", str(tiny_shapes), "--out", str(out),
                  "--quiet"]) == 0

@@ -477,6 +477,10 @@ def test_llava_marker_count_must_match_images():
             "field 'conversations[2].value': expected a string, got null",
         ),
         (lambda d: d[1].update(id=None), "record [1], field 'id': expected an integer or a string, got null"),
+        (
+            lambda d: d[0]["conversations"][0].update(question_type=3),
+            "field 'conversations[0].question_type': expected a string, got an integer (3)",
+        ),
     ],
 )
 def test_llava_malformed_variants(tmp_path, change, expected):
@@ -501,6 +505,12 @@ def test_llava_write_read_round_trip(tmp_path):
     written = json.loads(path.read_text())
     assert written[0]["image"] == "coco/train2017/000000033471.jpg" and "image" not in written[1]
     assert written[2]["conversations"][0] == {"from": "system", "value": "You compare pictures."}
+    typed = [ConversationRecord("t", (), (Turn("user", "is it above the star?", question_type="spatial_it"),
+                                          Turn("assistant", "no")))]
+    path = write_llava(tmp_path / "typed.json", typed, image_dir=tmp_path)
+    assert json.loads(path.read_text())[0]["conversations"] == [
+        {"from": "human", "value": "is it above the star?", "question_type": "spatial_it"}, {"from": "gpt", "value": "no"}]
+    assert read_llava(path, tmp_path) == typed
     with pytest.raises(ValueError, match="in-memory bytes"):
         write_llava(
             tmp_path / "x.json",

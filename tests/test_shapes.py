@@ -16,7 +16,7 @@ from multimodal_models.data import formats
 from multimodal_models.data.shapes.generate import HELD_OUT_COMBOS, SPLITS, ShapesConfig, generate, load_manifest
 from multimodal_models.data.shapes.grounding import check_caption, fits, parse_caption
 from multimodal_models.data.shapes.layout import read_scenes
-from multimodal_models.data.shapes.questions import ANSWER_SPACES, QUESTION_TYPES
+from multimodal_models.data.shapes.questions import ANSWER_SPACES, DIALOGUE_TYPES, QUESTION_TYPES
 from multimodal_models.data.shapes.world import COLORS, SHAPES, SIZES, Scene, ShapeObject
 
 from .shapes_solver import solve
@@ -66,9 +66,24 @@ def test_every_vqa_answer_is_recomputed_from_the_scene_graph(dataset):
             assert set(r.answers) == {r.answer} and len(r.answers) == 10
 
 
+DIALOGUE_FORMS = {
+    "exist": r"<image>\nis there an? [a-z ]+\?",
+    "query_it": r"what (color|shape|size) is it\?",
+    "spatial_it": r"is it (above|below|to the (left|right) of) the [a-z ]+\?",
+    "same_attribute_it": r"how many other objects have the same (color|shape|size) as it\?",
+    "closest_it": r"what (color|shape|size) is the object closest to it\?",
+    "query_other": r"and what (color|shape|size) is the [a-z ]+\?",
+    "count": r"(<image>\n)?how many objects are there\?",
+    "all_same": r"are they all the same (color|shape)\?",
+}
+
+
 def test_every_dialogue_turn_is_recomputed_and_refers_back(dataset):
     objects = scene_objects(dataset, "test")
     conversations = formats.read_llava(dataset / "dialogues/test.json", image_dir=dataset / "images")
+    assert set(DIALOGUE_FORMS) == set(DIALOGUE_TYPES)
+    forms = Counter(turn.question_type for conv in conversations for turn in conv.turns if turn.role == "user")
+    assert set(forms) <= set(DIALOGUE_TYPES) and {"exist", "query_it", "spatial_it", "query_other"} <= set(forms)
     refers_back = 0
     for conv in conversations:
         image_id = int(conv.id)
@@ -77,6 +92,8 @@ def test_every_dialogue_turn_is_recomputed_and_refers_back(dataset):
         state: dict = {}
         for user, assistant in zip(conv.turns[::2], conv.turns[1::2]):
             assert (user.role, assistant.role) == ("user", "assistant")
+            assert re.fullmatch(DIALOGUE_FORMS[user.question_type], user.text.lower()), (user.question_type, user.text)
+            assert assistant.question_type is None
             assert solve(objects[image_id], user.text, state) == assistant.text, user.text
             refers_back += " it" in user.text
             if "it" in state and (" it" in user.text or user.text.startswith("<image>")):  # grounded on "it"

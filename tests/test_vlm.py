@@ -217,3 +217,33 @@ def test_a_packed_training_sequence_trains_each_segment_as_if_it_were_alone(tiny
             alone = model(torch.tensor([unit.prefix + seg_ids]), batch["pixels"]).logits[0]
             torch.testing.assert_close(packed[: len(unit.prefix)], alone[: len(unit.prefix)], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(packed[where], alone[len(unit.prefix):], atol=1e-5, rtol=1e-5)
+
+
+def test_dialogue_accuracy_per_turn_and_per_form_of_question(tmp_path, monkeypatch):
+    """Each assistant turn is scored after the gold history, by turn number and by the form of the
+    user turn it answers; turns without a question_type count in the totals only."""
+    from multimodal_models.data.records import ConversationRecord, Turn
+    from multimodal_models.evaluate.harness import evaluate_dialogues
+    from multimodal_models.training.data import ImageStore
+
+    model = tiny_vlm()
+    IMAGES[0].save(tmp_path / "a.png")
+    image = tmp_path / "a.png"
+
+    def chat(*exchanges):
+        turns = []
+        for k, (question, form, answer) in enumerate(exchanges):
+            turns += [Turn("user", ("<image>\n" if k == 0 else "") + question, question_type=form),
+                      Turn("assistant", answer)]
+        return ConversationRecord(str(len(exchanges)), (image,), tuple(turns))
+
+    conversations = [chat(("is there a red circle?", "exist", "yes"), ("is it above the star?", "spatial_it", "no")),
+                     chat(("is there a blue star?", "exist", "yes"), ("is it above the circle?", "spatial_it", "yes"),
+                          ("what color is it?", "query_it", "blue"), ("what shape is it?", None, "yes"))]
+    yes = model.tokenizer.encode("yes")
+    monkeypatch.setattr(model, "generate_batch", lambda prompts, features, **kw: [yes for _ in prompts])
+    scores = evaluate_dialogues(model, conversations, ImageStore([image], model.image_processor, progress=False))
+    assert scores["turn_accuracy"] == 66.67 and scores["num_turns"] == 6 and scores["num_dialogues"] == 2
+    assert scores["perTurn"] == {"1": 100.0, "2": 50.0, "3": 0.0, "4": 100.0}
+    assert scores["perQuestionType"] == {"exist": 100.0, "query_it": 0.0, "spatial_it": 50.0}
+    assert scores["numPerQuestionType"] == {"exist": 2, "query_it": 1, "spatial_it": 2}

@@ -57,6 +57,7 @@ class Turn:
     # a user turn's grounding, as VQARecord's: the objects its question names and reads its answer from
     referents: tuple[Points, ...] = ()
     evidence: Points | None = None
+    question_type: str | None = None  # a user turn's form of question, for accuracy per form
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,18 @@ class ConversationRecord:
     id: str
     images: tuple[ImageSource, ...]
     turns: tuple[Turn, ...]
+
+    def exchanges(self) -> list[tuple[Turn | None, Turn]]:
+        """Each assistant turn with the user turn it answers (None where another assistant or
+        system turn came between)."""
+        out, asked = [], None
+        for turn in self.turns:
+            if turn.role == "user":
+                asked = turn
+            elif turn.role == "assistant":
+                out.append((asked, turn))
+                asked = None
+        return out
 
 
 @dataclass(frozen=True)

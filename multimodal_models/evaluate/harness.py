@@ -87,15 +87,17 @@ def evaluate_captions(model, records: list[CaptionRecord], store: ImageStore, *,
 @torch.no_grad()
 def evaluate_dialogues(model, conversations: list[ConversationRecord], store: ImageStore, *,
                        progress: bool = False) -> dict:
-    """Turn accuracy: each assistant turn generated after the gold history, compared exactly.
+    """Turn accuracy: each assistant turn generated after the gold history, compared exactly; per
+    turn number, and per form of question where the user turns carry a question_type.
 
     All turns that share a position in their dialogues are answered in one batch."""
     from ..models.chat import conversation_to_messages
 
-    prompts, pixels_of, gold, turn_number = [], [], [], []
+    prompts, pixels_of, gold, turn_number, forms = [], [], [], [], []
     template = model.chat_template()
     for record in conversations:
         messages = conversation_to_messages(record)
+        forms += [asked.question_type if asked else None for asked, _ in record.exchanges()]
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
@@ -111,15 +113,22 @@ def evaluate_dialogues(model, conversations: list[ConversationRecord], store: Im
         outputs = model.generate_batch([prompts[r] for r in rows], features, max_new_tokens=16)
         predictions += [model.tokenizer.decode(o).strip() for o in outputs]
     by_turn: dict[int, list[bool]] = defaultdict(list)
-    for number, prediction, answer in zip(turn_number, predictions, gold):
+    by_form: dict[str, list[bool]] = defaultdict(list)
+    for number, form, prediction, answer in zip(turn_number, forms, predictions, gold, strict=True):
         by_turn[number].append(prediction == answer)
+        if form is not None:
+            by_form[form].append(prediction == answer)
     hits = [h for hs in by_turn.values() for h in hs]
-    return {
+    scores = {
         "turn_accuracy": round(100 * sum(hits) / len(hits), 2) if hits else None,
         "perTurn": {str(k): round(100 * sum(v) / len(v), 2) for k, v in sorted(by_turn.items())},
         "num_turns": len(hits),
         "num_dialogues": len(conversations),
     }
+    if by_form:
+        scores["perQuestionType"] = {k: round(100 * sum(v) / len(v), 2) for k, v in sorted(by_form.items())}
+        scores["numPerQuestionType"] = {k: len(v) for k, v in sorted(by_form.items())}
+    return scores
 
 
 @torch.no_grad()
@@ -165,6 +174,7 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
             flat["hallucination"] = results["captions"]["grounding"]["hallucination_rate"]
     if "dialogue" in results:
         flat["dialogue"] = results["dialogue"]["turn_accuracy"]
+        flat.update({f"dialogue/{k}": v for k, v in results["dialogue"].get("perQuestionType", {}).items()})
     if "retrieval" in results:
         flat["t2i_R@1"] = results["retrieval"]["text_to_image"]["R@1"]
         flat["t2i_ceiling"] = results["retrieval"]["ceiling"]["text_to_image_R@1"]

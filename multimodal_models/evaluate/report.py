@@ -83,6 +83,9 @@ def write_report(results: dict, split_data, store: ImageStore, out: Path) -> Non
         plots.append(_bar_plot(out / "vqa_per_question_type.png", results["vqa"]["perQuestionType"],
                                "VQA accuracy per question type", "accuracy (%)"))
         plots.append(_prediction_grid(out / "vqa_samples.png", split_data, store, results["vqa"]["predictions"]))
+    if "perQuestionType" in results.get("dialogue", {}):
+        plots.append(_bar_plot(out / "dialogue_per_question_type.png", results["dialogue"]["perQuestionType"],
+                               "Dialogue turn accuracy per form of question", "accuracy (%)"))
     if "captions" in results:
         plots.append(_caption_grid(out / "caption_samples.png", split_data, store, results["captions"]["predictions"]))
     if "retrieval" in results:
@@ -114,6 +117,10 @@ def markdown_report(metrics: dict, plots: list[str]) -> str:
         d = metrics["dialogue"]
         lines += ["## Dialogue", "", f"Turn accuracy **{d['turn_accuracy']}%** over {d['num_turns']} turns "
                   f"({d['num_dialogues']} dialogues); per turn: {d['perTurn']}", ""]
+        if "perQuestionType" in d:
+            lines += ["| form of question | accuracy | turns |", "|---|---|---|"]
+            lines += [f"| {k} | {a} | {d['numPerQuestionType'][k]} |" for k, a in d["perQuestionType"].items()]
+            lines.append("")
     if "multiple_choice" in metrics:
         m = metrics["multiple_choice"]
         lines += ["## Multiple choice (MMMU layout, official answer extraction)", "",

@@ -81,14 +81,8 @@ Answers = tuple[Grounding | None, ...]  # the grounding of each assistant turn o
 
 def conversation_answers(record) -> Answers:
     """Each assistant turn's grounding: that of the user turn just before it."""
-    out, asked = [], None
-    for turn in record.turns:
-        if turn.role == "user":
-            asked = turn
-        elif turn.role == "assistant":
-            out.append(Grounding.of(asked, turn.text) if asked is not None else None)
-            asked = None
-    return tuple(out)
+    return tuple(Grounding.of(asked, answer.text) if asked is not None else None
+                 for asked, answer in record.exchanges())
 
 
 @dataclass

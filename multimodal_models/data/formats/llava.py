@@ -38,7 +38,9 @@ def read_llava(path: PathLike, image_dir: PathLike, *, check_images: bool = Fals
     "conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}]; roles become
     user / assistant / system ("user"/"assistant" are accepted too). Entries without
     "image" are text-only. The number of `<image>` markers over all turns must equal the
-    number of images (LLaVA puts "<image>\\n" in the first human turn).
+    number of images (LLaVA puts "<image>\\n" in the first human turn). A human message may
+    also carry grounding ("referents", "evidence", as in a VQA annotation) and a "question_type"
+    (the form of its question: dialogue accuracy is then reported per form); Shapes writes both.
     """
     file = Path(path)
     image_dir = Path(image_dir)
@@ -83,7 +85,8 @@ def _llava_record(file: Path, entry: Mapping, label: str, image_dir: Path) -> tu
                 file, f"expected 'human', 'gpt' or 'system', got {speaker!r}", record=label, field=prefix + "from"
             )
         text = _get(file, message, "value", "string", record=label, prefix=prefix)
-        turns.append(Turn(role=_FROM_LLAVA_ROLE[speaker], text=text,
+        question_type = _get(file, message, "question_type", "string", record=label, prefix=prefix, default=None)
+        turns.append(Turn(role=_FROM_LLAVA_ROLE[speaker], text=text, question_type=question_type,
                           **_read_grounding(file, message, record=label, prefix=prefix)))
     if not turns:
         raise DataFormatError(
@@ -120,7 +123,10 @@ def write_llava(path: PathLike, records: Iterable[ConversationRecord], *, image_
         for turn in record.turns:
             if turn.role not in _TO_LLAVA_ROLE:
                 raise ValueError(f"{what}: role {turn.role!r} is not one of {ROLES}")
-            conversations.append({"from": _TO_LLAVA_ROLE[turn.role], "value": turn.text} | _grounding_json(turn))
+            message = {"from": _TO_LLAVA_ROLE[turn.role], "value": turn.text} | _grounding_json(turn)
+            if turn.question_type is not None:
+                message["question_type"] = turn.question_type
+            conversations.append(message)
         entry["conversations"] = conversations
         entries.append(entry)
     return _write_json(path, entries, indent=2)

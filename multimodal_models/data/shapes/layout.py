@@ -71,7 +71,7 @@ def write_layouts(out: Path, config, per_split: dict[str, list[dict]]) -> dict[s
                     for k, t in enumerate(item["dialogue"])
                     for turn in (
                         Turn("user", ("<image>\n" if k == 0 else "") + sentence_case(t.question),
-                             referents=t.referents, evidence=t.evidence),
+                             referents=t.referents, evidence=t.evidence, question_type=t.question_type),
                         Turn("assistant", t.answer),
                     )
                 ),

@@ -445,8 +445,23 @@ class DialogueTurn:
 
     question: str
     answer: str
+    # the form of the question, for accuracy per form (DIALOGUE_TYPES)
+    question_type: str
     referents: tuple[Points, ...] = ()
     evidence: Points | None = None
+
+
+# The forms of a dialogue's questions ("it": the object the dialogue is about at that turn).
+DIALOGUE_TYPES = {
+    "exist": "is there a small red circle?  (the opening turn)",
+    "query_it": "what color is it?",
+    "spatial_it": "is it above the star?",
+    "same_attribute_it": "how many other objects have the same size as it?",
+    "closest_it": "what shape is the object closest to it?",
+    "query_other": "and what color is the star?  (the conversation moves to the star)",
+    "count": "how many objects are there?  (identical twins only: nothing can be singled out)",
+    "all_same": "are they all the same color?  (identical twins only)",
+}
 
 
 def make_dialogue(scene: Scene, rng: random.Random, forbidden: frozenset = frozenset()) -> list[DialogueTurn]:
@@ -460,14 +475,16 @@ def make_dialogue(scene: Scene, rng: random.Random, forbidden: frozenset = froze
     everything = (centres(scene.objects),)
     if not refs:  # identical twins and nothing else: nothing can be singled out
         return [
-            DialogueTurn("how many objects are there?", str(len(scene.objects)), everything, everything[0]),
-            DialogueTurn("are they all the same color?", yes_no(len({o.color for o in scene.objects}) == 1), everything),
-            DialogueTurn("are they all the same shape?", yes_no(len({o.shape for o in scene.objects}) == 1), everything),
+            DialogueTurn("how many objects are there?", str(len(scene.objects)), "count", everything, everything[0]),
+            DialogueTurn("are they all the same color?", yes_no(len({o.color for o in scene.objects}) == 1), "all_same",
+                         everything),
+            DialogueTurn("are they all the same shape?", yes_no(len({o.shape for o in scene.objects}) == 1), "all_same",
+                         everything),
         ]
     n_turns = rng.randint(3, 6)
     obj, descriptions = rng.choice(refs)
     d = rng.choice(descriptions)
-    turns = [DialogueTurn(f"is there {with_article(d.words())}?", "yes", (centres([obj]),), centres([obj]))]
+    turns = [DialogueTurn(f"is there {with_article(d.words())}?", "yes", "exist", (centres([obj]),), centres([obj]))]
     known = named_attributes(d)
     for _attempt in range(20):
         if len(turns) == n_turns:
@@ -483,7 +500,7 @@ def make_dialogue(scene: Scene, rng: random.Random, forbidden: frozenset = froze
 def _follow_ups(scene: Scene, obj: ShapeObject, known: set[str], refs, rng: random.Random) -> list[tuple]:
     """Possible next turns: (turn, attributes known afterwards, referent afterwards)."""
     it = centres([obj])
-    options = [(DialogueTurn(f"what {a} is it?", getattr(obj, a), (it,), it), known | {a}, obj)
+    options = [(DialogueTurn(f"what {a} is it?", getattr(obj, a), "query_it", (it,), it), known | {a}, obj)
                for a in ATTRIBUTES if a not in known]
     for other, descriptions in refs:
         if other is obj:
@@ -492,22 +509,26 @@ def _follow_ups(scene: Scene, obj: ShapeObject, known: set[str], refs, rng: rand
         phrase = rng.choice(list(RELATIONS))
         if RELATIONS[phrase](obj, other) or RELATIONS[OPPOSITE[phrase]](obj, other):
             holds = RELATIONS[phrase](obj, other)
-            options.append((DialogueTurn(f"is it {phrase} {the(d)}?", yes_no(holds), (it, centres([other])),
-                                         it if holds else ()), known, obj))
+            turn = DialogueTurn(f"is it {phrase} {the(d)}?", yes_no(holds), "spatial_it", (it, centres([other])),
+                                it if holds else ())
+            options.append((turn, known, obj))
         unnamed = [a for a in ATTRIBUTES if a not in named_attributes(d)]
         if unnamed:
             a = rng.choice(unnamed)
-            options.append((DialogueTurn(f"and what {a} is {the(d)}?", getattr(other, a), (centres([other]),),
-                                         centres([other])), named_attributes(d) | {a}, other))
+            turn = DialogueTurn(f"and what {a} is {the(d)}?", getattr(other, a), "query_other", (centres([other]),),
+                                centres([other]))
+            options.append((turn, named_attributes(d) | {a}, other))
     a = rng.choice(ATTRIBUTES)
     same = others_sharing(scene, obj, a)
-    options.append((DialogueTurn(f"how many other objects have the same {a} as it?", str(len(same)), (it,),
-                                 centres(same)), known, obj))
+    turn = DialogueTurn(f"how many other objects have the same {a} as it?", str(len(same)), "same_attribute_it",
+                        (it,), centres(same))
+    options.append((turn, known, obj))
     nearest = sorted((o for o in scene.objects if o is not obj), key=obj.distance)
     if len(nearest) == 1 or (len(nearest) > 1 and obj.distance(nearest[1]) - obj.distance(nearest[0]) >= EXTREME_MARGIN):
         a = rng.choice(ATTRIBUTES)
-        options.append((DialogueTurn(f"what {a} is the object closest to it?", getattr(nearest[0], a), (it,),
-                                     centres(nearest[:1])), known, obj))
+        turn = DialogueTurn(f"what {a} is the object closest to it?", getattr(nearest[0], a), "closest_it", (it,),
+                            centres(nearest[:1]))
+        options.append((turn, known, obj))
     return options
 
 
