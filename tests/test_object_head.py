@@ -341,6 +341,69 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     assert cached == vlm.ask(image, question, max_new_tokens=5, num_beams=2, use_cache=False)
 
 
+def test_evaluate_tells_where_each_supervised_reader_head_looks(object_clip, tiny_shapes, tmp_path):
+    """For each form of question and each head its grounding supervises: whether the head's largest
+    logit is on a named object, and for counting heads whether exactly the named ones beat the sink."""
+    from multimodal_models.data.records import ConversationRecord, Turn, VQARecord
+    from multimodal_models.evaluate.harness import evaluate_reader_grounding
+    from multimodal_models.training.data import ImageStore
+    from multimodal_models.training.loop import build_task
+
+    raw = tiny_config("vlm", tiny_shapes, tmp_path / "probe")
+    raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
+    raw["model"].update({"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1, "image_reader_blocks": [0, 1],
+                         "image_reader_sink": True, "image_reader_counts": [0, [1, 0]], "image_reader_places": True})
+    raw["task_options"] = {"vision_from": str(object_clip), "freeze_vision": True}
+    model = build_task(config_from_raw(raw), progress=False).model.eval()
+    image = sorted((tiny_shapes / "images" / "val").glob("*.png"))[0]
+    store = ImageStore([image], model.image_processor, progress=False)
+    # the tower sees two objects, token 0 at P and token 1 at Q; every head's margin is +2 on P, -1 on Q
+    P, Q = (0.2, 0.2), (0.7, 0.7)
+    features = model.image_features(store.batch([0])).detach()
+    C = model.config.vision.width
+    features[:, :, C] = 0.0
+    features[:, 0, C:C + 3] = torch.tensor([1.0, *P])
+    features[:, 1, C:C + 3] = torch.tensor([1.0, *Q])
+    model.image_features = lambda pixels: features.expand(len(pixels), -1, -1)
+    real_forward = model.forward
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        margins = torch.full_like(out.reader_logits[0], float("-inf"))
+        margins[..., 0], margins[..., 1] = 2.0, -1.0
+        return out._replace(reader_logits=(margins, margins))
+
+    model.forward = forward
+    vqa = [VQARecord(1, 1, image, "is the red circle above the blue star?", answer="yes", question_type="spatial",
+                     referents=((P,), (Q,)), evidence=(P,)),
+           VQARecord(2, 1, image, "how many cyan stars are there?", answer="0", question_type="count",
+                     referents=((),), evidence=()),
+           VQARecord(3, 1, image, "what color is the star?", answer="blue", question_type="query_color")]  # not grounded
+    chat = ConversationRecord("c", (image,), (
+        Turn("user", "<image>\nis there a blue star?", referents=((Q,),), evidence=(Q,), question_type="exist"),
+        Turn("assistant", "yes"),
+        Turn("user", "is it above the circle?", referents=((Q,), (P,)), evidence=(), question_type="spatial_it"),
+        Turn("assistant", "no")))
+    found = evaluate_reader_grounding(model, vqa, [chat], store)["perQuestionType"]
+
+    def look(hit, exact=None):
+        return {"look": hit, "look_n": 0 if hit is None else 1, "exact": exact, "exact_n": 0 if exact is None else 1}
+
+    assert found == {
+        # the count's description names nothing: no head to look with, and P wrongly beats the sinks
+        "count": {"reader 0 head 0": look(None, 0.0), "reader 1 head 0": look(None, 0.0)},
+        "spatial": {"reader 0 head 0": look(100.0, 100.0), "reader 0 head 1": look(0.0, 0.0),
+                    "reader 1 head 0": look(100.0, 100.0), "reader 1 head 1": look(100.0), "reader 1 head 2": look(0.0)},
+        "dialogue/exist": {"reader 0 head 0": look(0.0, 0.0), "reader 1 head 0": look(0.0, 0.0),
+                           "reader 1 head 1": look(0.0)},
+        "dialogue/spatial_it": {"reader 0 head 0": look(0.0, 0.0), "reader 0 head 1": look(100.0, 100.0),
+                                "reader 1 head 0": look(None, 0.0), "reader 1 head 1": look(0.0),
+                                "reader 1 head 2": look(100.0)},
+    }
+    model.forward = real_forward
+    assert evaluate_reader_grounding(model, [], [], store) is None  # nothing annotated
+
+
 def test_readers_without_grounded_questions_are_warned_about(object_clip, tiny_shapes, tmp_path):
     import shutil
 

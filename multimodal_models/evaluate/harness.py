@@ -132,6 +132,80 @@ def evaluate_dialogues(model, conversations: list[ConversationRecord], store: Im
 
 
 @torch.no_grad()
+def evaluate_reader_grounding(model, records: list[VQARecord], conversations: list[ConversationRecord],
+                              store: ImageStore, *, batch_size: int = 64, progress: bool = False) -> dict | None:
+    """Where a VLM's image readers look, on the questions and dialogue turns annotated with
+    referents / evidence: for each form of question and each head that training supervises there
+    (`Grounding.targets`: the first look's head i on the i-th description, the last reader's head 0
+    on the evidence, ...), "look", the share whose largest logit at the answer position is on one of
+    its objects, and for the counting heads "exact", the share where exactly those objects beat the
+    head's sink (none, where they are none). None for a model without readers over object tokens.
+
+    Dialogue turns are scored after the gold history, their forms prefixed "dialogue/"."""
+    from ..models.chat import conversation_to_messages
+    from ..models.image_reader import matched_tokens
+    from ..training.vlm_task import Grounding
+
+    readers = getattr(model, "readers", ())
+    if not len(readers) or getattr(model, "objects", None) is None:
+        return None
+    heads = model.config.image_reader_heads
+    counting = frozenset((i, head) for i, reader in enumerate(readers) for head in reader.counting_heads)
+    template = model.chat_template()
+    items = []  # (image, prompt ids, grounding, form)
+    for r in records:
+        grounding = Grounding.of(r, r.answer or (r.answers[0] if r.answers else ""))
+        if grounding is not None:
+            prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.question}]}]
+            items.append((r.image, template.encode(prompt, add_generation_prompt=True).ids, grounding,
+                          r.question_type or "vqa"))
+    for record in conversations:
+        if len(record.images) != 1:
+            continue
+        messages = conversation_to_messages(record)
+        answers = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        for k, (asked, answer) in zip(answers, record.exchanges()):
+            grounding = Grounding.of(asked, answer.text) if asked is not None else None
+            if grounding is not None:
+                items.append((record.images[0], template.encode(messages[:k], add_generation_prompt=True).ids,
+                              grounding, "dialogue/" + (asked.question_type or "turn")))
+    if not items:
+        return None
+    tally: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, 0]))
+    for batch in _batches(items, batch_size, "reader grounding", progress):
+        lengths = [len(ids) for _, ids, _, _ in batch]
+        ids = torch.full((len(batch), max(lengths)), getattr(model.tokenizer, "pad_id", None) or 0, dtype=torch.long)
+        for b, (_, prompt, _, _) in enumerate(batch):  # padded after the prompt: causal, so it changes nothing
+            ids[b, :len(prompt)] = torch.tensor(prompt)
+        ids = ids.to(model.device)
+        features = model.image_features(store.batch([store.position(image) for image, _, _, _ in batch]).to(model.device))
+        margins = model(ids, features=features).reader_logits
+        context, valid, _ = model.image_context(ids, features)
+        centres, present = model.objects.places(context)
+        present = present & valid
+        for b, (_, _, grounding, form) in enumerate(batch):
+            for reader, head, points, exact in grounding.targets(len(readers), heads, exact=counting):
+                row = margins[reader][b, head, lengths[b] - 1].float()
+                named = matched_tokens(torch.tensor([points or [(0.0, 0.0)]]), torch.tensor([len(points)]),
+                                       centres[b:b + 1], present[b:b + 1])[0]
+                counts = tally[form][f"reader {reader} head {head}"]
+                if named.any():
+                    counts[0] += bool(named[row.masked_fill(~present[b], float("-inf")).argmax()])
+                    counts[1] += 1
+                if exact:
+                    counts[2] += bool(torch.equal((row > 0) & present[b], named))
+                    counts[3] += 1
+    return {"perQuestionType": {
+        form: {target: {"look": _percent(c[0], c[1]), "look_n": c[1], "exact": _percent(c[2], c[3]), "exact_n": c[3]}
+               for target, c in sorted(targets.items())}
+        for form, targets in sorted(tally.items())}}
+
+
+def _percent(hits: int, n: int) -> float | None:
+    return round(100 * hits / n, 2) if n else None
+
+
+@torch.no_grad()
 def evaluate_multiple_choice(model, records: list[MultipleChoiceRecord], *, progress: bool = False) -> dict:
     """MMMU-style items: the options are listed in the prompt, the answer is extracted officially."""
     from .metrics.mmmu import mmmu_scores

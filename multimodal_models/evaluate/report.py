@@ -18,6 +18,7 @@ from .harness import (
     evaluate_captions,
     evaluate_dialogues,
     evaluate_multiple_choice,
+    evaluate_reader_grounding,
     evaluate_retrieval,
     evaluate_vqa,
     first_images,
@@ -46,6 +47,10 @@ def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "te
                                                 tokenizer="auto", use_meteor=java, progress=progress)
     if hasattr(model, "generate_batch") and split_data.conversations:
         results["dialogue"] = evaluate_dialogues(model, split_data.conversations, store, progress=progress)
+    if getattr(model, "readers", None) and (split_data.vqa or split_data.conversations):
+        grounding = evaluate_reader_grounding(model, split_data.vqa, split_data.conversations, store, progress=progress)
+        if grounding is not None:
+            results["reader_grounding"] = grounding
     if hasattr(model, "chat") and split_data.multiple_choice:
         results["multiple_choice"] = evaluate_multiple_choice(model, split_data.multiple_choice, progress=progress)
     if hasattr(model, "encode_image") and split_data.captions:
@@ -121,6 +126,8 @@ def markdown_report(metrics: dict, plots: list[str]) -> str:
             lines += ["| form of question | accuracy | turns |", "|---|---|---|"]
             lines += [f"| {k} | {a} | {d['numPerQuestionType'][k]} |" for k, a in d["perQuestionType"].items()]
             lines.append("")
+    if "reader_grounding" in metrics:
+        lines += _reader_grounding_table(metrics["reader_grounding"]["perQuestionType"])
     if "multiple_choice" in metrics:
         m = metrics["multiple_choice"]
         lines += ["## Multiple choice (MMMU layout, official answer extraction)", "",
@@ -143,6 +150,25 @@ def markdown_report(metrics: dict, plots: list[str]) -> str:
                   "| " + " | ".join(str(v) for v in metrics["objects"].values()) + " |", ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _reader_grounding_table(per_form: dict) -> list[str]:
+    """One row per form of question, one column per supervised head: look % (exact %)."""
+    targets = sorted({t for heads in per_form.values() for t in heads})
+    lines = ["## Where the image readers look", "",
+             "Share of the annotated questions whose head puts its largest logit on an object it is trained "
+             "to look at (in brackets, for counting heads: exactly those objects beat the head's sink).", "",
+             "| form of question | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for form, heads in per_form.items():
+        cells = []
+        for target in targets:
+            x = heads.get(target)
+            cell = "" if x is None else ("–" if x["look"] is None else f"{x['look']}")
+            if x is not None and x["exact"] is not None:
+                cell += f" ({x['exact']})"
+            cells.append(cell)
+        lines.append(f"| {form} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _save(fig, path: Path) -> Path:

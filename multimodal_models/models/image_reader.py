@@ -169,13 +169,8 @@ def grounding_loss(logits: list[torch.Tensor], centres: torch.Tensor, present: t
     centre is nearest, if within `match_radius` (an object the vision side missed is skipped)."""
     if not len(targets):
         return None
-    G, M = targets.points.shape[:2]
-    token_centres = centres[targets.rows]  # (G, S, 2)
-    distance = (targets.points[:, :, None, :] - token_centres[:, None, :, :]).norm(dim=-1)  # (G, M, S)
-    distance = distance.masked_fill(~present[targets.rows][:, None, :], float("inf"))
-    nearest = distance.min(-1)
-    valid = (torch.arange(M, device=distance.device)[None] < targets.counts[:, None]) & (nearest.values <= match_radius)
-    chosen = (F.one_hot(nearest.indices, distance.shape[-1]).bool() & valid[..., None]).any(1)  # (G, S)
+    chosen = matched_tokens(targets.points, targets.counts, centres[targets.rows], present[targets.rows],
+                            match_radius=match_radius)  # (G, S)
     rows = torch.stack(logits)[targets.readers, targets.rows, targets.heads, targets.positions].float()  # (G, S)
     terms = []
     keep = chosen.any(-1)
@@ -189,3 +184,16 @@ def grounding_loss(logits: list[torch.Tensor], centres: torch.Tensor, present: t
         per_target = torch.zeros_like(margins).masked_scatter(seen, per_token).sum(-1) / seen.sum(-1).clamp(min=1)
         terms.append(per_target.mean())
     return sum(terms) if terms else None
+
+
+def matched_tokens(points: torch.Tensor, counts: torch.Tensor, centres: torch.Tensor, present: torch.Tensor, *,
+                   match_radius: float = 0.1) -> torch.Tensor:
+    """Which image tokens stand for the objects at `points` (G, M, 2), of which the first counts[g]
+    are real: for each point, the present token (present (G, S)) whose centre (centres (G, S, 2))
+    is nearest, if within match_radius. Returns (G, S) bool."""
+    M = points.shape[1]
+    distance = (points[:, :, None, :] - centres[:, None, :, :]).norm(dim=-1)  # (G, M, S)
+    distance = distance.masked_fill(~present[:, None, :], float("inf"))
+    nearest = distance.min(-1)
+    valid = (torch.arange(M, device=distance.device)[None] < counts[:, None]) & (nearest.values <= match_radius)
+    return (F.one_hot(nearest.indices, distance.shape[-1]).bool() & valid[..., None]).any(1)

@@ -185,6 +185,8 @@ class VLMOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None
     grounding_loss: torch.Tensor | None = None  # given grounding targets and image readers
+    # each image reader's attention logits (B, H, T, S), its margins over the sink where it has one
+    reader_logits: tuple[torch.Tensor, ...] = ()
 
 
 def pixel_shuffle(tokens: torch.Tensor, factor: int) -> torch.Tensor:
@@ -328,7 +330,7 @@ class VisionLanguageModel(PretrainedModel):
                                  "the object slots' predicted centres")
             centres, present = self.objects.places(context)
             ground = grounding_loss(reader_logits, centres, valid & present, grounding.to(ids.device))
-        return VLMOutput(logits, loss, ground)
+        return VLMOutput(logits, loss, ground, tuple(reader_logits))
 
     def image_context(self, ids: torch.Tensor, features: torch.Tensor | None, cache=None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
