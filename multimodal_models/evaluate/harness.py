@@ -186,8 +186,9 @@ def evaluate_reader_grounding(model, records: list[VQARecord], conversations: li
         for b, (_, _, grounding, form) in enumerate(batch):
             for reader, head, points, exact in grounding.targets(len(readers), heads, exact=counting):
                 row = margins[reader][b, head, lengths[b] - 1].float()
-                named = matched_tokens(torch.tensor([points or [(0.0, 0.0)]]), torch.tensor([len(points)]),
-                                       centres[b:b + 1], present[b:b + 1])[0]
+                named = matched_tokens(torch.tensor([points or [(0.0, 0.0)]], device=centres.device),
+                                       torch.tensor([len(points)], device=centres.device),
+                                       centres[b:b + 1].float(), present[b:b + 1])[0]
                 counts = tally[form][f"reader {reader} head {head}"]
                 if named.any():
                     counts[0] += bool(named[row.masked_fill(~present[b], float("-inf")).argmax()])
