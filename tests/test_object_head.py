@@ -346,6 +346,7 @@ def test_evaluate_tells_where_each_supervised_reader_head_looks(object_clip, tin
     logit is on a named object, and for counting heads whether exactly the named ones beat the sink."""
     from multimodal_models.data.records import ConversationRecord, Turn, VQARecord
     from multimodal_models.evaluate.harness import evaluate_reader_grounding
+    from multimodal_models.evaluate.report import markdown_report
     from multimodal_models.training.data import ImageStore
     from multimodal_models.training.loop import build_task
 
@@ -400,6 +401,11 @@ def test_evaluate_tells_where_each_supervised_reader_head_looks(object_clip, tin
                                 "reader 1 head 0": look(None, 0.0), "reader 1 head 1": look(0.0),
                                 "reader 1 head 2": look(100.0)},
     }
+    report = markdown_report({"model_type": "vlm", "data": "d", "split": "val",
+                              "reader_grounding": {"perQuestionType": found}}, []).splitlines()
+    assert "| form of question | reader 0 head 0 | reader 0 head 1 | reader 1 head 0 | reader 1 head 1 | reader 1 head 2 |" in report
+    assert "| spatial | 100.0 (100.0) | 0.0 (0.0) | 100.0 (100.0) | 100.0 | 0.0 |" in report
+    assert "| count | – (0.0) |  | – (0.0) |  |  |" in report
     model.forward = real_forward
     assert evaluate_reader_grounding(model, [], [], store) is None  # nothing annotated
 
