@@ -171,6 +171,11 @@ def evaluate_reader_grounding(model, records: list[VQARecord], conversations: li
                               grounding, "dialogue/" + (asked.question_type or "turn")))
     if not items:
         return None
+    # each image's features once (an image has a dozen questions and a dialogue)
+    positions = sorted({store.position(image) for image, _, _, _ in items})
+    row_of = {position: k for k, position in enumerate(positions)}
+    image_features = torch.cat([model.image_features(store.batch(positions[k:k + 256]).to(model.device))
+                                for k in range(0, len(positions), 256)])
     tally: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, 0]))
     for batch in _batches(items, batch_size, "reader grounding", progress):
         lengths = [len(ids) for _, ids, _, _ in batch]
@@ -178,28 +183,40 @@ def evaluate_reader_grounding(model, records: list[VQARecord], conversations: li
         for b, (_, prompt, _, _) in enumerate(batch):  # padded after the prompt: causal, so it changes nothing
             ids[b, :len(prompt)] = torch.tensor(prompt)
         ids = ids.to(model.device)
-        features = model.image_features(store.batch([store.position(image) for image, _, _, _ in batch]).to(model.device))
-        margins = model(ids, features=features).reader_logits
+        features = image_features[[row_of[store.position(image)] for image, _, _, _ in batch]]
+        margins = torch.stack(model(ids, features=features).reader_logits).float()  # (readers, B, H, T, S)
         context, valid, _ = model.image_context(ids, features)
         centres, present = model.objects.places(context)
         present = present & valid
-        for b, (_, _, grounding, form) in enumerate(batch):
-            for reader, head, points, exact in grounding.targets(len(readers), heads, exact=counting):
-                row = margins[reader][b, head, lengths[b] - 1].float()
-                named = matched_tokens(torch.tensor([points or [(0.0, 0.0)]], device=centres.device),
-                                       torch.tensor([len(points)], device=centres.device),
-                                       centres[b:b + 1].float(), present[b:b + 1])[0]
-                counts = tally[form][f"reader {reader} head {head}"]
-                if named.any():
-                    counts[0] += bool(named[row.masked_fill(~present[b], float("-inf")).argmax()])
-                    counts[1] += 1
-                if exact:
-                    counts[2] += bool(torch.equal((row > 0) & present[b], named))
-                    counts[3] += 1
+        # every target of the batch at once: (row, reader, head, points, exact, form)
+        targets = [(b, reader, head, points, exact, form) for b, (_, _, grounding, form) in enumerate(batch)
+                   for reader, head, points, exact in grounding.targets(len(readers), heads, exact=counting)]
+        if not targets:
+            continue
+        rows, readers_of, heads_of = (torch.tensor(column, device=ids.device) for column in list(zip(*targets))[:3])
+        points = torch.zeros(len(targets), max(len(t[3]) for t in targets) or 1, 2, device=ids.device)
+        for g, target in enumerate(targets):
+            if target[3]:
+                points[g, :len(target[3])] = torch.tensor(target[3])
+        named = matched_tokens(points, torch.tensor([len(t[3]) for t in targets], device=ids.device),
+                               centres[rows].float(), present[rows])  # (G, S)
+        answer_at = torch.tensor(lengths, device=ids.device)[rows] - 1
+        row_margins = margins[readers_of, rows, heads_of, answer_at].masked_fill(~present[rows], float("-inf"))
+        looked = named.gather(1, row_margins.argmax(-1, keepdim=True))[:, 0]
+        exactly = ((row_margins > 0) == named).all(-1)
+        for (_, reader, head, _, exact, form), has, hit, all_right in zip(
+                targets, named.any(-1).tolist(), looked.tolist(), exactly.tolist()):
+            counts = tally[form][f"reader {reader} head {head}"]
+            if has:
+                counts[0] += hit
+                counts[1] += 1
+            if exact:
+                counts[2] += all_right
+                counts[3] += 1
     return {"perQuestionType": {
         form: {target: {"look": _percent(c[0], c[1]), "look_n": c[1], "exact": _percent(c[2], c[3]), "exact_n": c[3]}
-               for target, c in sorted(targets.items())}
-        for form, targets in sorted(tally.items())}}
+               for target, c in sorted(by_head.items())}
+        for form, by_head in sorted(tally.items())}}
 
 
 def _percent(hits: int, n: int) -> float | None:
