@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..data.records import CaptionRecord, ConversationRecord, MultipleChoiceRecord, VQARecord
+from ..data.records import CaptionRecord, ConversationRecord, MultipleChoiceRecord, Turn, VQARecord
 from ..training.data import ImageStore, SplitData, image_key
 from .metrics.vqa import vqa_accuracy
 
@@ -91,20 +91,15 @@ def evaluate_dialogues(model, conversations: list[ConversationRecord], store: Im
     turn number, and per form of question where the user turns carry a question_type.
 
     All turns that share a position in their dialogues are answered in one batch."""
-    from ..models.chat import conversation_to_messages
-
     prompts, pixels_of, gold, turn_number, forms = [], [], [], [], []
     template = model.chat_template()
     for record in conversations:
-        messages = conversation_to_messages(record)
-        forms += [asked.question_type if asked else None for asked, _ in record.exchanges()]
-        for k, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompts.append(template.encode(messages[:k], add_generation_prompt=True).ids)
+        for number, (prompt, asked, answer) in enumerate(answered_turns(record, template), start=1):
+            prompts.append(prompt)
             pixels_of.append([store.position(s) for s in record.images])
-            gold.append(message["content"].strip())
-            turn_number.append(sum(m["role"] == "assistant" for m in messages[:k]) + 1)
+            gold.append(answer.text.strip())
+            turn_number.append(number)
+            forms.append(asked.question_type if asked else None)
     predictions = []
     for start in tqdm(range(0, len(prompts), 64), desc="dialogues", disable=not progress, leave=False):
         rows = range(start, min(start + 64, len(prompts)))
@@ -131,6 +126,17 @@ def evaluate_dialogues(model, conversations: list[ConversationRecord], store: Im
     return scores
 
 
+def answered_turns(record: ConversationRecord, template) -> list[tuple[list[int], Turn | None, Turn]]:
+    """Each assistant turn of a conversation with the prompt that asks for it after the gold history
+    (the chat template's ids) and the user turn it answers (None where none came just before)."""
+    from ..models.chat import conversation_to_messages
+
+    messages = conversation_to_messages(record)
+    at = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    return [(template.encode(messages[:k], add_generation_prompt=True).ids, asked, answer)
+            for k, (asked, answer) in zip(at, record.exchanges(), strict=True)]
+
+
 @torch.no_grad()
 def evaluate_reader_grounding(model, records: list[VQARecord], conversations: list[ConversationRecord],
                               store: ImageStore, *, batch_size: int = 64, progress: bool = False) -> dict | None:
@@ -142,8 +148,7 @@ def evaluate_reader_grounding(model, records: list[VQARecord], conversations: li
     head's sink (none, where they are none). None for a model without readers over object tokens.
 
     Dialogue turns are scored after the gold history, their forms prefixed "dialogue/"."""
-    from ..models.chat import conversation_to_messages
-    from ..models.image_reader import matched_tokens
+    from ..models.image_reader import matched_tokens, padded_points
     from ..training.vlm_task import Grounding
 
     readers = getattr(model, "readers", ())
@@ -155,20 +160,15 @@ def evaluate_reader_grounding(model, records: list[VQARecord], conversations: li
     items = []  # (image, prompt ids, grounding, form)
     for r in records:
         grounding = Grounding.of(r, r.answer or (r.answers[0] if r.answers else ""))
-        if grounding is not None:
-            prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.question}]}]
-            items.append((r.image, template.encode(prompt, add_generation_prompt=True).ids, grounding,
-                          r.question_type or "vqa"))
+        if grounding is not None:  # asked as answer_batch asks it
+            items.append((r.image, model.user_prompts([r.question])[0], grounding, r.question_type or "vqa"))
     for record in conversations:
         if len(record.images) != 1:
             continue
-        messages = conversation_to_messages(record)
-        answers = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-        for k, (asked, answer) in zip(answers, record.exchanges()):
+        for prompt, asked, answer in answered_turns(record, template):
             grounding = Grounding.of(asked, answer.text) if asked is not None else None
             if grounding is not None:
-                items.append((record.images[0], template.encode(messages[:k], add_generation_prompt=True).ids,
-                              grounding, "dialogue/" + (asked.question_type or "turn")))
+                items.append((record.images[0], prompt, grounding, "dialogue/" + (asked.question_type or "turn")))
     if not items:
         return None
     # each image's features once (an image has a dozen questions and a dialogue)
@@ -194,25 +194,21 @@ def evaluate_reader_grounding(model, records: list[VQARecord], conversations: li
         if not targets:
             continue
         rows, readers_of, heads_of = (torch.tensor(column, device=ids.device) for column in list(zip(*targets))[:3])
-        points = torch.zeros(len(targets), max(len(t[3]) for t in targets) or 1, 2, device=ids.device)
-        for g, target in enumerate(targets):
-            if target[3]:
-                points[g, :len(target[3])] = torch.tensor(target[3])
-        named = matched_tokens(points, torch.tensor([len(t[3]) for t in targets], device=ids.device),
-                               centres[rows].float(), present[rows])  # (G, S)
+        points, counts = padded_points([t[3] for t in targets])
+        named = matched_tokens(points.to(ids.device), counts.to(ids.device), centres[rows].float(), present[rows])  # (G, S)
         answer_at = torch.tensor(lengths, device=ids.device)[rows] - 1
         row_margins = margins[readers_of, rows, heads_of, answer_at].masked_fill(~present[rows], float("-inf"))
         looked = named.gather(1, row_margins.argmax(-1, keepdim=True))[:, 0]
         exactly = ((row_margins > 0) == named).all(-1)
         for (_, reader, head, _, exact, form), has, hit, all_right in zip(
                 targets, named.any(-1).tolist(), looked.tolist(), exactly.tolist()):
-            counts = tally[form][f"reader {reader} head {head}"]
+            seen = tally[form][f"reader {reader} head {head}"]
             if has:
-                counts[0] += hit
-                counts[1] += 1
+                seen[0] += hit
+                seen[1] += 1
             if exact:
-                counts[2] += all_right
-                counts[3] += 1
+                seen[2] += all_right
+                seen[3] += 1
     return {"perQuestionType": {
         form: {target: {"look": _percent(c[0], c[1]), "look_n": c[1], "exact": _percent(c[2], c[3]), "exact_n": c[3]}
                for target, c in sorted(by_head.items())}

@@ -47,7 +47,7 @@ def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "te
                                                 tokenizer="auto", use_meteor=java, progress=progress)
     if hasattr(model, "generate_batch") and split_data.conversations:
         results["dialogue"] = evaluate_dialogues(model, split_data.conversations, store, progress=progress)
-    if getattr(model, "readers", None) and (split_data.vqa or split_data.conversations):
+    if hasattr(model, "readers"):  # a VLM: where its image readers look (None without readers or annotations)
         grounding = evaluate_reader_grounding(model, split_data.vqa, split_data.conversations, store, progress=progress)
         if grounding is not None:
             results["reader_grounding"] = grounding

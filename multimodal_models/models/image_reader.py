@@ -197,3 +197,13 @@ def matched_tokens(points: torch.Tensor, counts: torch.Tensor, centres: torch.Te
     nearest = distance.min(-1)
     valid = (torch.arange(M, device=distance.device)[None] < counts[:, None]) & (nearest.values <= match_radius)
     return (F.one_hot(nearest.indices, distance.shape[-1]).bool() & valid[..., None]).any(1)
+
+
+def padded_points(groups: Sequence[Sequence[tuple[float, float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups of object centres as one (G, M, 2) tensor, zero-padded, and each group's size (G,);
+    a group may be empty (an exact target that names no object)."""
+    points = torch.zeros(len(groups), max(map(len, groups), default=1) or 1, 2)
+    for g, group in enumerate(groups):
+        if group:
+            points[g, :len(group)] = torch.tensor(group)
+    return points, torch.tensor([len(g) for g in groups], dtype=torch.long)

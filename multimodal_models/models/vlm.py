@@ -488,7 +488,7 @@ class VisionLanguageModel(PretrainedModel):
             next_position = next_position + 1
         return outputs
 
-    def _user_prompts(self, texts: list[str], images: list[Any] | None = None) -> list[list[int]]:
+    def user_prompts(self, texts: list[str], images: list[Any] | None = None) -> list[list[int]]:
         """One user turn per text, each about one image (given when the prompt depends on it)."""
         template = self.chat_template()
         images = images if images is not None else [None] * len(texts)
@@ -506,7 +506,7 @@ class VisionLanguageModel(PretrainedModel):
         if pixels is not None and getattr(self.image_processor, "do_image_splitting", False):
             raise ValueError("this model splits each image into tiles: pass the images, not preprocessed pixels")
         pixels = pixels.to(self.device) if pixels is not None else self._pixels(images)
-        outputs = self.generate_batch(self._user_prompts(questions, images), self.image_features(pixels),
+        outputs = self.generate_batch(self.user_prompts(questions, images), self.image_features(pixels),
                                       max_new_tokens=max_new_tokens)
         return [self.tokenizer.decode(o) for o in outputs]
 
@@ -527,7 +527,7 @@ class VisionLanguageModel(PretrainedModel):
         config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
         stop_ids = self.chat_template().stop_ids()
         captions = []
-        for ids, image_features in zip(self._user_prompts([prompt] * count), features):
+        for ids, image_features in zip(self.user_prompts([prompt] * count), features):
             session = VLMSession(self, torch.tensor([ids], device=self.device), None, config, features=image_features[None])
             captions.append("".join(stream_text(decode_tokens(session, config, stop_ids), self.tokenizer.decode)))
         return captions

@@ -24,7 +24,7 @@ from ..data.preprocess import ImageProcessor
 from ..data.records import ImageSource, Points
 from ..data.tokenizer import WordTokenizer
 from ..models.chat import CHAT_SPECIAL_TOKENS, conversation_to_messages
-from ..models.image_reader import GroundingTargets
+from ..models.image_reader import GroundingTargets, padded_points
 from ..models.layers import causal_mask
 from ..models.pretrained import config_from_dict
 from ..models.vision import VisionConfig
@@ -324,13 +324,8 @@ class VLMTask:
                     for reader, head, points, exact in targets:
                         where.append((row, first - 1, reader, head, exact))
                         groups.append(points)
-        points = torch.zeros(len(groups), max(map(len, groups), default=1), 2)
-        for g, group in enumerate(groups):
-            if group:  # an exact target may name no object at all
-                points[g, :len(group)] = torch.tensor(group)
         columns = torch.tensor(where, dtype=torch.long).reshape(-1, 5).T
-        return GroundingTargets(*columns[:4], points, torch.tensor([len(g) for g in groups], dtype=torch.long),
-                                columns[4].bool() if self.exact_grounding else None)
+        return GroundingTargets(*columns[:4], *padded_points(groups), columns[4].bool() if self.exact_grounding else None)
 
     def evaluate(self, model, limit: int) -> dict:
         """VQA accuracy, caption metrics (+ grounding on Shapes), dialogue turn accuracy on the eval split."""
