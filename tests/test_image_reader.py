@@ -107,7 +107,7 @@ def test_a_reader_with_a_sink_reads_and_counts_more_the_more_tokens_match_and_no
         with_sink.out.weight.zero_()
         with_sink.count.weight.fill_(1.0)
         tokens = torch.randn(1, 3, 8)
-        updated, margins = with_sink(x, tokens, torch.ones(1, 1, 3, dtype=torch.bool))
+        updated, margins, _ = with_sink(x, tokens, torch.ones(1, 1, 3, dtype=torch.bool))
     assert margins.shape == (1, 1, 1, 3)  # over the image tokens only: grounding leaves the sink out
     # they are each token's margin over the sink: the count is the sum of their sigmoids
     assert (updated - x - with_sink.out.bias)[0, 0, 0].item() == pytest.approx(margins.sigmoid().sum().item(), rel=1e-5)
@@ -127,7 +127,7 @@ def test_a_sink_without_a_share_only_counts_and_the_read_is_weighed_over_the_tok
     with torch.no_grad():
         torch.testing.assert_close(counting(x, tokens, visible)[0], plain(x, tokens, visible)[0])  # count is zero
         counting.count.weight.fill_(1.0)
-        updated, margins = counting(x, tokens, visible)
+        updated, margins, _ = counting(x, tokens, visible)
     torch.testing.assert_close(updated - plain(x, tokens, visible)[0],  # the count alone is added
                                margins.sigmoid().sum(-1).transpose(1, 2).sum(-1, keepdim=True).expand(-1, -1, 16))
     assert updated[1, 0].equal(x[1, 0] + counting.out.bias)  # nothing visible: nothing read, nothing counted
@@ -164,14 +164,14 @@ def test_counts_can_be_handed_on_by_some_readers_or_some_heads_only():
     silent.load_state_dict(reader.state_dict(), strict=False)
     with torch.no_grad():
         reader.count.weight.copy_(torch.tensor([1.0, 10.0]).expand(16, 2))
-        updated, margins = reader(x, tokens, visible)
+        updated, margins, _ = reader(x, tokens, visible)
     counted = margins.sigmoid().sum(-1)  # (B, H, T): each head's count
     torch.testing.assert_close(updated - silent(x, tokens, visible)[0],  # head 2's count, plus ten times head 0's
                                (counted[:, 2] + 10 * counted[:, 0])[..., None].expand(-1, -1, 16))
     swapped = ImageReader(16, 8, 2, 4, sink=True, counts=(1, 0))  # every head, in the order named
     with torch.no_grad():
         swapped.count.weight.copy_(torch.tensor([1.0, 10.0]).expand(16, 2))
-        swapped_out, swapped_margins = swapped(x, tokens, visible)
+        swapped_out, swapped_margins, _ = swapped(x, tokens, visible)
         swapped.count.weight.zero_()
         counted = swapped_margins.sigmoid().sum(-1)
         torch.testing.assert_close(swapped_out - swapped(x, tokens, visible)[0],
@@ -246,3 +246,57 @@ def test_reader_places_need_object_tokens():
 def test_reader_blocks_must_exist():
     with pytest.raises(ValueError, match="image_reader_blocks: block 2 is not one of the decoder's 2 blocks"):
         tiny_vlm(image_reader_blocks=(0, 2))
+
+
+def test_a_reader_with_relations_measures_objects_against_what_the_earlier_heads_found():
+    """Its place can be a centre an earlier head read; it can prefer or avoid the objects an earlier head
+    looked at, and those sharing an attribute (of two: 2 and 3 values) with what an earlier head read."""
+    torch.manual_seed(0)
+    first = ImageReader(16, 8, 2, 4, places=True)
+    later = ImageReader(16, 8, 3, 4, places=True, relations=2, attribute_sizes=(2, 3))
+    context = torch.randn(1, 3, 8)
+    places = torch.tensor([[[0.1, 0.2], [0.5, 0.5], [0.9, 0.7]]])
+    attributes = torch.tensor([[[1.0, 0.0, 0.0, 1.0, 0.0],  # token 0: value 0 of the first attribute, 1 of the second
+                                [0.0, 1.0, 0.0, 1.0, 0.0],  # token 1: shares the second attribute's value with token 0
+                                [1.0, 0.0, 0.0, 0.0, 1.0]]])  # token 2: shares the first's
+    visible = torch.ones(1, 1, 3, dtype=torch.bool)
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        first.q.weight.zero_()  # head 0 looks at token 0 alone, head 1 at token 2 alone
+        first.k.weight.zero_()
+        first.place.bias.copy_(torch.tensor([0.1, 0.2, 10.0, 0, 0, 0.9, 0.7, 10.0, 0, 0]))
+        _, _, found = first(x, context, visible, places)
+        assert torch.allclose(found.weights[0, :, 0], torch.eye(3)[[0, 2]], atol=1e-6)
+        assert torch.allclose(found.centres[0, :, 0], places[0, [0, 2]], atol=1e-6)
+        _, _, found = first(x, context, visible, places, attributes)
+        assert torch.allclose(found.attributes[0, :, 0], attributes[0, [0, 2]], atol=1e-6)
+
+        plain = later(x, context, visible, places, attributes, found).logits
+        without = ImageReader(16, 8, 3, 4, places=True)
+        without.load_state_dict(later.state_dict(), strict=False)  # untrained, the relations change nothing
+        assert torch.equal(plain, without(x, context, visible, places).logits)
+        with pytest.raises(ValueError, match="pass its findings"):
+            later(x, context, visible, places, attributes)
+        with pytest.raises(ValueError, match="pass each image token's attribute probabilities"):
+            later(x, context, visible, places, None, found)
+
+        # per head and earlier head p: [place share logit, same-object weight, attribute 0 weight, attribute 1 weight]
+        relate = torch.zeros(3, 2, 4)
+        relate[0, 1, 0] = 20.0  # head 0: its place is what earlier head 1 read (token 2's centre) ...
+        later.place.bias.copy_(torch.tensor([0, 0, 1.0, 0, 0] + [0] * 10))  # ... and it prefers objects near it
+        relate[1, 0, 1] = -1.0  # head 1: avoids the object earlier head 0 looked at (token 0) ...
+        relate[1, 0, 3] = 0.5  # ... and prefers those sharing its second attribute
+        relate[2, 1, 2] = 2.0  # head 2: prefers objects sharing earlier head 1's first attribute
+        later.relate.bias.copy_(relate.flatten())
+        logits = later(x, context, visible, places, attributes, found).logits
+    distance = ((places[0] - places[0, 2]) / 0.1).square().sum(-1)
+    assert torch.allclose(logits[0, 0, 0] - plain[0, 0, 0], -distance, atol=1e-3)
+    assert torch.allclose(logits[0, 1, 0] - plain[0, 1, 0], torch.tensor([-10.0 + 5.0, 5.0, 0.0]), atol=1e-4)
+    assert torch.allclose(logits[0, 2, 0] - plain[0, 2, 0], torch.tensor([20.0, 0.0, 20.0]), atol=1e-4)
+
+
+def test_reader_relations_need_places_and_an_earlier_reader():
+    with pytest.raises(ValueError, match="relations needs places"):
+        ImageReader(16, 8, 2, 4, relations=2)
+    with pytest.raises(ValueError, match="image_reader_relations relate a reader to the one before it"):
+        tiny_vlm(image_reader_blocks=(1,), image_reader_relations=True)

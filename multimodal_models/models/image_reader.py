@@ -33,12 +33,24 @@ with a sink, so does "is A below B?" (p at B, d downwards: the share left on A s
 is). A q.k over the centres' sines and cosines only approximates a distance, and turning it
 around for "furthest" or "above" takes a product of the question's word and a place, which the
 decoder's layers learn slowly; here that product is the attention's own.
+
+With `relations` (a reader after another), each head also measures every object against what the
+earlier reader's heads found at the same position (`Findings`): its place may be one that an
+earlier head read (a learned mixture of their read centres, plus an offset), and it may prefer, or
+avoid, objects that share an attribute with what an earlier head read (colour, shape, ... each
+weighed on its own) and the very objects an earlier head looked at. "Is A below B?" then names B's
+read centre as its place, exactly, where a place written through the residual stream comes back
+scaled by its layer norm; "is A the same colour as B?" prefers objects of A's read colour, and "how
+many other objects have A's shape?" counts those of A's shape that are not A. Each weight comes from
+the reading position, as a place does; all are zero at first, so an untrained reader with relations
+reads as one without.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +58,29 @@ from torch import nn
 
 
 PLACE_UNIT = 0.1  # distances to a named place are measured in tenths of the image side
+RELATION_UNIT = 0.1  # a relation weight of 1 moves a logit by 10 where an object fully agrees
+
+
+class Findings(NamedTuple):
+    """What each head of a reader found at each position, for a later reader to measure objects against."""
+
+    weights: torch.Tensor  # (B, H, T, S) its attention over the image tokens alone (sink left out); 0: none visible
+    centres: torch.Tensor | None  # (B, H, T, 2) the centre it read, weights @ the tokens' centres (with places)
+    attributes: torch.Tensor | None  # (B, H, T, A) the attribute probabilities it read (with attributes)
+
+
+class ReaderOutput(NamedTuple):
+    x: torch.Tensor  # (B, T, C) the updated residual
+    logits: torch.Tensor  # (B, H, T, S) attention logits over the image tokens (margins over the sink with one)
+    found: Findings
 
 
 class ImageReader(nn.Module):
     """x (B, T, C) + out(softmax(q(x) k(ctx)^T) v(ctx)): text positions read the image tokens."""
 
     def __init__(self, width: int, context_width: int, heads: int, head_dim: int, *, sink: bool = False,
-                 counts: bool | Sequence[int] = False, sink_share: bool = True, places: bool = False):
+                 counts: bool | Sequence[int] = False, sink_share: bool = True, places: bool = False,
+                 relations: int = 0, attribute_sizes: Sequence[int] = ()):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.norm = nn.LayerNorm(width)
@@ -85,13 +113,30 @@ class ImageReader(nn.Module):
             self.place = nn.Linear(width, heads * 5)
             nn.init.zeros_(self.place.weight)
             nn.init.zeros_(self.place.bias)
+        # relations: how many heads the earlier reader has; attribute_sizes: each attribute's number of values
+        self.relations, self.attribute_sizes = relations, tuple(attribute_sizes)
+        self.relate = None
+        if relations:
+            if not places:
+                raise ValueError("an image reader's relations name places that earlier heads read: relations needs places")
+            # per head and earlier head: its read centre's share of the place, same-object weight, one per attribute
+            self.relate = nn.Linear(width, heads * relations * (2 + len(self.attribute_sizes)))
+            nn.init.zeros_(self.relate.weight)
+            nn.init.zeros_(self.relate.bias)
+            groups = torch.repeat_interleave(torch.arange(len(self.attribute_sizes)), torch.tensor(self.attribute_sizes,
+                                                                                                  dtype=torch.long))
+            self.register_buffer("attribute_groups", F.one_hot(groups, len(self.attribute_sizes)).float(),
+                                 persistent=False)  # (A, attributes): which attribute each value belongs to
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, visible: torch.Tensor,
-                places: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                places: torch.Tensor | None = None, attributes: torch.Tensor | None = None,
+                found: Findings | None = None) -> ReaderOutput:
         """x (B, T, C); context (B, S, C_ctx); visible (B, T, S) bool: which image tokens each
         position may read (those of images placed before it); places (B, S, 2): each token's centre
-        (fractions of the image side), for a reader built with places. Returns the updated x and the
-        attention logits over the image tokens (B, H, T, S), -inf where not visible. With a sink they
+        (fractions of the image side), for a reader built with places; attributes (B, S, A): each
+        token's attribute probabilities side by side, and found, what the earlier reader's heads found,
+        for a reader built with relations. Returns the updated x, the attention logits over the image
+        tokens (B, H, T, S), -inf where not visible, and what each head found. With a sink the logits
         are each token's margin over it (token logit - sink logit): the softmax over the tokens alone,
         which grounding trains, is the same, and a margin above zero is a token the head counts."""
         B, T, _ = x.shape
@@ -106,12 +151,19 @@ class ImageReader(nn.Module):
             if places is None:
                 raise ValueError("this image reader measures distances to places: pass each image token's centre")
             named = self.place(normed).view(B, T, self.heads, 5).transpose(1, 2)  # (B, H, T, 5)
-            offset = (places[:, None, None, :, :] - named[..., None, :2]) / PLACE_UNIT  # (B, H, T, S, 2)
+            place = named[..., :2]
+            if self.relate is not None:
+                place, related = self._relations(normed, places, attributes, found, place)
+                logits = logits + related
+            offset = (places[:, None, None, :, :] - place[..., None, :]) / PLACE_UNIT  # (B, H, T, S, 2)
             logits = logits - named[..., 2:3] * offset.square().sum(-1) + (offset @ named[..., 3:, None])[..., 0]
         logits = logits.masked_fill(~visible[:, None], float("-inf"))
+        looked = torch.nan_to_num(logits.float().softmax(-1), nan=0.0)  # over the tokens alone; none visible: nothing
+        found_here = Findings(looked, None if places is None else looked @ places.float()[:, None],
+                              None if attributes is None else looked @ attributes.float()[:, None])
         sink = self.sink(normed).transpose(1, 2)[..., None] if self.sink is not None else None  # (B, H, T, 1)
-        if sink is None:  # over the tokens alone; no image visible yet: reads nothing
-            weights = torch.nan_to_num(logits.float().softmax(-1), nan=0.0).to(v.dtype)
+        if sink is None:
+            weights = looked.to(v.dtype)
         elif self.sink_share:  # the sink reads a zero vector: only the tokens' share is kept
             weights = torch.cat([logits, sink], dim=-1).float().softmax(-1)[..., :S].to(v.dtype)
         else:  # the counting heads' sinks take no share (their weights are over the tokens alone), the others' do
@@ -128,7 +180,32 @@ class ImageReader(nn.Module):
         read = self.out((weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         if counted is not None:
             read = read + self.count(counted.to(read.dtype))
-        return x + read, logits
+        return ReaderOutput(x + read, logits, found_here)
+
+    def _relations(self, normed: torch.Tensor, places: torch.Tensor, attributes: torch.Tensor | None,
+                   found: Findings | None, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's place (B, H, T, 2): a mixture of the earlier heads' read centres plus `offset`; and
+        what the relations add to its logits (B, H, T, S): same-object and shared-attribute preferences."""
+        if found is None or found.centres is None:
+            raise ValueError("this image reader measures objects against what an earlier reader found: pass its "
+                             "findings, with the centres its heads read")
+        if self.attribute_sizes and (attributes is None or found.attributes is None):
+            raise ValueError("this image reader compares attributes: pass each image token's attribute "
+                             "probabilities, and the earlier reader's findings with the attributes its heads read")
+        B, T, _ = normed.shape
+        P, G = self.relations, len(self.attribute_sizes)
+        if found.weights.shape[1] != P:
+            raise ValueError(f"this image reader relates to {P} earlier heads, but the findings have "
+                             f"{found.weights.shape[1]}")
+        weights = self.relate(normed).float().view(B, T, self.heads, P, 2 + G).permute(0, 2, 1, 3, 4)  # (B, H, T, P, 2+G)
+        share = weights[..., 0].softmax(-1)  # (B, H, T, P): whose read centre is the place
+        place = offset.float() + torch.einsum("bhtp,bptc->bhtc", share, found.centres)
+        related = torch.einsum("bhtp,bpts->bhts", weights[..., 1], found.weights)  # on the objects they looked at
+        if G:
+            # agreement of each token's attributes with each earlier head's read ones, per attribute (B, P, T, S, G)
+            agree = (found.attributes[:, :, :, None, :] * attributes.float()[:, None, None]) @ self.attribute_groups
+            related = related + torch.einsum("bhtpg,bptsg->bhts", weights[..., 2:], agree)
+        return place, related / RELATION_UNIT
 
 
 @dataclass

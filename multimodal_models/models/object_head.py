@@ -123,6 +123,16 @@ class ObjectSlots(nn.Module):
         C = self.token_width  # a slot: patch token, objectness, centre (x, y), attributes, sines
         return slots[..., C + 1:C + 3], slots[..., C] > self.presence
 
+    @property
+    def attribute_sizes(self) -> tuple[int, ...]:
+        """How many values each attribute has, in the order the slots hold their probabilities."""
+        return tuple(len(values) for values in self.head.config.attributes.values())
+
+    def attributes(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (..., self.width) -> each slot's attribute probabilities side by side (..., sum of attribute_sizes)."""
+        C = self.token_width
+        return slots[..., C + 3:C + 3 + sum(self.attribute_sizes)]
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, C), one per grid cell -> slots (B, slots, self.width)."""
         _, N, C = tokens.shape

@@ -109,6 +109,11 @@ class VLMConfig:
     # each reader head may also prefer tokens near to (or far from, or in a direction from) a place it
     # names, on the object slots' centres (image_tokens 'objects'): "closest to", "furthest from", "below"
     image_reader_places: bool = False
+    # each reader after the first also measures every object against what the reader before it found at
+    # the same position: a head's place may be one an earlier head read, and it may prefer (or avoid) the
+    # objects an earlier head looked at and those sharing an attribute with what it read ("is A below B?",
+    # "is A the same colour as B?", "how many other objects have A's shape?"); needs image_reader_places
+    image_reader_relations: bool = False
 
     @property
     def counting_heads(self) -> dict[int, tuple[int, ...]]:
@@ -168,6 +173,9 @@ class VLMConfig:
         if self.image_reader_places and self.image_tokens != "objects":
             raise ValueError("image_reader_places measures distances between object centres: it needs "
                              "image_tokens 'objects'")
+        if self.image_reader_relations and (not self.image_reader_places or len(self.image_reader_blocks) < 2):
+            raise ValueError("image_reader_relations relate a reader to the one before it, by the places and attributes "
+                             "its heads read: it needs image_reader_places and at least two image_reader_blocks")
         if self.caption_beams < 1:
             raise ValueError(f"caption_beams must be at least 1 (1: greedy), got {self.caption_beams}")
         if self.image_tokens == "objects":
@@ -253,11 +261,14 @@ class VisionLanguageModel(PretrainedModel):
         init_weights(self.projector)
         self.decoder = CausalDecoder(config.decoder)
         counting = config.counting_heads
+        related = config.image_reader_heads if config.image_reader_relations else 0
         self.readers = nn.ModuleList(
             ImageReader(config.decoder.width, source, config.image_reader_heads, config.image_reader_head_dim,
                         sink=config.image_reader_sink, counts=counting.get(block, ()),
-                        sink_share=config.image_reader_sink_share, places=config.image_reader_places)
-            for block in config.image_reader_blocks
+                        sink_share=config.image_reader_sink_share, places=config.image_reader_places,
+                        relations=related if index else 0,
+                        attribute_sizes=self.objects.attribute_sizes if related and index else ())
+            for index, block in enumerate(config.image_reader_blocks)
         )
 
     # -- model -----------------------------------------------------------------------------
@@ -309,12 +320,15 @@ class VisionLanguageModel(PretrainedModel):
         if len(self.readers):
             context, valid, visible = self.image_context(ids, features, cache)
             places = self.objects.places(context)[0] if self.config.image_reader_places else None
+            attributes = self.objects.attributes(context) if self.config.image_reader_relations else None
             reader_at = {block: reader for block, reader in zip(self.config.image_reader_blocks, self.readers)}
+            found = None  # what the last reader's heads found, for the next one to relate to
 
             def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
+                nonlocal found
                 if i not in reader_at:
                     return x
-                x, logits = reader_at[i](x, context, visible, places)
+                x, logits, found = reader_at[i](x, context, visible, places, attributes, found)
                 reader_logits.append(logits)
                 return x
 
