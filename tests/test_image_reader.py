@@ -280,8 +280,9 @@ def test_a_reader_with_relations_measures_objects_against_what_the_earlier_heads
         with pytest.raises(ValueError, match="pass each image token's attribute probabilities"):
             later(x, context, visible, places, None, found)
 
-        # per head and earlier head p: [place share logit, same-object weight, attribute 0 weight, attribute 1 weight]
-        relate = torch.zeros(3, 2, 4)
+        # per head and earlier head p: [place share logit, same-object weight, attribute 0 weight, attribute 1 weight,
+        # the direction (x, y) in which what p found should lie from the place]
+        relate = torch.zeros(3, 2, 6)
         relate[0, 1, 0] = 20.0  # head 0: its place is what earlier head 1 read (token 2's centre) ...
         later.place.bias.copy_(torch.tensor([0, 0, 1.0, 0, 0] + [0] * 10))  # ... and it prefers objects near it
         relate[1, 0, 1] = -1.0  # head 1: avoids the object earlier head 0 looked at (token 0) ...
@@ -289,10 +290,16 @@ def test_a_reader_with_relations_measures_objects_against_what_the_earlier_heads
         relate[2, 1, 2] = 2.0  # head 2: prefers objects sharing earlier head 1's first attribute
         later.relate.bias.copy_(relate.flatten())
         logits = later(x, context, visible, places, attributes, found).logits
+        # head 0 again, its place at what head 1 read: what head 0 read, measured upwards from there, on head 0's object
+        relate[0, 0, 4:] = torch.tensor([0.0, -1.0])
+        later.relate.bias.copy_(relate.flatten())
+        above = later(x, context, visible, places, attributes, found).logits
     distance = ((places[0] - places[0, 2]) / 0.1).square().sum(-1)
     assert torch.allclose(logits[0, 0, 0] - plain[0, 0, 0], -distance, atol=1e-3)
     assert torch.allclose(logits[0, 1, 0] - plain[0, 1, 0], torch.tensor([-10.0 + 5.0, 5.0, 0.0]), atol=1e-4)
     assert torch.allclose(logits[0, 2, 0] - plain[0, 2, 0], torch.tensor([20.0, 0.0, 20.0]), atol=1e-4)
+    # token 0 (at y 0.2) lies 5 tenths above token 2 (y 0.7): +5 on token 0 alone
+    assert torch.allclose(above[0, 0, 0] - logits[0, 0, 0], torch.tensor([5.0, 0.0, 0.0]), atol=1e-3)
 
 
 def test_reader_relations_need_places_and_an_earlier_reader():
