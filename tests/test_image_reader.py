@@ -281,8 +281,8 @@ def test_a_reader_with_relations_measures_objects_against_what_the_earlier_heads
             later(x, context, visible, places, None, found)
 
         # per head and earlier head p: [place share logit, same-object weight, attribute 0 weight, attribute 1 weight,
-        # the direction (x, y) in which what p found should lie from the place]
-        relate = torch.zeros(3, 2, 6)
+        # for each earlier head q the direction (x, y) in which what p found should lie from what q found]
+        relate = torch.zeros(3, 2, 8)
         relate[0, 1, 0] = 20.0  # head 0: its place is what earlier head 1 read (token 2's centre) ...
         later.place.bias.copy_(torch.tensor([0, 0, 1.0, 0, 0] + [0] * 10))  # ... and it prefers objects near it
         relate[1, 0, 1] = -1.0  # head 1: avoids the object earlier head 0 looked at (token 0) ...
@@ -290,8 +290,8 @@ def test_a_reader_with_relations_measures_objects_against_what_the_earlier_heads
         relate[2, 1, 2] = 2.0  # head 2: prefers objects sharing earlier head 1's first attribute
         later.relate.bias.copy_(relate.flatten())
         logits = later(x, context, visible, places, attributes, found).logits
-        # head 0 again, its place at what head 1 read: what head 0 read, measured upwards from there, on head 0's object
-        relate[0, 0, 4:] = torch.tensor([0.0, -1.0])
+        # head 0 again: what earlier head 0 read, measured upwards from what head 1 read, on head 0's object alone
+        relate[0, 0, 6:] = torch.tensor([0.0, -1.0])
         later.relate.bias.copy_(relate.flatten())
         above = later(x, context, visible, places, attributes, found).logits
     distance = ((places[0] - places[0, 2]) / 0.1).square().sum(-1)

@@ -39,9 +39,10 @@ earlier reader's heads found at the same position (`Findings`): its place may be
 earlier head read (a learned mixture of their read centres, plus an offset), and it may prefer, or
 avoid, objects that share an attribute with what an earlier head read (colour, shape, ... each
 weighed on its own), the very objects an earlier head looked at, and those objects by how far the
-centre it read lies in a direction from the place. "Is A below B?" then names B's read centre as
-its place, exactly, where a place written through the residual stream comes back scaled by its
-layer norm, and lifts A's token by how far A was read to lie below it; "is A the same colour as B?"
+centre it read lies in a direction from the centre another earlier head read. "Closest to A" then
+names A's read centre as its place, exactly, where a place written through the residual stream
+comes back scaled by its layer norm; "is A below B?" lifts A's token by how far A was read to lie
+below B; "is A the same colour as B?"
 prefers objects of A's read colour, and "how many other objects have A's shape?" counts those of
 A's shape that are not A. Each weight comes from
 the reading position, as a place does; all are zero at first, so an untrained reader with relations
@@ -122,8 +123,8 @@ class ImageReader(nn.Module):
             if not places:
                 raise ValueError("an image reader's relations name places that earlier heads read: relations needs places")
             # per head and earlier head: its read centre's share of the place, same-object weight, one weight per
-            # attribute, and a direction (x, y) in which what it found should lie from the place
-            self.relate = nn.Linear(width, heads * relations * (4 + len(self.attribute_sizes)))
+            # attribute, and for each earlier head a direction (x, y) in which what it found should lie from that one's
+            self.relate = nn.Linear(width, heads * relations * (2 + len(self.attribute_sizes) + 2 * relations))
             nn.init.zeros_(self.relate.weight)
             nn.init.zeros_(self.relate.bias)
             groups = torch.repeat_interleave(torch.arange(len(self.attribute_sizes)), torch.tensor(self.attribute_sizes,
@@ -189,12 +190,15 @@ class ImageReader(nn.Module):
                    found: Findings | None, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's place (B, H, T, 2): a mixture of the earlier heads' read centres plus `offset`; and
         what the relations add to its logits (B, H, T, S): same-object and shared-attribute preferences, and
-        on the objects an earlier head looked at, how far the centre it read lies in a direction from the place.
+        on the objects an earlier head looked at, how far the centre it read lies in a direction from the
+        centre another earlier head read.
 
         The last answers "is A below B?" on A alone: a direction term on every token (`places`) also lifts
         whatever else lies below B, which an exact target (A beats the sink if it lies below B, nothing else
         does) then pushes down, so its gradient cancels; here only the objects the head that found A
-        looked at move, by where A was read to lie."""
+        looked at move, by where A was read to lie from B. It is measured between two read centres, not
+        from the place: a place learned for "closest to A" sits on A, from where A lies nowhere, and
+        "is A below B?" would get no gradient toward B."""
         if found is None or found.centres is None:
             raise ValueError("this image reader measures objects against what an earlier reader found: pass its "
                              "findings, with the centres its heads read")
@@ -206,7 +210,7 @@ class ImageReader(nn.Module):
         if found.weights.shape[1] != P:
             raise ValueError(f"this image reader relates to {P} earlier heads, but the findings have "
                              f"{found.weights.shape[1]}")
-        weights = self.relate(normed).float().view(B, T, self.heads, P, 4 + G).permute(0, 2, 1, 3, 4)  # (B, H, T, P, 4+G)
+        weights = self.relate(normed).float().view(B, T, self.heads, P, 2 + G + 2 * P).permute(0, 2, 1, 3, 4)
         share = weights[..., 0].softmax(-1)  # (B, H, T, P): whose read centre is the place
         place = offset.float() + torch.einsum("bhtp,bptc->bhtc", share, found.centres)
         related = torch.einsum("bhtp,bpts->bhts", weights[..., 1], found.weights)  # on the objects they looked at
@@ -214,8 +218,10 @@ class ImageReader(nn.Module):
             # agreement of each token's attributes with each earlier head's read ones, per attribute (B, P, T, S, G)
             agree = (found.attributes[:, :, :, None, :] * attributes.float()[:, None, None]) @ self.attribute_groups
             related = related + torch.einsum("bhtpg,bptsg->bhts", weights[..., 2:2 + G], agree)
-        lies = (found.centres.transpose(1, 2)[:, None] - place[..., None, :]) / PLACE_UNIT  # (B, H, T, P, 2)
-        toward = (weights[..., 2 + G:] * lies).sum(-1)  # (B, H, T, P): what head p found, along the direction named
+        read = found.centres.float().transpose(1, 2)  # (B, T, P, 2)
+        lies = (read[:, :, :, None] - read[:, :, None]) / PLACE_UNIT  # (B, T, P, Q, 2): what p found, from what q found
+        directions = weights[..., 2 + G:].unflatten(-1, (P, 2))  # (B, H, T, P, Q, 2)
+        toward = (directions * lies[:, None]).sum((-1, -2))  # (B, H, T, P): along the directions named
         return place, related / RELATION_UNIT + torch.einsum("bhtp,bpts->bhts", toward, found.weights)
 
 
