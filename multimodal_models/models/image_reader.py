@@ -42,10 +42,9 @@ weighed on its own), the very objects an earlier head looked at, and those objec
 centre it read lies in a direction from the centre another earlier head read. "Closest to A" then
 names A's read centre as its place, exactly, where a place written through the residual stream
 comes back scaled by its layer norm; "is A below B?" lifts A's token by how far A was read to lie
-below B; "is A the same colour as B?"
-prefers objects of A's read colour, and "how many other objects have A's shape?" counts those of
-A's shape that are not A. Each weight comes from
-the reading position, as a place does; all are zero at first, so an untrained reader with relations
+below B; "is A the same colour as B?" prefers objects of A's read colour, and "how many other
+objects have A's shape?" counts those of A's shape that are not A. Each weight comes from the
+reading position, as a place does; all are zero at first, so an untrained reader with relations
 reads as one without.
 """
 
