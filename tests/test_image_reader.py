@@ -265,20 +265,17 @@ def test_a_reader_with_relations_measures_objects_against_what_the_earlier_heads
         first.q.weight.zero_()  # head 0 looks at token 0 alone, head 1 at token 2 alone
         first.k.weight.zero_()
         first.place.bias.copy_(torch.tensor([0.1, 0.2, 10.0, 0, 0, 0.9, 0.7, 10.0, 0, 0]))
-        _, _, found = first(x, context, visible, places)
-        assert torch.allclose(found.weights[0, :, 0], torch.eye(3)[[0, 2]], atol=1e-6)
-        assert torch.allclose(found.centres[0, :, 0], places[0, [0, 2]], atol=1e-6)
-        _, _, found = first(x, context, visible, places, attributes)
-        assert torch.allclose(found.attributes[0, :, 0], attributes[0, [0, 2]], atol=1e-6)
+        _, _, looked = first(x, context, visible, places)
+        assert torch.allclose(looked[0, :, 0], torch.eye(3)[[0, 2]], atol=1e-6)
 
-        plain = later(x, context, visible, places, attributes, found).logits
+        plain = later(x, context, visible, places, attributes, looked).logits
         without = ImageReader(16, 8, 3, 4, places=True)
         without.load_state_dict(later.state_dict(), strict=False)  # untrained, the relations change nothing
         assert torch.equal(plain, without(x, context, visible, places).logits)
-        with pytest.raises(ValueError, match="pass its findings"):
+        with pytest.raises(ValueError, match="pass where its heads looked"):
             later(x, context, visible, places, attributes)
         with pytest.raises(ValueError, match="pass each image token's attribute probabilities"):
-            later(x, context, visible, places, None, found)
+            later(x, context, visible, places, None, looked)
 
         # per head and earlier head p: [place share logit, same-object weight, attribute 0 weight, attribute 1 weight,
         # for each earlier head q the direction (x, y) in which what p found should lie from what q found]
@@ -289,11 +286,11 @@ def test_a_reader_with_relations_measures_objects_against_what_the_earlier_heads
         relate[1, 0, 3] = 0.5  # ... and prefers those sharing its second attribute
         relate[2, 1, 2] = 2.0  # head 2: prefers objects sharing earlier head 1's first attribute
         later.relate.bias.copy_(relate.flatten())
-        logits = later(x, context, visible, places, attributes, found).logits
+        logits = later(x, context, visible, places, attributes, looked).logits
         # head 0 again: what earlier head 0 read, measured upwards from what head 1 read, on head 0's object alone
         relate[0, 0, 6:] = torch.tensor([0.0, -1.0])
         later.relate.bias.copy_(relate.flatten())
-        above = later(x, context, visible, places, attributes, found).logits
+        above = later(x, context, visible, places, attributes, looked).logits
     distance = ((places[0] - places[0, 2]) / 0.1).square().sum(-1)
     assert torch.allclose(logits[0, 0, 0] - plain[0, 0, 0], -distance, atol=1e-3)
     assert torch.allclose(logits[0, 1, 0] - plain[0, 1, 0], torch.tensor([-10.0 + 5.0, 5.0, 0.0]), atol=1e-4)

@@ -35,7 +35,8 @@ around for "furthest" or "above" takes a product of the question's word and a pl
 decoder's layers learn slowly; here that product is the attention's own.
 
 With `relations` (a reader after another), each head also measures every object against what the
-earlier reader's heads found at the same position (`Findings`): its place may be one that an
+earlier reader's heads looked at from the same position (their attention over the objects, from
+which the centre and attributes each read follow exactly): its place may be one that an
 earlier head read (a learned mixture of their read centres, plus an offset), and it may prefer, or
 avoid, objects that share an attribute with what an earlier head read (colour, shape, ... each
 weighed on its own), the very objects an earlier head looked at, and those objects by how far the
@@ -63,18 +64,12 @@ PLACE_UNIT = 0.1  # distances to a named place are measured in tenths of the ima
 RELATION_UNIT = 0.1  # a relation weight of 1 moves a logit by 10 where an object fully agrees
 
 
-class Findings(NamedTuple):
-    """What each head of a reader found at each position, for a later reader to measure objects against."""
-
-    weights: torch.Tensor  # (B, H, T, S) its attention over the image tokens alone (sink left out); 0: none visible
-    centres: torch.Tensor | None  # (B, H, T, 2) the centre it read, weights @ the tokens' centres (with places)
-    attributes: torch.Tensor | None  # (B, H, T, A) the attribute probabilities it read (with attributes)
-
-
 class ReaderOutput(NamedTuple):
     x: torch.Tensor  # (B, T, C) the updated residual
     logits: torch.Tensor  # (B, H, T, S) attention logits over the image tokens (margins over the sink with one)
-    found: Findings
+    # (B, H, T, S) each head's attention over the image tokens alone (the sink left out; 0 where none is
+    # visible): where it looked, for a later reader with relations to measure objects against
+    looked: torch.Tensor
 
 
 class ImageReader(nn.Module):
@@ -133,13 +128,13 @@ class ImageReader(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, visible: torch.Tensor,
                 places: torch.Tensor | None = None, attributes: torch.Tensor | None = None,
-                found: Findings | None = None) -> ReaderOutput:
+                earlier: torch.Tensor | None = None) -> ReaderOutput:
         """x (B, T, C); context (B, S, C_ctx); visible (B, T, S) bool: which image tokens each
         position may read (those of images placed before it); places (B, S, 2): each token's centre
         (fractions of the image side), for a reader built with places; attributes (B, S, A): each
-        token's attribute probabilities side by side, and found, what the earlier reader's heads found,
-        for a reader built with relations. Returns the updated x, the attention logits over the image
-        tokens (B, H, T, S), -inf where not visible, and what each head found. With a sink the logits
+        token's attribute probabilities side by side, and earlier, where the earlier reader's heads looked
+        (its `looked`), for a reader built with relations. Returns the updated x, the attention logits
+        over the image tokens (B, H, T, S), -inf where not visible, and where each head looked. With a sink the logits
         are each token's margin over it (token logit - sink logit): the softmax over the tokens alone,
         which grounding trains, is the same, and a margin above zero is a token the head counts."""
         B, T, _ = x.shape
@@ -156,14 +151,12 @@ class ImageReader(nn.Module):
             named = self.place(normed).view(B, T, self.heads, 5).transpose(1, 2)  # (B, H, T, 5)
             place = named[..., :2]
             if self.relate is not None:
-                place, related = self._relations(normed, places, attributes, found, place)
+                place, related = self._relations(normed, places, attributes, earlier, place)
                 logits = logits + related
             offset = (places[:, None, None, :, :] - place[..., None, :]) / PLACE_UNIT  # (B, H, T, S, 2)
             logits = logits - named[..., 2:3] * offset.square().sum(-1) + (offset @ named[..., 3:, None])[..., 0]
         logits = logits.masked_fill(~visible[:, None], float("-inf"))
         looked = torch.nan_to_num(logits.float().softmax(-1), nan=0.0)  # over the tokens alone; none visible: nothing
-        found_here = Findings(looked, None if places is None else looked @ places.float()[:, None],
-                              None if attributes is None else looked @ attributes.float()[:, None])
         sink = self.sink(normed).transpose(1, 2)[..., None] if self.sink is not None else None  # (B, H, T, 1)
         if sink is None:
             weights = looked.to(v.dtype)
@@ -183,10 +176,10 @@ class ImageReader(nn.Module):
         read = self.out((weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         if counted is not None:
             read = read + self.count(counted.to(read.dtype))
-        return ReaderOutput(x + read, logits, found_here)
+        return ReaderOutput(x + read, logits, looked)
 
     def _relations(self, normed: torch.Tensor, places: torch.Tensor, attributes: torch.Tensor | None,
-                   found: Findings | None, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   earlier: torch.Tensor | None, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's place (B, H, T, 2): a mixture of the earlier heads' read centres plus `offset`; and
         what the relations add to its logits (B, H, T, S): same-object and shared-attribute preferences, and
         on the objects an earlier head looked at, how far the centre it read lies in a direction from the
@@ -198,30 +191,30 @@ class ImageReader(nn.Module):
         looked at move, by where A was read to lie from B. It is measured between two read centres, not
         from the place: a place learned for "closest to A" sits on A, from where A lies nowhere, and
         "is A below B?" would get no gradient toward B."""
-        if found is None or found.centres is None:
-            raise ValueError("this image reader measures objects against what an earlier reader found: pass its "
-                             "findings, with the centres its heads read")
-        if self.attribute_sizes and (attributes is None or found.attributes is None):
-            raise ValueError("this image reader compares attributes: pass each image token's attribute "
-                             "probabilities, and the earlier reader's findings with the attributes its heads read")
+        if earlier is None:
+            raise ValueError("this image reader measures objects against what an earlier reader found: pass "
+                             "where its heads looked")
+        if self.attribute_sizes and attributes is None:
+            raise ValueError("this image reader compares attributes: pass each image token's attribute probabilities")
         B, T, _ = normed.shape
         P, G = self.relations, len(self.attribute_sizes)
-        if found.weights.shape[1] != P:
-            raise ValueError(f"this image reader relates to {P} earlier heads, but the findings have "
-                             f"{found.weights.shape[1]}")
+        if earlier.shape[1] != P:
+            raise ValueError(f"this image reader relates to {P} earlier heads, but {earlier.shape[1]} looked")
+        read_centres = earlier @ places.float()[:, None]  # (B, P, T, 2): the centre each earlier head read
         weights = self.relate(normed).float().view(B, T, self.heads, P, 2 + G + 2 * P).permute(0, 2, 1, 3, 4)
         share = weights[..., 0].softmax(-1)  # (B, H, T, P): whose read centre is the place
-        place = offset.float() + torch.einsum("bhtp,bptc->bhtc", share, found.centres)
-        related = torch.einsum("bhtp,bpts->bhts", weights[..., 1], found.weights)  # on the objects they looked at
+        place = offset.float() + torch.einsum("bhtp,bptc->bhtc", share, read_centres)
+        related = torch.einsum("bhtp,bpts->bhts", weights[..., 1], earlier)  # on the objects they looked at
         if G:
+            read_attributes = earlier @ attributes.float()[:, None]  # (B, P, T, A): what each earlier head read
             # agreement of each token's attributes with each earlier head's read ones, per attribute (B, P, T, S, G)
-            agree = (found.attributes[:, :, :, None, :] * attributes.float()[:, None, None]) @ self.attribute_groups
+            agree = (read_attributes[:, :, :, None, :] * attributes.float()[:, None, None]) @ self.attribute_groups
             related = related + torch.einsum("bhtpg,bptsg->bhts", weights[..., 2:2 + G], agree)
-        read = found.centres.float().transpose(1, 2)  # (B, T, P, 2)
+        read = read_centres.transpose(1, 2)  # (B, T, P, 2)
         lies = (read[:, :, :, None] - read[:, :, None]) / PLACE_UNIT  # (B, T, P, Q, 2): what p found, from what q found
         directions = weights[..., 2 + G:].unflatten(-1, (P, 2))  # (B, H, T, P, Q, 2)
         toward = (directions * lies[:, None]).sum((-1, -2))  # (B, H, T, P): along the directions named
-        return place, related / RELATION_UNIT + torch.einsum("bhtp,bpts->bhts", toward, found.weights)
+        return place, related / RELATION_UNIT + torch.einsum("bhtp,bpts->bhts", toward, earlier)
 
 
 @dataclass

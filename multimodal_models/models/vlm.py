@@ -322,13 +322,13 @@ class VisionLanguageModel(PretrainedModel):
             places = self.objects.places(context)[0] if self.config.image_reader_places else None
             attributes = self.objects.attributes(context) if self.config.image_reader_relations else None
             reader_at = {block: reader for block, reader in zip(self.config.image_reader_blocks, self.readers)}
-            found = None  # what the last reader's heads found, for the next one to relate to
+            looked = None  # where the last reader's heads looked, for the next one to relate to
 
             def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
-                nonlocal found
+                nonlocal looked
                 if i not in reader_at:
                     return x
-                x, logits, found = reader_at[i](x, context, visible, places, attributes, found)
+                x, logits, looked = reader_at[i](x, context, visible, places, attributes, looked)
                 reader_logits.append(logits)
                 return x
 
