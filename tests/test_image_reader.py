@@ -304,3 +304,39 @@ def test_reader_relations_need_places_and_an_earlier_reader():
         ImageReader(16, 8, 2, 4, relations=2)
     with pytest.raises(ValueError, match="image_reader_relations relate a reader to the one before it"):
         tiny_vlm(image_reader_blocks=(1,), image_reader_relations=True)
+
+
+def test_a_reader_with_separations_hands_on_where_what_one_earlier_head_found_lies_from_another():
+    """Into the residual, through zero-initialised weights: untrained, it reads as a reader without; set to
+    pass on one separation, x changes by exactly where head 0's find lies from head 1's, in tenths."""
+    torch.manual_seed(0)
+    first = ImageReader(16, 8, 2, 4, places=True)
+    later = ImageReader(16, 8, 3, 4, places=True, relations=2, separations=True)
+    context = torch.randn(1, 3, 8)
+    places = torch.tensor([[[0.1, 0.2], [0.5, 0.5], [0.9, 0.7]]])
+    visible = torch.ones(1, 1, 3, dtype=torch.bool)
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        first.q.weight.zero_()  # head 0 looks at token 0 alone, head 1 at token 2 alone
+        first.k.weight.zero_()
+        first.place.bias.copy_(torch.tensor([0.1, 0.2, 10.0, 0, 0, 0.9, 0.7, 10.0, 0, 0]))
+        looked = first(x, context, visible, places).looked
+        untrained = later(x, context, visible, places, None, looked).x
+        without = ImageReader(16, 8, 3, 4, places=True, relations=2)
+        without.load_state_dict(later.state_dict(), strict=False)
+        assert torch.equal(untrained, without(x, context, visible, places, None, looked).x)
+        # inputs ordered (p, q, axis): column 2 is head 0's find from head 1's, along x; column 3 along y
+        later.separation.weight[0, 2] = 1.0
+        later.separation.weight[1, 3] = 1.0
+        later.separation.weight[2, 5] = 1.0  # head 1's from head 0's, along y
+        moved = later(x, context, visible, places, None, looked).x - untrained
+    # token 0 (0.1, 0.2) from token 2 (0.9, 0.7): 8 tenths left, 5 up
+    assert torch.allclose(moved[0, 0, :3], torch.tensor([-8.0, -5.0, 5.0]), atol=1e-4)
+    assert torch.equal(moved[0, 0, 3:], torch.zeros(13))
+
+
+def test_reader_separations_need_relations():
+    with pytest.raises(ValueError, match="separations needs relations"):
+        ImageReader(16, 8, 2, 4, places=True, separations=True)
+    with pytest.raises(ValueError, match="image_reader_separations .* needs image_reader_relations"):
+        tiny_vlm(image_reader_blocks=(0, 1), image_reader_separations=True)

@@ -288,7 +288,8 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
     raw["model"].update({"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1, "image_reader_blocks": [0, 1],
                          "image_reader_sink": True, "image_reader_counts": [0, [1, 0]],  # the first look, the evidence
-                         "image_reader_places": True, "image_reader_relations": True})
+                         "image_reader_places": True, "image_reader_relations": True,
+                         "image_reader_separations": True})
     raw["task_options"] = {"vision_from": str(object_clip), "freeze_vision": True, "grounding_weight": 0.5,
                            "exact_grounding": True}
     task = build_task(config_from_raw(raw), progress=False)
@@ -329,14 +330,17 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     inexact = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
                     grounding=dataclasses.replace(targets, exact=None))
     assert 0 < inexact.grounding_loss < out.grounding_loss  # the sink's cross-entropy comes on top
-    out.grounding_loss.backward()  # the second reader's relations to the first one's findings are trained
+    out.grounding_loss.backward(retain_graph=True)  # the second reader's relations to the first one's findings are trained
     assert model.readers[0].relate is None and model.readers[1].relate.weight.grad.abs().sum() > 0
+    out.loss.backward()  # and the separations it hands on, by the answers' loss
+    assert model.readers[0].separation is None and model.readers[1].separation.weight.grad.abs().sum() > 0
     del model.image_features
     train(config_from_raw(raw), progress=False)
     vlm = load(tmp_path / "grounded" / "model")
     assert vlm.config.image_reader_blocks == (0, 1) and len(vlm.readers) == 2
     assert all(r.sink is not None and r.place is not None for r in vlm.readers)
     assert vlm.readers[1].relations == heads and vlm.readers[1].attribute_sizes == vlm.objects.attribute_sizes
+    assert vlm.readers[0].separation is None and vlm.readers[1].separation is not None
     assert [r.counting_heads for r in vlm.readers] == [tuple(range(heads)), (0,)]  # read back from config.json
     image = sorted((tiny_shapes / "images" / "val").glob("*.png"))[0]
     question = "what color is the object closest to the circle?"

@@ -47,6 +47,12 @@ below B; "is A the same colour as B?" prefers objects of A's read colour, and "h
 objects have A's shape?" counts those of A's shape that are not A. Each weight comes from the
 reading position, as a place does; all are zero at first, so an untrained reader with relations
 reads as one without.
+
+With `separations` too, the relating reader also hands on, into the residual, where the centre each
+earlier head read lies from the centre each other one read (in tenths of the image side), through
+weights zero at first, as a count is handed on: "is A above or below B?" and "is A below B?" become
+a readout of one number and the question's word, which the decoder's later layers make from the
+answer's own loss, where the direction term above must be found through the evidence head's targets.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ class ImageReader(nn.Module):
 
     def __init__(self, width: int, context_width: int, heads: int, head_dim: int, *, sink: bool = False,
                  counts: bool | Sequence[int] = False, sink_share: bool = True, places: bool = False,
-                 relations: int = 0, attribute_sizes: Sequence[int] = ()):
+                 relations: int = 0, attribute_sizes: Sequence[int] = (), separations: bool = False):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.norm = nn.LayerNorm(width)
@@ -121,10 +127,19 @@ class ImageReader(nn.Module):
             self.relate = nn.Linear(width, heads * relations * (2 + len(self.attribute_sizes) + 2 * relations))
             nn.init.zeros_(self.relate.weight)
             nn.init.zeros_(self.relate.bias)
+        if relations and self.attribute_sizes:
             groups = torch.repeat_interleave(torch.arange(len(self.attribute_sizes)), torch.tensor(self.attribute_sizes,
                                                                                                   dtype=torch.long))
             self.register_buffer("attribute_groups", F.one_hot(groups, len(self.attribute_sizes)).float(),
                                  persistent=False)  # (A, attributes): which attribute each value belongs to
+        self.separation = None
+        if separations:
+            if not relations:
+                raise ValueError("an image reader's separations lie between what earlier heads read: separations "
+                                 "needs relations")
+            # where what each earlier head read lies from what each other one read (x, y), into x; zero at first
+            self.separation = nn.Linear(relations * relations * 2, width, bias=False)
+            nn.init.zeros_(self.separation.weight)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, visible: torch.Tensor,
                 places: torch.Tensor | None = None, attributes: torch.Tensor | None = None,
@@ -145,13 +160,14 @@ class ImageReader(nn.Module):
         k = self.k(context).view(B, S, self.heads, self.head_dim).transpose(1, 2)
         v = self.v(context).view(B, S, self.heads, self.head_dim).transpose(1, 2)
         logits = (q @ k.transpose(-1, -2)) / self.head_dim**0.5  # (B, H, T, S)
+        separations = None
         if self.place is not None:
             if places is None:
                 raise ValueError("this image reader measures distances to places: pass each image token's centre")
             named = self.place(normed).view(B, T, self.heads, 5).transpose(1, 2)  # (B, H, T, 5)
             place = named[..., :2]
             if self.relate is not None:
-                place, related = self._relations(normed, places, attributes, earlier, place)
+                place, related, separations = self._relations(normed, places, attributes, earlier, place)
                 logits = logits + related
             offset = (places[:, None, None, :, :] - place[..., None, :]) / PLACE_UNIT  # (B, H, T, S, 2)
             logits = logits - named[..., 2:3] * offset.square().sum(-1) + (offset @ named[..., 3:, None])[..., 0]
@@ -176,14 +192,18 @@ class ImageReader(nn.Module):
         read = self.out((weights @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         if counted is not None:
             read = read + self.count(counted.to(read.dtype))
+        if self.separation is not None:
+            read = read + self.separation(separations.flatten(2).to(read.dtype))
         return ReaderOutput(x + read, logits, looked)
 
     def _relations(self, normed: torch.Tensor, places: torch.Tensor, attributes: torch.Tensor | None,
-                   earlier: torch.Tensor | None, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each head's place (B, H, T, 2): a mixture of the earlier heads' read centres plus `offset`; and
+                   earlier: torch.Tensor | None, offset: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each head's place (B, H, T, 2): a mixture of the earlier heads' read centres plus `offset`;
         what the relations add to its logits (B, H, T, S): same-object and shared-attribute preferences, and
         on the objects an earlier head looked at, how far the centre it read lies in a direction from the
-        centre another earlier head read.
+        centre another earlier head read; and those separations themselves (B, T, P, Q, 2): where the
+        centre head p read lies from the one head q read, in PLACE_UNITs.
 
         The last answers "is A below B?" on A alone: a direction term on every token (`places`) also lifts
         whatever else lies below B, which an exact target (A beats the sink if it lies below B, nothing else
@@ -214,7 +234,7 @@ class ImageReader(nn.Module):
         lies = (read[:, :, :, None] - read[:, :, None]) / PLACE_UNIT  # (B, T, P, Q, 2): what p found, from what q found
         directions = weights[..., 2 + G:].unflatten(-1, (P, 2))  # (B, H, T, P, Q, 2)
         toward = (directions * lies[:, None]).sum((-1, -2))  # (B, H, T, P): along the directions named
-        return place, related / RELATION_UNIT + torch.einsum("bhtp,bpts->bhts", toward, earlier)
+        return place, related / RELATION_UNIT + torch.einsum("bhtp,bpts->bhts", toward, earlier), lies
 
 
 @dataclass

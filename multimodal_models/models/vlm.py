@@ -114,6 +114,9 @@ class VLMConfig:
     # objects an earlier head looked at and those sharing an attribute with what it read ("is A below B?",
     # "is A the same colour as B?", "how many other objects have A's shape?"); needs image_reader_places
     image_reader_relations: bool = False
+    # the relating reader also hands on, into the residual, where what each earlier head found lies from
+    # what each other one found ("is A above or below B?" from one number); needs image_reader_relations
+    image_reader_separations: bool = False
 
     @property
     def counting_heads(self) -> dict[int, tuple[int, ...]]:
@@ -176,6 +179,9 @@ class VLMConfig:
         if self.image_reader_relations and (not self.image_reader_places or len(self.image_reader_blocks) < 2):
             raise ValueError("image_reader_relations relate a reader to the one before it, by the places and attributes "
                              "its heads read: it needs image_reader_places and at least two image_reader_blocks")
+        if self.image_reader_separations and not self.image_reader_relations:
+            raise ValueError("image_reader_separations hands on where what the earlier reader's heads found lies "
+                             "from each other: it needs image_reader_relations")
         if self.caption_beams < 1:
             raise ValueError(f"caption_beams must be at least 1 (1: greedy), got {self.caption_beams}")
         if self.image_tokens == "objects":
@@ -267,7 +273,8 @@ class VisionLanguageModel(PretrainedModel):
                         sink=config.image_reader_sink, counts=counting.get(block, ()),
                         sink_share=config.image_reader_sink_share, places=config.image_reader_places,
                         relations=related if index else 0,
-                        attribute_sizes=self.objects.attribute_sizes if related and index else ())
+                        attribute_sizes=self.objects.attribute_sizes if related and index else (),
+                        separations=config.image_reader_separations and index > 0)
             for index, block in enumerate(config.image_reader_blocks)
         )
 
