@@ -51,8 +51,8 @@ reads as one without.
 With `separations` too, the relating reader also hands on, into the residual, where the centre each
 earlier head read lies from the centre each other one read (in tenths of the image side), through
 weights zero at first, as a count is handed on: "is A above or below B?" and "is A below B?" become
-a readout of one number and the question's word, which the decoder's later layers make from the
-answer's own loss, where the direction term above must be found through the evidence head's targets.
+a readout of one number and the question's word, which the decoder's later layers learn from the
+answer's own loss (the direction term above learns only through the evidence head's targets).
 """
 
 from __future__ import annotations
