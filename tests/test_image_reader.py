@@ -248,26 +248,33 @@ def test_reader_blocks_must_exist():
         tiny_vlm(image_reader_blocks=(0, 2))
 
 
+def earlier_heads_on_tokens_0_and_2():
+    """A first reader on three tokens (centres (0.1, 0.2), (0.5, 0.5), (0.9, 0.7)) whose head 0 looks
+    at token 0 alone and head 1 at token 2 alone: its input x, context, places, visible, and where it looked."""
+    first = ImageReader(16, 8, 2, 4, places=True)
+    context = torch.randn(1, 3, 8)
+    places = torch.tensor([[[0.1, 0.2], [0.5, 0.5], [0.9, 0.7]]])
+    visible = torch.ones(1, 1, 3, dtype=torch.bool)
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        first.q.weight.zero_()  # no preference from q.k: each head's place alone decides
+        first.k.weight.zero_()
+        first.place.bias.copy_(torch.tensor([0.1, 0.2, 10.0, 0, 0, 0.9, 0.7, 10.0, 0, 0]))
+        looked = first(x, context, visible, places).looked
+    assert torch.allclose(looked[0, :, 0], torch.eye(3)[[0, 2]], atol=1e-6)
+    return x, context, places, visible, looked
+
+
 def test_a_reader_with_relations_measures_objects_against_what_the_earlier_heads_found():
     """Its place can be a centre an earlier head read; it can prefer or avoid the objects an earlier head
     looked at, and those sharing an attribute (of two: 2 and 3 values) with what an earlier head read."""
     torch.manual_seed(0)
-    first = ImageReader(16, 8, 2, 4, places=True)
+    x, context, places, visible, looked = earlier_heads_on_tokens_0_and_2()
     later = ImageReader(16, 8, 3, 4, places=True, relations=2, attribute_sizes=(2, 3))
-    context = torch.randn(1, 3, 8)
-    places = torch.tensor([[[0.1, 0.2], [0.5, 0.5], [0.9, 0.7]]])
     attributes = torch.tensor([[[1.0, 0.0, 0.0, 1.0, 0.0],  # token 0: value 0 of the first attribute, 1 of the second
                                 [0.0, 1.0, 0.0, 1.0, 0.0],  # token 1: shares the second attribute's value with token 0
                                 [1.0, 0.0, 0.0, 0.0, 1.0]]])  # token 2: shares the first's
-    visible = torch.ones(1, 1, 3, dtype=torch.bool)
-    x = torch.randn(1, 1, 16)
     with torch.no_grad():
-        first.q.weight.zero_()  # head 0 looks at token 0 alone, head 1 at token 2 alone
-        first.k.weight.zero_()
-        first.place.bias.copy_(torch.tensor([0.1, 0.2, 10.0, 0, 0, 0.9, 0.7, 10.0, 0, 0]))
-        _, _, looked = first(x, context, visible, places)
-        assert torch.allclose(looked[0, :, 0], torch.eye(3)[[0, 2]], atol=1e-6)
-
         plain = later(x, context, visible, places, attributes, looked).logits
         without = ImageReader(16, 8, 3, 4, places=True)
         without.load_state_dict(later.state_dict(), strict=False)  # untrained, the relations change nothing
@@ -310,17 +317,9 @@ def test_a_reader_with_separations_hands_on_where_what_one_earlier_head_found_li
     """Into the residual, through zero-initialised weights: untrained, it reads as a reader without; set to
     pass on one separation, x changes by exactly where head 0's find lies from head 1's, in tenths."""
     torch.manual_seed(0)
-    first = ImageReader(16, 8, 2, 4, places=True)
+    x, context, places, visible, looked = earlier_heads_on_tokens_0_and_2()
     later = ImageReader(16, 8, 3, 4, places=True, relations=2, separations=True)
-    context = torch.randn(1, 3, 8)
-    places = torch.tensor([[[0.1, 0.2], [0.5, 0.5], [0.9, 0.7]]])
-    visible = torch.ones(1, 1, 3, dtype=torch.bool)
-    x = torch.randn(1, 1, 16)
     with torch.no_grad():
-        first.q.weight.zero_()  # head 0 looks at token 0 alone, head 1 at token 2 alone
-        first.k.weight.zero_()
-        first.place.bias.copy_(torch.tensor([0.1, 0.2, 10.0, 0, 0, 0.9, 0.7, 10.0, 0, 0]))
-        looked = first(x, context, visible, places).looked
         untrained = later(x, context, visible, places, None, looked).x
         without = ImageReader(16, 8, 3, 4, places=True, relations=2)
         without.load_state_dict(later.state_dict(), strict=False)
