@@ -3,8 +3,11 @@ machine's matmul peak measured in the same run.
 
     .venv/bin/python benchmarks/training_throughput.py [--config configs/shapes-vlm.yaml] [--steps 20]
 
-Reference in the same run: a large bf16 and fp32 matrix multiplication (the peak the
-training could reach if it were nothing but big matmuls). The FLOPs of one training step
+References in the same run: a large bf16 and fp32 matrix multiplication (the peak the
+training could reach if it were nothing but big matmuls), and for the vlm task the same
+steps taken the way training took them before packed attention (models/packed_attention.py):
+the dense (B, T, T) mask over the padded rows, and the frozen vision tower run on every
+batch. The two kinds of step alternate, on the same batches. The FLOPs of one training step
 (forward + backward) are counted with torch.utils.flop_counter on a real batch.
 """
 
@@ -53,9 +56,18 @@ def main() -> None:
         t = config.train
         device = torch.device("cpu")
 
-        def step(i: int, count_flops: bool = False) -> tuple[int, float]:
+        packed_steps = config.task == "vlm"  # which has the reference below
+        if packed_steps:
+            frozen_features = task.frozen_features
+            frozen_features([0])  # the frozen tower's features of every training image, once, before counting
+
+        def step(i: int, count_flops: bool = False, reference: bool = False) -> tuple[int, float]:
+            if packed_steps:  # the reference: the tower on every batch, and no segments (the dense mask)
+                task.frozen_features = (lambda images: None) if reference else frozen_features
             indices = random.Random(i).sample(range(len(task)), t.batch_size)
             batch = task.make_batch(indices, random.Random(i))
+            if reference:
+                batch.pop("segments", None)
             counter = FlopCounterMode(display=False) if count_flops else None
             with counter if counter else contextlib.nullcontext():
                 with autocast_context(t.precision, device):
@@ -65,25 +77,40 @@ def main() -> None:
             optimizer.zero_grad()
             return batch.get("examples", t.batch_size), counter.get_total_flops() if counter else 0.0
 
-        examples, flops = step(0, count_flops=True)
+        flops = step(0, count_flops=True)[1]
+        reference_flops = step(0, count_flops=True, reference=True)[1] if packed_steps else None
         for i in range(1, 3):  # warm-up
             step(i)
-        start = time.perf_counter()
-        total_examples = 0
+            if packed_steps:
+                step(i, reference=True)
+        seconds, reference_seconds, total_examples = 0.0, 0.0, 0
         for i in range(3, 3 + args.steps):
+            start = time.perf_counter()
             total_examples += step(i)[0]
-        seconds = (time.perf_counter() - start) / args.steps
+            seconds += time.perf_counter() - start
+            if packed_steps:
+                start = time.perf_counter()
+                step(i, reference=True)
+                reference_seconds += time.perf_counter() - start
+        seconds /= args.steps
+        reference_seconds /= args.steps
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
     achieved = flops / seconds
     peak = peak_bf16 if t.precision == "bf16" else peak_fp32
-    print(json.dumps({
+    report = {
         "config": args.config, "precision": t.precision, "threads": args.threads, "batch_size": t.batch_size,
         "seconds_per_step": round(seconds, 3), "images_per_s": round(t.batch_size / seconds, 1),
         "examples_per_s": round(total_examples / args.steps / seconds, 1),
         "gflop_per_step": round(flops / 1e9, 1), "achieved_gflop_s": round(achieved / 1e9, 1),
         "matmul_peak_gflop_s": {"bf16": round(peak_bf16 / 1e9, 1), "fp32": round(peak_fp32 / 1e9, 1)},
         "share_of_peak": round(achieved / peak, 3),
-    }, indent=2))
+    }
+    if packed_steps:
+        report["reference_dense_mask_and_tower_every_batch"] = {
+            "seconds_per_step": round(reference_seconds, 3), "gflop_per_step": round(reference_flops / 1e9, 1),
+            "achieved_gflop_s": round(reference_flops / reference_seconds / 1e9, 1)}
+        report["speedup"] = round(reference_seconds / seconds, 2)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     """Questions whose annotations name their objects train the readers' heads to look at them."""
     import random
 
-    from multimodal_models.training.loop import build_task
+    from multimodal_models.training.loop import autocast_context, build_task
 
     raw = tiny_config("vlm", tiny_shapes, tmp_path / "grounded")
     raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
@@ -314,7 +314,11 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     assert any(q.endswith(" it?") for q in questions)  # dialogue turns are grounded too, "it" included
     # the tiny tower has hardly learned to find objects: put the targets' objects in its slots (one image per row)
     model = task.model
-    features = model.image_features(batch["pixels"]).detach()
+    assert batch["pixels"] is None  # the frozen tower's features, computed once for the run
+    images = [task.store.position(source) for unit in task.units[:6] for source in unit.images]
+    with torch.no_grad(), autocast_context(task.config.train.precision, torch.device("cpu")):  # as a step runs it
+        torch.testing.assert_close(batch["features"], model.image_features(task.store.batch(images)).float())
+    features = batch["features"].clone()
     C = model.config.vision.width  # slot = patch token, objectness, centre, attributes
     features[:, :, C] = 0.0
     for row in range(features.shape[0]):
@@ -322,19 +326,18 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
         points = {tuple(p) for p, n in zip(targets.points[chosen].tolist(), targets.counts[chosen].tolist()) for p in p[:n]}
         for slot, point in enumerate(sorted(points)):
             features[row, slot, C:C + 3] = torch.tensor([1.0, *point])
-    model.image_features = lambda pixels: features
-    out = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
+    batch["features"] = features
+    out = model(batch["ids"], features=features, mask=batch["mask"], positions=batch["positions"],
                 labels=batch["labels"], grounding=targets)
     assert out.grounding_loss > 0
     torch.testing.assert_close(task.loss(model, batch), out.loss + 0.5 * out.grounding_loss)
-    inexact = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
+    inexact = model(batch["ids"], features=features, mask=batch["mask"], positions=batch["positions"],
                     grounding=dataclasses.replace(targets, exact=None))
     assert 0 < inexact.grounding_loss < out.grounding_loss  # the sink's cross-entropy comes on top
     out.grounding_loss.backward(retain_graph=True)  # the second reader's relations to the first one's findings are trained
     assert model.readers[0].relate is None and model.readers[1].relate.weight.grad.abs().sum() > 0
     out.loss.backward()  # and the separations it hands on, by the answers' loss
     assert model.readers[0].separation is None and model.readers[1].separation.weight.grad.abs().sum() > 0
-    del model.image_features
     train(config_from_raw(raw), progress=False)
     vlm = load(tmp_path / "grounded" / "model")
     assert vlm.config.image_reader_blocks == (0, 1) and len(vlm.readers) == 2

@@ -308,8 +308,7 @@ def matched_tokens(points: torch.Tensor, counts: torch.Tensor, centres: torch.Te
 def padded_points(groups: Sequence[Sequence[tuple[float, float]]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Groups of object centres as one (G, M, 2) tensor, zero-padded, and each group's size (G,);
     a group may be empty (an exact target that names no object)."""
-    points = torch.zeros(len(groups), max(map(len, groups), default=1) or 1, 2)
-    for g, group in enumerate(groups):
-        if group:
-            points[g, :len(group)] = torch.tensor(group)
+    M = max(map(len, groups), default=1) or 1
+    rows = [[tuple(point) for point in group] + [(0.0, 0.0)] * (M - len(group)) for group in groups]
+    points = torch.tensor(rows, dtype=torch.float32).reshape(len(groups), M, 2)  # one tensor, not one per group
     return points, torch.tensor([len(g) for g in groups], dtype=torch.long)

@@ -2,7 +2,8 @@
 cache, MLPs and the pre-norm transformer block.
 
 Shapes in comments: B batch, T query length, S key length, H heads, D head dim, C width.
-Masks are boolean and broadcastable to (B, H, T, S); True means "may attend".
+Masks are boolean and broadcastable to (B, H, T, S); True means "may attend" (or, for packed
+training rows, a PackedAttention: the same mask cut into the blocks it lets through).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .packed_attention import PackedAttention
 
 
 class RMSNorm(nn.Module):
@@ -146,9 +149,10 @@ class Attention(nn.Module):
         self.v = nn.Linear(context_dim, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.out = nn.Linear(heads * self.head_dim, dim, bias=out_bias)
 
-    def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                causal: bool = False, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None,
+                mask: torch.Tensor | PackedAttention | None = None, causal: bool = False,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         source = x if context is None else context
         q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -163,6 +167,11 @@ class Attention(nn.Module):
         if self.kv_heads != self.heads:  # grouped-query attention: share each k/v head among a group
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        if isinstance(mask, PackedAttention):  # packed training rows: only the blocks the mask lets through
+            if cache is not None or causal or context is not None:
+                raise ValueError("packed attention is for self-attention over packed rows, without a cache")
+            y = mask.attend(q, k, v)
+            return self.out(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         if causal and (offset > 0 and T > 1 or mask is not None):
             # causal with an offset (cached prefix) or combined with a padding mask: spell it out
             allowed = causal_mask(T, k.shape[2], x.device)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .layers import KVCache, RotaryEmbedding, TransformerBlock, init_weights, make_norm
+from .packed_attention import PackedAttention
 
 
 @dataclass
@@ -167,7 +168,8 @@ class CausalDecoder(nn.Module):
         """Logits (B, T, V) for ids (B, T) or embeds (B, T, C).
 
         mask: None for plain causal attention, or a boolean (B, 1, T, S) mask that already
-        contains causality (packed training sequences). positions (B, T): position ids,
+        contains causality, or for packed training rows a PackedAttention (the blocks then run on
+        the real positions only; after_block still sees (B, T, C)). positions (B, T): position ids,
         by default 0..T-1 after whatever the cache holds. after_block(i, x): a step inserted
         after block i (the multimodal LM's image readers), returning the new x.
         """
@@ -180,12 +182,17 @@ class CausalDecoder(nn.Module):
             raise ValueError(f"sequence of {int(positions.max()) + 1} positions exceeds max_length {self.config.max_length}")
         if self.position is not None:
             x = x + self.position(positions)
+        packed = mask if isinstance(mask, PackedAttention) else None
+        if packed is not None:  # the blocks see the real positions only, as one sequence
+            x, positions = packed.compact(x), packed.compact(positions)
         rotary = self.rotary(positions) if self.rotary is not None else None
         causal = mask is None
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, causal=causal, rotary=rotary, cache=cache, layer=i)
             if after_block is not None:
-                x = after_block(i, x)
+                x = after_block(i, x) if packed is None else packed.compact(after_block(i, packed.expand(x)))
+        if packed is not None:
+            x = packed.expand(x)
         if cache is not None:
             cache.advance(T)
         x = self.final_norm(x)

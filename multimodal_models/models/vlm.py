@@ -33,6 +33,7 @@ from .generation import GenerationConfig, decode_tokens, stream_text
 from .image_reader import GroundingTargets, ImageReader, grounding_loss
 from .layers import activation, causal_mask, init_weights
 from .object_head import ObjectHeadConfig, ObjectSlots
+from .packed_attention import PackedAttention
 from .pretrained import PretrainedModel
 from .text import CausalDecoder, DecoderConfig
 from .vision import VisionConfig, VisionTransformer
@@ -309,20 +310,26 @@ class VisionLanguageModel(PretrainedModel):
 
     def forward(self, ids: torch.Tensor, pixels: torch.Tensor | None = None, *, features: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, cache=None, grounding: GroundingTargets | None = None
-                ) -> VLMOutput:
+                labels: torch.Tensor | None = None, cache=None, grounding: GroundingTargets | None = None,
+                segments: torch.Tensor | None = None) -> VLMOutput:
         """ids (B, T); pixels (N, 3, H, W) for the N images of the batch in reading order (or their
         `image_features`). With a cache, later calls pass only the new ids.
 
         labels (B, T): the token each position should predict next is labels[:, t+1];
         -100 marks positions that are not trained on. grounding: where the image readers'
-        heads should look (training), giving VLMOutput.grounding_loss.
+        heads should look (training), giving VLMOutput.grounding_loss. segments (B, T), with a packed
+        mask: 0 on each row's shared prefix, 1, 2, ... on its segments, -1 on padding; attention is
+        then computed block by block (models/packed_attention.py), the same numbers for less work.
         """
         if features is None and pixels is not None:
             features = self.image_features(pixels)
         start = cache.length if cache is not None else 0
         if self.config.image_attention == "bidirectional":
             mask = self.image_block_mask(ids, mask, start=start)
+        if segments is not None:
+            if mask is None or cache is not None:
+                raise ValueError("segments describe a packed batch: give its mask, and no cache")
+            mask = PackedAttention.from_segments(segments, mask)
         after_block, reader_logits = None, []
         if len(self.readers):
             context, valid, visible = self.image_context(ids, features, cache)

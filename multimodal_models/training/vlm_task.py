@@ -8,7 +8,10 @@ Everything said about one image shares one forward pass. A training sequence is
 and the attention mask lets every segment see the prefix and itself, never another
 segment, with position ids restarting after the prefix. Each segment is therefore
 trained exactly as if it were its own sequence `prefix + segment` (the prompt a user
-sends at inference), while the image is encoded once for a dozen examples.
+sends at inference), while the image is encoded once for a dozen examples. The batch also
+says which segment each position is in, and the model computes that mask block by block on
+the real positions only (models/packed_attention.py). Where the vision tower is frozen, its
+features of the training images are computed once (frozen_features).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from ..data.preprocess import ImageProcessor
 from ..data.records import ImageSource, Points
@@ -26,10 +30,15 @@ from ..data.tokenizer import WordTokenizer
 from ..models.chat import CHAT_SPECIAL_TOKENS, conversation_to_messages
 from ..models.image_reader import GroundingTargets, padded_points
 from ..models.layers import causal_mask
+from ..models.packed_attention import PADDING
 from ..models.pretrained import config_from_dict
 from ..models.vision import VisionConfig
 from ..models.vlm import CAPTION_PROMPT, VisionLanguageModel, VLMConfig
 from .data import ImageStore, SplitData, image_key
+from .loop import autocast_context
+
+# The most memory the frozen vision tower's features of the training images may take (VLMTask.frozen_features).
+FROZEN_FEATURES_BYTES = 2**30
 
 # Ways of asking for a caption seen in training; CAPTION_PROMPT is the one inference uses.
 CAPTION_PROMPTS = (CAPTION_PROMPT, "what is in the picture?", "write a caption.", "describe this image.")
@@ -172,6 +181,8 @@ class VLMTask:
         self.store = ImageStore([s for u in self.units for s in u.images], self.model.image_processor,
                                 preload=config.data.preload_images, progress=progress, desc="train images")
         self.eval_store: ImageStore | None = None
+        self.progress = progress
+        self._frozen_features: torch.Tensor | bool | None = None  # see frozen_features
 
     @staticmethod
     def _fresh_model(config, train: SplitData, vision_from: str | None) -> VisionLanguageModel:
@@ -291,23 +302,55 @@ class VLMTask:
         labels = torch.full((B, T), -100, dtype=torch.long)
         positions = torch.zeros(B, T, dtype=torch.long)
         mask = torch.zeros(B, T, T, dtype=torch.bool)
+        segments = torch.full((B, T), PADDING, dtype=torch.long)
         for b, (row_ids, row_targets, row_positions, row_segments, _) in enumerate(rows):
             n = len(row_ids)
             ids[b, :n] = torch.tensor(row_ids)
             labels[b, :n] = torch.where(torch.tensor(row_targets), torch.tensor(row_ids), torch.tensor(-100))
             positions[b, :n] = torch.tensor(row_positions)
-            segment = torch.tensor(row_segments)
+            segment = segments[b, :n] = torch.tensor(row_segments)
             causal = causal_mask(n)
             same = (segment[:, None] == segment[None, :]) | (segment[None, :] == 0)
             mask[b, :n, :n] = causal & same
             mask[b, n:, n:] = torch.eye(T - n, dtype=torch.bool)  # padding attends to itself only
-        positions_of_images = [self.store.position(s) for u in units for s in u.images]
-        pixels = self.store.batch(positions_of_images) if positions_of_images else None
-        batch = {"ids": ids, "labels": labels, "positions": positions, "mask": mask[:, None], "pixels": pixels,
+        images = [self.store.position(s) for u in units for s in u.images]
+        features = self.frozen_features(images) if images else None
+        pixels = self.store.batch(images) if images and features is None else None
+        batch = {"ids": ids, "labels": labels, "positions": positions, "mask": mask[:, None], "segments": segments,
+                 "pixels": pixels, "features": features,
                  "examples": sum(len(u.segments) for u in units), "tokens": int((labels != -100).sum())}
         if self.supervise_grounding:
             batch["grounding"] = self.grounding_targets(rows)
         return batch
+
+    def frozen_features(self, images: list[int]) -> torch.Tensor | None:
+        """The image features (N, K, C) of the training images at these store positions, where the
+        vision tower is frozen: computed once for every training image (in the training precision, as
+        a step would), in a fixed order, the first time they are needed (a resumed run reads the same
+        numbers), and kept in float32. None where the tower trains, or where they would take more than
+        FROZEN_FEATURES_BYTES: make_batch then sends the pixels."""
+        if self._frozen_features is None:
+            self._frozen_features = self._encode_frozen_tower()
+        if self._frozen_features is False:
+            return None
+        return self._frozen_features[torch.as_tensor(images, dtype=torch.long)]
+
+    def _encode_frozen_tower(self) -> torch.Tensor | bool:
+        model = self.model
+        tower = [model.vision] + ([model.objects] if model.objects is not None else [])
+        if any(p.requires_grad for module in tower for p in module.parameters()):
+            return False
+        device = next(model.parameters()).device
+        chunk = 64
+        encoded = []
+        with torch.no_grad(), autocast_context(self.config.train.precision, device):  # as a step would
+            for start in tqdm(range(0, len(self.store), chunk), desc="image features (frozen tower)",
+                              disable=not self.progress, leave=False):
+                images = list(range(start, min(start + chunk, len(self.store))))
+                encoded.append(model.image_features(self.store.batch(images).to(device)).float().cpu())
+                if start == 0 and encoded[0][0].numel() * 4 * len(self.store) > FROZEN_FEATURES_BYTES:
+                    return False
+        return torch.cat(encoded)
 
     def grounding_targets(self, rows: list) -> GroundingTargets:
         """Each grounded question's targets at the position that predicts its answer's first token."""
@@ -348,8 +391,9 @@ class VLMTask:
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         """The next-token loss, plus grounding_weight x the image readers' grounding loss."""
-        out = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
-                    labels=batch["labels"], grounding=batch.get("grounding"))
+        out = model(batch["ids"], batch["pixels"], features=batch.get("features"), mask=batch["mask"],
+                    segments=batch.get("segments"), positions=batch["positions"], labels=batch["labels"],
+                    grounding=batch.get("grounding"))
         if out.grounding_loss is None:
             return out.loss
         return out.loss + self.grounding_weight * out.grounding_loss
