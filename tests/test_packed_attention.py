@@ -99,3 +99,24 @@ def test_a_packed_vlm_batch_trains_as_the_dense_mask_does(tiny_shapes, tmp_path)
     assert dense_grads.keys() == packed_grads.keys() and any(n.startswith("vision.") for n in dense_grads)
     for name in dense_grads:
         torch.testing.assert_close(packed_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_a_llama_style_decoder_reads_packed_rows_as_it_reads_the_dense_mask():
+    """Rotary positions (restarting after the prefix, as packing numbers them) and grouped-query
+    attention: the decoder on the compact real positions gives the dense mask's logits there."""
+    from multimodal_models.models.text import CausalDecoder, DecoderConfig
+
+    torch.manual_seed(0)
+    decoder = CausalDecoder(DecoderConfig(vocab_size=50, max_length=64, width=32, depth=2, heads=4, kv_heads=2,
+                                          mlp="gated", act="silu", norm="rmsnorm", position="rope")).eval()
+    segments = torch.tensor(ROWS)
+    mask = packed_mask(segments)
+    ids = torch.randint(0, 50, segments.shape)
+    prefix = (segments == 0).sum(1, keepdim=True)
+    first = torch.stack([(segments[b] == segments[b, :, None]).float().argmax(1) for b in range(2)])  # each run's start
+    positions = torch.where(segments > 0, prefix + torch.arange(34) - first, torch.arange(34))
+    with torch.no_grad():
+        dense = decoder(ids, mask=mask, positions=positions)
+        packed = decoder(ids, mask=PackedAttention.from_segments(segments, mask), positions=positions)
+    real = segments != PADDING
+    torch.testing.assert_close(packed[real], dense[real], atol=1e-5, rtol=1e-5)
