@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from multimodal_models.models.image_reader import GroundingTargets, ImageReader, grounding_loss
+from multimodal_models.models.image_reader import GroundingTargets, ImageReader, grounding_loss, padded_points
 from multimodal_models.models.vlm import VisionLanguageModel
 
 from .test_vlm import IMAGES, tiny_vlm
@@ -339,3 +339,10 @@ def test_reader_separations_need_relations():
         ImageReader(16, 8, 2, 4, places=True, separations=True)
     with pytest.raises(ValueError, match="image_reader_separations .* needs image_reader_relations"):
         tiny_vlm(image_reader_blocks=(0, 1), image_reader_separations=True)
+
+
+def test_padded_points_keep_each_group_in_order_with_zeros_after():
+    points, counts = padded_points([[(0.1, 0.2), (0.3, 0.4)], [], [(0.5, 0.6)]])
+    assert counts.tolist() == [2, 0, 1]
+    assert torch.equal(points, torch.tensor([[[0.1, 0.2], [0.3, 0.4]], [[0.0, 0.0], [0.0, 0.0]], [[0.5, 0.6], [0.0, 0.0]]]))
+    assert padded_points([[], []])[0].shape == (2, 1, 2)  # no points at all: one zero slot per group

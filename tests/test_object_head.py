@@ -12,6 +12,7 @@ import torch
 from multimodal_models.data.shapes.world import Scene, ShapeObject
 from multimodal_models.loading import load
 from multimodal_models.models.object_head import ObjectHead, ObjectHeadConfig, ObjectSlots
+from multimodal_models.models.packed_attention import PADDING
 from multimodal_models.training.config import config_from_raw
 from multimodal_models.training.loop import train
 from multimodal_models.training.objects import SHAPES_ATTRIBUTES, ObjectGrid
@@ -331,6 +332,24 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
                 labels=batch["labels"], grounding=targets)
     assert out.grounding_loss > 0
     torch.testing.assert_close(task.loss(model, batch), out.loss + 0.5 * out.grounding_loss)
+    # packed as the task runs it (the readers on the real positions only): what the dense mask gives
+    results = []
+    for segments in (None, batch["segments"]):
+        model.zero_grad()
+        run = model(batch["ids"], features=features, mask=batch["mask"], positions=batch["positions"],
+                    labels=batch["labels"], grounding=targets, segments=segments)
+        (run.loss + run.grounding_loss).backward()
+        results.append((run, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (dense, dense_grads), (packed, packed_grads) = results
+    real = batch["segments"] != PADDING
+    torch.testing.assert_close(packed.grounding_loss, dense.grounding_loss)
+    torch.testing.assert_close(packed.logits[real], dense.logits[real])
+    for packed_logits, dense_logits in zip(packed.reader_logits, dense.reader_logits, strict=True):
+        torch.testing.assert_close(packed_logits.transpose(1, 2)[real], dense_logits.transpose(1, 2)[real])
+    assert dense_grads.keys() == packed_grads.keys() and any(n.startswith("readers.1.relate") for n in dense_grads)
+    for name in dense_grads:
+        torch.testing.assert_close(packed_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4)
+    model.zero_grad()
     inexact = model(batch["ids"], features=features, mask=batch["mask"], positions=batch["positions"],
                     grounding=dataclasses.replace(targets, exact=None))
     assert 0 < inexact.grounding_loss < out.grounding_loss  # the sink's cross-entropy comes on top

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import NamedTuple
 
 import torch
@@ -170,7 +171,8 @@ class ImageReader(nn.Module):
                 place, related, separations = self._relations(normed, places, attributes, earlier, place)
                 logits = logits + related
             offset = (places[:, None, None, :, :] - place[..., None, :]) / PLACE_UNIT  # (B, H, T, S, 2)
-            logits = logits - named[..., 2:3] * offset.square().sum(-1) + (offset @ named[..., 3:, None])[..., 0]
+            # - s |offset|^2 + d . offset, summed elementwise (a matmul per token would be 2 x 1)
+            logits = logits + (offset * (named[..., None, 3:] - named[..., None, 2:3] * offset)).sum(-1)
         logits = logits.masked_fill(~visible[:, None], float("-inf"))
         looked = torch.nan_to_num(logits.float().softmax(-1), nan=0.0)  # over the tokens alone; none visible: nothing
         sink = self.sink(normed).transpose(1, 2)[..., None] if self.sink is not None else None  # (B, H, T, 1)
@@ -308,7 +310,9 @@ def matched_tokens(points: torch.Tensor, counts: torch.Tensor, centres: torch.Te
 def padded_points(groups: Sequence[Sequence[tuple[float, float]]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Groups of object centres as one (G, M, 2) tensor, zero-padded, and each group's size (G,);
     a group may be empty (an exact target that names no object)."""
-    M = max(map(len, groups), default=1) or 1
-    rows = [[tuple(point) for point in group] + [(0.0, 0.0)] * (M - len(group)) for group in groups]
-    points = torch.tensor(rows, dtype=torch.float32).reshape(len(groups), M, 2)  # one tensor, not one per group
-    return points, torch.tensor([len(g) for g in groups], dtype=torch.long)
+    counts = torch.tensor([len(g) for g in groups], dtype=torch.long)
+    M = int(counts.max()) if len(groups) else 1
+    points = torch.zeros(len(groups), max(M, 1), 2)
+    flat = torch.tensor(list(chain.from_iterable(groups)), dtype=torch.float32)  # one tensor, not one per group
+    points[torch.arange(points.shape[1]) < counts[:, None]] = flat.reshape(-1, 2)
+    return points, counts

@@ -168,32 +168,32 @@ class CausalDecoder(nn.Module):
         """Logits (B, T, V) for ids (B, T) or embeds (B, T, C).
 
         mask: None for plain causal attention, or a boolean (B, 1, T, S) mask that already
-        contains causality, or for packed training rows a PackedAttention (the blocks then run on
-        the real positions only; after_block still sees (B, T, C)). positions (B, T): position ids,
-        by default 0..T-1 after whatever the cache holds. after_block(i, x): a step inserted
-        after block i (the multimodal LM's image readers), returning the new x.
+        contains causality, or for packed training rows a PackedAttention (everything then runs on
+        the real positions only, as one sequence (1, N, C), and the logits come back as (B, T, V),
+        zero on padding; ids / embeds and positions may then be given as (1, N) already). positions (B, T): position ids, by default 0..T-1 after whatever the cache
+        holds. after_block(i, x): a step inserted after block i (the multimodal LM's image readers),
+        returning the new x; it sees x as the blocks do, (1, N, C) for a packed batch.
         """
         x = self.embed(ids) if embeds is None else embeds
-        B, T, _ = x.shape
+        packed = mask if isinstance(mask, PackedAttention) else None
+        B, T = (packed.batch, packed.length) if packed is not None else x.shape[:2]
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        if packed is not None:  # everything runs on the real positions only, as one sequence (1, N)
+            x, positions = (packed.compact(v) if v.shape[:2] == (B, T) else v for v in (x, positions))
         if int(positions.max()) >= self.config.max_length and self.position is not None:
             raise ValueError(f"sequence of {int(positions.max()) + 1} positions exceeds max_length {self.config.max_length}")
         if self.position is not None:
             x = x + self.position(positions)
-        packed = mask if isinstance(mask, PackedAttention) else None
-        if packed is not None:  # the blocks see the real positions only, as one sequence
-            x, positions = packed.compact(x), packed.compact(positions)
         rotary = self.rotary(positions) if self.rotary is not None else None
         causal = mask is None
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, causal=causal, rotary=rotary, cache=cache, layer=i)
             if after_block is not None:
-                x = after_block(i, x) if packed is None else packed.compact(after_block(i, packed.expand(x)))
-        if packed is not None:
-            x = packed.expand(x)
+                x = after_block(i, x)
         if cache is not None:
             cache.advance(T)
         x = self.final_norm(x)
-        return x if return_hidden else self.lm_head(x)
+        x = x if return_hidden else self.lm_head(x)
+        return x if packed is None else packed.expand(x)

@@ -304,8 +304,10 @@ class VisionLanguageModel(PretrainedModel):
         if count != given:
             raise ValueError(f"the text has {count} <image> positions but {given} image embeddings were given "
                              f"({self.config.tokens_per_image} per image)")
-        if count:
-            embeds = embeds.masked_scatter(slots[..., None], features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+        if count:  # index_copy, not masked_scatter: its backward is an index_select, not a slow masked_select
+            where = slots.flatten().nonzero()[:, 0]
+            flat = embeds.flatten(0, 1).index_copy(0, where, features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+            embeds = flat.view(embeds.shape)
         return embeds
 
     def forward(self, ids: torch.Tensor, pixels: torch.Tensor | None = None, *, features: torch.Tensor | None = None,
@@ -337,16 +339,22 @@ class VisionLanguageModel(PretrainedModel):
             attributes = self.objects.attributes(context) if self.config.image_reader_relations else None
             reader_at = {block: reader for block, reader in zip(self.config.image_reader_blocks, self.readers)}
             looked = None  # where the last reader's heads looked, for the next one to relate to
+            packed = mask if isinstance(mask, PackedAttention) else None
 
             def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
                 nonlocal looked
                 if i not in reader_at:
                     return x
+                # a packed batch's real positions (1, N, C) are read as rows (B, T, C): the readers' small
+                # products batch well along T
+                x = x if packed is None else packed.expand(x)
                 x, logits, looked = reader_at[i](x, context, visible, places, attributes, looked)
                 reader_logits.append(logits)
-                return x
+                return x if packed is None else packed.compact(x)
 
-        logits = self.decoder(embeds=self.embed(ids, features), mask=mask, positions=positions, cache=cache,
+        # a packed batch is embedded on its real positions only (models/packed_attention.py)
+        embedded = ids if not isinstance(mask, PackedAttention) else mask.compact(ids)
+        logits = self.decoder(embeds=self.embed(embedded, features), mask=mask, positions=positions, cache=cache,
                               after_block=after_block)
         loss = None
         if labels is not None:
