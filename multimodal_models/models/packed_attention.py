@@ -1,5 +1,7 @@
 """Packed training rows without the work their mask throws away: attention block by block, and
-the decoder's per-token layers on the real tokens only.
+the embedding, the decoder's per-token layers and its head on the real tokens only (the
+multimodal LM's image readers read them as (B, T) rows again: their small products batch well
+along T).
 
 A packed row is a shared prefix (one image's tokens and the start of the chat) followed by
 segments that each see the prefix and themselves, never each other, then padding up to the

@@ -170,8 +170,9 @@ class CausalDecoder(nn.Module):
         mask: None for plain causal attention, or a boolean (B, 1, T, S) mask that already
         contains causality, or for packed training rows a PackedAttention (everything then runs on
         the real positions only, as one sequence (1, N, C), and the logits come back as (B, T, V),
-        zero on padding; ids / embeds and positions may then be given as (1, N) already). positions (B, T): position ids, by default 0..T-1 after whatever the cache
-        holds. after_block(i, x): a step inserted after block i (the multimodal LM's image readers),
+        zero on padding; ids / embeds and positions may then be given as (1, N) already).
+        positions (B, T): position ids, by default 0..T-1 after whatever the cache holds.
+        after_block(i, x): a step inserted after block i (the multimodal LM's image readers),
         returning the new x; it sees x as the blocks do, (1, N, C) for a packed batch.
         """
         x = self.embed(ids) if embeds is None else embeds
