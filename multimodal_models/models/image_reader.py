@@ -311,8 +311,7 @@ def padded_points(groups: Sequence[Sequence[tuple[float, float]]]) -> tuple[torc
     """Groups of object centres as one (G, M, 2) tensor, zero-padded, and each group's size (G,);
     a group may be empty (an exact target that names no object)."""
     counts = torch.tensor([len(g) for g in groups], dtype=torch.long)
-    M = int(counts.max()) if len(groups) else 1
-    points = torch.zeros(len(groups), max(M, 1), 2)
+    points = torch.zeros(len(groups), max([1, *counts.tolist()]), 2)
     flat = torch.tensor(list(chain.from_iterable(groups)), dtype=torch.float32)  # one tensor, not one per group
     points[torch.arange(points.shape[1]) < counts[:, None]] = flat.reshape(-1, 2)
     return points, counts

@@ -332,6 +332,7 @@ class VisionLanguageModel(PretrainedModel):
             if mask is None or cache is not None:
                 raise ValueError("segments describe a packed batch: give its mask, and no cache")
             mask = PackedAttention.from_segments(segments, mask)
+        packed = mask if isinstance(mask, PackedAttention) else None
         after_block, reader_logits = None, []
         if len(self.readers):
             context, valid, visible = self.image_context(ids, features, cache)
@@ -339,7 +340,6 @@ class VisionLanguageModel(PretrainedModel):
             attributes = self.objects.attributes(context) if self.config.image_reader_relations else None
             reader_at = {block: reader for block, reader in zip(self.config.image_reader_blocks, self.readers)}
             looked = None  # where the last reader's heads looked, for the next one to relate to
-            packed = mask if isinstance(mask, PackedAttention) else None
 
             def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
                 nonlocal looked
@@ -353,7 +353,7 @@ class VisionLanguageModel(PretrainedModel):
                 return x if packed is None else packed.compact(x)
 
         # a packed batch is embedded on its real positions only (models/packed_attention.py)
-        embedded = ids if not isinstance(mask, PackedAttention) else mask.compact(ids)
+        embedded = ids if packed is None else packed.compact(ids)
         logits = self.decoder(embeds=self.embed(embedded, features), mask=mask, positions=positions, cache=cache,
                               after_block=after_block)
         loss = None
