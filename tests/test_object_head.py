@@ -13,6 +13,7 @@ from multimodal_models.data.shapes.world import Scene, ShapeObject
 from multimodal_models.loading import load
 from multimodal_models.models.object_head import ObjectHead, ObjectHeadConfig, ObjectSlots
 from multimodal_models.models.packed_attention import PADDING
+from multimodal_models.models.vlm import predicted_positions
 from multimodal_models.training.config import config_from_raw
 from multimodal_models.training.loop import train
 from multimodal_models.training.objects import SHAPES_ATTRIBUTES, ObjectGrid
@@ -333,22 +334,29 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
     assert out.grounding_loss > 0
     torch.testing.assert_close(task.loss(model, batch), out.loss + 0.5 * out.grounding_loss)
     # packed as the task runs it (the readers on the real positions only): what the dense mask gives
+    # and with the logits only where a next token is trained on (a reader follows the last block here)
     results = []
-    for segments in (None, batch["segments"]):
+    for segments, targets_only in ((None, False), (batch["segments"], False), (batch["segments"], True)):
         model.zero_grad()
         run = model(batch["ids"], features=features, mask=batch["mask"], positions=batch["positions"],
-                    labels=batch["labels"], grounding=targets, segments=segments)
+                    labels=batch["labels"], grounding=targets, segments=segments, targets_only=targets_only)
         (run.loss + run.grounding_loss).backward()
         results.append((run, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (dense, dense_grads), (packed, packed_grads) = results
+    (dense, dense_grads) = results[0]
     real = batch["segments"] != PADDING
-    torch.testing.assert_close(packed.grounding_loss, dense.grounding_loss)
-    torch.testing.assert_close(packed.logits[real], dense.logits[real])
-    for packed_logits, dense_logits in zip(packed.reader_logits, dense.reader_logits, strict=True):
-        torch.testing.assert_close(packed_logits.transpose(1, 2)[real], dense_logits.transpose(1, 2)[real])
-    assert dense_grads.keys() == packed_grads.keys() and any(n.startswith("readers.1.relate") for n in dense_grads)
-    for name in dense_grads:
-        torch.testing.assert_close(packed_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4)
+    wanted = predicted_positions(batch["labels"])[0]
+    assert model.config.image_reader_blocks[-1] == model.decoder.config.depth - 1
+    for packed, packed_grads in results[1:]:
+        torch.testing.assert_close(packed.grounding_loss, dense.grounding_loss)
+        torch.testing.assert_close(packed.loss, dense.loss)
+        packed_logits = packed.logits if packed.logits.dim() == 2 else packed.logits.flatten(0, 1)[wanted]
+        torch.testing.assert_close(packed_logits, dense.logits.flatten(0, 1)[wanted])
+        for read, dense_read in zip(packed.reader_logits, dense.reader_logits, strict=True):
+            torch.testing.assert_close(read.transpose(1, 2)[real], dense_read.transpose(1, 2)[real])
+        assert dense_grads.keys() == packed_grads.keys() and any(n.startswith("readers.1.relate") for n in dense_grads)
+        for name in dense_grads:
+            torch.testing.assert_close(packed_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[1][0].logits[real], dense.logits[real])
     model.zero_grad()
     inexact = model(batch["ids"], features=features, mask=batch["mask"], positions=batch["positions"],
                     grounding=dataclasses.replace(targets, exact=None))

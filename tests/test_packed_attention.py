@@ -101,6 +101,47 @@ def test_a_packed_vlm_batch_trains_as_the_dense_mask_does(tiny_shapes, tmp_path)
         torch.testing.assert_close(packed_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4)
 
 
+def test_the_loss_on_the_predicted_positions_only_is_the_loss_on_all_logits(tiny_shapes, tmp_path):
+    """targets_only (as training runs): the last block's MLP and the head only where a next token is
+    trained on; the logits there, the loss and every gradient are those of the full logits, on
+    padded rows and on packed ones."""
+    from multimodal_models.models.vlm import predicted_positions
+    from multimodal_models.training.config import config_from_raw
+    from multimodal_models.training.loop import build_task
+
+    from .conftest import tiny_config
+
+    task = build_task(config_from_raw(tiny_config("vlm", tiny_shapes, tmp_path / "run")), progress=False)
+    model = task.model.train()
+    batch = task.make_batch([0, 1, 2, 3], random.Random(0))
+    labels = batch["labels"]
+
+    def run(segments, targets_only):
+        model.zero_grad()
+        out = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"], labels=labels,
+                    segments=segments, targets_only=targets_only)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run(None, False)
+    wanted, targets = predicted_positions(labels)
+    assert 0 < len(wanted) < (labels != -100).numel() / 2  # most positions (image, prompts, padding) predict nothing
+    assert torch.equal(targets, labels[:, 1:][labels[:, 1:] != -100])
+    for segments in (None, batch["segments"]):
+        only, grads = run(segments, True)
+        assert only.logits.shape == (len(wanted), full.logits.shape[-1])
+        torch.testing.assert_close(only.logits, full.logits.flatten(0, 1)[wanted])
+        torch.testing.assert_close(only.loss, full.loss)
+        assert grads.keys() == full_grads.keys()
+        for name in full_grads:
+            torch.testing.assert_close(grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="give labels"):
+        model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"], targets_only=True)
+    packed = PackedAttention.from_segments(batch["segments"], batch["mask"])
+    with pytest.raises(ValueError, match="padding"):
+        packed.compact_index(torch.tensor([int((batch["segments"] == PADDING).flatten().nonzero()[0])]))
+
+
 def test_a_llama_style_decoder_reads_packed_rows_as_it_reads_the_dense_mask():
     """Rotary positions (restarting after the prefix, as packing numbers them) and grouped-query
     attention: the decoder on the compact real positions gives the dense mask's logits there."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packed_attention import PackedAttention
+from .packed_attention import PackedAttention, rows
 
 
 class RMSNorm(nn.Module):
@@ -235,11 +235,16 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
-                layer: int = 0, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                layer: int = 0, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep: the positions (indices into x.flatten(0, 1)) whose outputs are wanted, for a last
+        block whose other outputs nothing reads: the MLP then runs on those only, and x comes back
+        as (1, M, C). Every position is still attended to."""
         x = x + self.dropout(self.attn(self.norm1(x), mask=mask, causal=causal, rotary=rotary, cache=cache, layer=layer))
         if self.cross_attn is not None and context is not None:
             x = x + self.dropout(self.cross_attn(self.cross_norm(x), context=context, mask=context_mask))
+        if keep is not None:
+            x = rows(x.flatten(0, 1), keep)[None]
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 

@@ -131,6 +131,13 @@ class PackedAttention:
             raise ValueError(f"packed batch of {self.batch} rows of {self.length} positions, given {tuple(x.shape[:2])}")
         return rows(x.flatten(0, 1), self.real)[None]
 
+    def compact_index(self, flat: torch.Tensor) -> torch.Tensor:
+        """Positions b * T + t (real ones) -> their indices in the compact sequence."""
+        index = torch.searchsorted(self.real, flat)
+        if len(flat) and (int(index.max()) >= len(self.real) or not torch.equal(self.real[index], flat)):
+            raise ValueError("a position given is padding, not one of the packed batch's real positions")
+        return index
+
     def expand(self, x: torch.Tensor) -> torch.Tensor:
         """(1, N, ...) -> (B, T, ...) with zeros on the padding."""
         full = x.new_zeros(self.batch * self.length, *x.shape[2:]).index_copy(0, self.real, x[0])

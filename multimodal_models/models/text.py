@@ -164,7 +164,8 @@ class CausalDecoder(nn.Module):
     def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, return_hidden: bool = False,
-                after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                outputs_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for ids (B, T) or embeds (B, T, C).
 
         mask: None for plain causal attention, or a boolean (B, 1, T, S) mask that already
@@ -174,6 +175,10 @@ class CausalDecoder(nn.Module):
         positions (B, T): position ids, by default 0..T-1 after whatever the cache holds.
         after_block(i, x): a step inserted after block i (the multimodal LM's image readers),
         returning the new x; it sees x as the blocks do, (1, N, C) for a packed batch.
+        outputs_at (M,): only these positions' logits are wanted (training: where there is a next token
+        to predict), as indices into the flattened (B * T) positions, or into the N real ones of a
+        packed batch. The last block's MLP, the final norm and the head then run on those only, and
+        the logits come back as (M, V); an after_block step after the last block sees (1, M, C).
         """
         x = self.embed(ids) if embeds is None else embeds
         packed = mask if isinstance(mask, PackedAttention) else None
@@ -189,12 +194,16 @@ class CausalDecoder(nn.Module):
             x = x + self.position(positions)
         rotary = self.rotary(positions) if self.rotary is not None else None
         causal = mask is None
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, causal=causal, rotary=rotary, cache=cache, layer=i)
+            x = block(x, mask=mask, causal=causal, rotary=rotary, cache=cache, layer=i,
+                      keep=outputs_at if i == last else None)
             if after_block is not None:
                 x = after_block(i, x)
         if cache is not None:
             cache.advance(T)
         x = self.final_norm(x)
         x = x if return_hidden else self.lm_head(x)
+        if outputs_at is not None:
+            return x[0]
         return x if packed is None else packed.expand(x)

@@ -33,7 +33,7 @@ from .generation import GenerationConfig, decode_tokens, stream_text
 from .image_reader import GroundingTargets, ImageReader, grounding_loss
 from .layers import activation, causal_mask, init_weights
 from .object_head import ObjectHeadConfig, ObjectSlots
-from .packed_attention import PackedAttention
+from .packed_attention import PackedAttention, rows
 from .pretrained import PretrainedModel
 from .text import CausalDecoder, DecoderConfig
 from .vision import VisionConfig, VisionTransformer
@@ -197,11 +197,19 @@ class VLMConfig:
 
 
 class VLMOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V); with targets_only, (M, V) at the M positions that have a label to predict
     loss: torch.Tensor | None
     grounding_loss: torch.Tensor | None = None  # given grounding targets and image readers
     # each image reader's attention logits (B, H, T, S), its margins over the sink where it has one
     reader_logits: tuple[torch.Tensor, ...] = ()
+
+
+def predicted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (B, T), -100 where nothing is trained -> the positions b * T + t whose next token
+    labels[b, t + 1] is trained on, in order, and those tokens."""
+    following = labels[:, 1:]
+    row, t = (following != -100).nonzero(as_tuple=True)
+    return row * labels.shape[1] + t, following[row, t]
 
 
 def pixel_shuffle(tokens: torch.Tensor, factor: int) -> torch.Tensor:
@@ -313,7 +321,7 @@ class VisionLanguageModel(PretrainedModel):
     def forward(self, ids: torch.Tensor, pixels: torch.Tensor | None = None, *, features: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache=None, grounding: GroundingTargets | None = None,
-                segments: torch.Tensor | None = None) -> VLMOutput:
+                segments: torch.Tensor | None = None, targets_only: bool = False) -> VLMOutput:
         """ids (B, T); pixels (N, 3, H, W) for the N images of the batch in reading order (or their
         `image_features`). With a cache, later calls pass only the new ids.
 
@@ -322,6 +330,8 @@ class VisionLanguageModel(PretrainedModel):
         heads should look (training), giving VLMOutput.grounding_loss. segments (B, T), with a packed
         mask: 0 on each row's shared prefix, 1, 2, ... on its segments, -1 on padding; attention is
         then computed block by block (models/packed_attention.py), the same numbers for less work.
+        targets_only, with labels (training): the logits only where there is a next token to predict,
+        (M, V) in order; the last decoder block's MLP and the head then run on those positions only.
         """
         if features is None and pixels is not None:
             features = self.image_features(pixels)
@@ -352,12 +362,26 @@ class VisionLanguageModel(PretrainedModel):
                 reader_logits.append(logits)
                 return x if packed is None else packed.compact(x)
 
+        wanted = targets = None
+        if targets_only:
+            if labels is None or cache is not None:
+                raise ValueError("targets_only is for training: give labels, and no cache")
+            wanted, targets = predicted_positions(labels)
+        # a reader after the last block reads all of its positions: the logits are then picked at the end
+        last_read = bool(self.readers) and max(self.config.image_reader_blocks) == self.decoder.config.depth - 1
+        outputs_at = None
+        if wanted is not None and not last_read:
+            outputs_at = wanted if packed is None else packed.compact_index(wanted)
         # a packed batch is embedded on its real positions only (models/packed_attention.py)
         embedded = ids if packed is None else packed.compact(ids)
         logits = self.decoder(embeds=self.embed(embedded, features), mask=mask, positions=positions, cache=cache,
-                              after_block=after_block)
+                              after_block=after_block, outputs_at=outputs_at)
+        if wanted is not None and last_read:
+            logits = rows(logits.flatten(0, 1), wanted)
         loss = None
-        if labels is not None:
+        if targets is not None:
+            loss = F.cross_entropy(logits.float(), targets)
+        elif labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         ground = None
         if grounding is not None and len(self.readers):

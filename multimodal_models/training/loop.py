@@ -17,6 +17,7 @@ uninterrupted run would have done.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -68,16 +69,32 @@ class Distributed:
 
 
 def build_task(config: RunConfig, *, progress: bool = True):
-    train_split = load_split(config.data, "train")
-    eval_split = load_split(config.data, "eval")
-    if config.task == "vlm":
-        from .vlm_task import VLMTask
+    with collector_paused():
+        train_split = load_split(config.data, "train")
+        eval_split = load_split(config.data, "eval")
+        if config.task == "vlm":
+            from .vlm_task import VLMTask
 
-        return VLMTask(config, train_split, eval_split, progress=progress)
-    from .tasks import ContrastiveTask, VQATask
+            return VLMTask(config, train_split, eval_split, progress=progress)
+        from .tasks import ContrastiveTask, VQATask
 
-    cls = {"contrastive": ContrastiveTask, "vqa": VQATask}[config.task]
-    return cls(config, train_split, eval_split, progress=progress)
+        cls = {"contrastive": ContrastiveTask, "vqa": VQATask}[config.task]
+        return cls(config, train_split, eval_split, progress=progress)
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector off while a task reads its data. Reading builds a million
+    small objects (annotations, records, token lists), none of them garbage, and the collector would
+    walk them all again every few hundred thousand allocations: the Shapes recipe's task was built
+    in 19 s with it and 12 s without."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class ExampleOrder:

@@ -393,7 +393,7 @@ class VLMTask:
         """The next-token loss, plus grounding_weight x the image readers' grounding loss."""
         out = model(batch["ids"], batch["pixels"], features=batch.get("features"), mask=batch["mask"],
                     segments=batch.get("segments"), positions=batch["positions"], labels=batch["labels"],
-                    grounding=batch.get("grounding"))
+                    grounding=batch.get("grounding"), targets_only=True)
         if out.grounding_loss is None:
             return out.loss
         return out.loss + self.grounding_weight * out.grounding_loss
