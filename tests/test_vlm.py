@@ -219,6 +219,46 @@ def test_a_packed_training_sequence_trains_each_segment_as_if_it_were_alone(tiny
             torch.testing.assert_close(packed[where], alone[len(unit.prefix):], atol=1e-5, rtol=1e-5)
 
 
+def test_a_training_batch_holds_each_packed_row_with_its_mask_and_reuses_encodings(tiny_shapes, tmp_path, monkeypatch):
+    """make_batch: each row is pack()'s sequence of its unit, padded; labels are the trained tokens;
+    a real position sees the earlier positions of its segment and of the prefix, padding only itself.
+    The chats' encodings are remembered: the same draw again encodes nothing and gives the same batch."""
+    import random
+
+    from multimodal_models.models.packed_attention import PADDING
+    from multimodal_models.training.config import config_from_raw
+    from multimodal_models.training.loop import build_task
+    from multimodal_models.training.vlm_task import pack
+
+    from .conftest import tiny_config
+
+    task = build_task(config_from_raw(tiny_config("vlm", tiny_shapes, tmp_path / "run")), progress=False)
+    indices = [0, 1, 2, 3]
+    batch = task.make_batch(indices, random.Random(0))
+    rng = random.Random(0)
+    rows = [pack(task.unit_sequence(task.units[i], rng), task.max_length) for i in indices]
+    T = batch["ids"].shape[1]
+    assert T == max(len(r[0]) for r in rows) and any(len(r[0]) < T for r in rows)  # some padding
+    for b, (ids, targets, positions, segments, _) in enumerate(rows):
+        n = len(ids)
+        assert batch["ids"][b].tolist() == ids + [task.tokenizer.pad_id] * (T - n)
+        assert batch["labels"][b].tolist() == [i if t else -100 for i, t in zip(ids, targets)] + [-100] * (T - n)
+        assert batch["positions"][b, :n].tolist() == positions
+        assert batch["segments"][b].tolist() == segments + [PADDING] * (T - n)
+        seen = [[u <= t and segments[u] in (0, segments[t]) for u in range(n)] + [False] * (T - n) for t in range(n)]
+        seen += [[u == t for u in range(T)] for t in range(n, T)]
+        assert batch["mask"][b, 0].tolist() == seen
+    assert batch["tokens"] == sum(sum(r[1]) for r in rows)
+
+    def no_encoding(messages, **options):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(task.template, "encode", no_encoding)
+    again = task.make_batch(indices, random.Random(0))
+    for key in ("ids", "labels", "positions", "segments", "mask"):
+        assert torch.equal(again[key], batch[key])
+
+
 def test_dialogue_accuracy_per_turn_and_per_form_of_question(tmp_path, monkeypatch):
     """Each assistant turn is scored after the gold history, by turn number and by the form of the
     user turn it answers; turns without a question_type count in the totals only."""

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..data.preprocess import ImageProcessor
 from ..data.records import ImageSource, Points
 from ..data.tokenizer import WordTokenizer
-from ..models.chat import CHAT_SPECIAL_TOKENS, conversation_to_messages
+from ..models.chat import CHAT_SPECIAL_TOKENS, ChatEncoding, conversation_to_messages
 from ..models.image_reader import GroundingTargets, padded_points
 from ..models.layers import causal_mask
 from ..models.packed_attention import PADDING
@@ -39,6 +39,9 @@ from .loop import autocast_context
 
 # The most memory the frozen vision tower's features of the training images may take (VLMTask.frozen_features).
 FROZEN_FEATURES_BYTES = 2**30
+
+# How many distinct training chats' encodings VLMTask.encode keeps (~1 kB each).
+ENCODINGS_KEPT = 1_000_000
 
 # Ways of asking for a caption seen in training; CAPTION_PROMPT is the one inference uses.
 CAPTION_PROMPTS = (CAPTION_PROMPT, "what is in the picture?", "write a caption.", "describe this image.")
@@ -162,6 +165,7 @@ class VLMTask:
                 parameter.requires_grad_(False)
             apply_lora(self.model.decoder, **{"targets": ("q", "k", "v", "out"), **self.lora})
         self.template = self.model.chat_template()
+        self._encodings: dict[tuple, ChatEncoding] = {}  # encode()'s cache
         self.train_split, self.eval_split = train, evaluation
         self.units = self._build_units(train)
         # the image readers learn where to look from the questions' referents
@@ -256,7 +260,7 @@ class VLMTask:
         The shared prefix is the longest common start of all the image's chats that ends before
         the first trained token; it must hold every image placeholder (the image comes first)."""
         chats = self._chats(item, rng)
-        encodings = [self.template.encode(messages) for messages, _ in chats]
+        encodings = [self.encode(messages) for messages, _ in chats]
         answers = [a for _, a in chats]
         if not item.shared_prefix or len(encodings) == 1:
             encoding = encodings[0]
@@ -273,6 +277,18 @@ class VLMTask:
         segments = [(e.ids[common:], e.targets[common:], a) for e, a in zip(encodings, answers)]
         rng.shuffle(segments)
         return Unit(item.images, encodings[0].ids[:common], segments)
+
+    def encode(self, messages: list[dict]) -> ChatEncoding:
+        """The chat template's encoding of a training chat, remembered: an image's chats come back every
+        epoch (the first ENCODINGS_KEPT distinct ones are kept; callers only read them)."""
+        key = tuple((m["role"], m["content"] if isinstance(m["content"], str)
+                     else tuple((p["type"], p.get("text")) for p in m["content"])) for m in messages)
+        encoding = self._encodings.get(key)
+        if encoding is None:
+            encoding = self.template.encode(messages)
+            if len(self._encodings) < ENCODINGS_KEPT:
+                self._encodings[key] = encoding
+        return encoding
 
     def _chats(self, item: ImageExamples, rng: random.Random) -> list[tuple[list[dict], Answers]]:
         """This step's chats about the item, each with the grounding of each of its answers."""
@@ -296,23 +312,18 @@ class VLMTask:
         units = [self.unit_sequence(self.units[i], rng) for i in indices]
         rows = [pack(u, self.max_length) for u in units]
         T = max(len(r[0]) for r in rows)
-        B = len(rows)
-        pad = self.tokenizer.pad_id
-        ids = torch.full((B, T), pad, dtype=torch.long)
-        labels = torch.full((B, T), -100, dtype=torch.long)
-        positions = torch.zeros(B, T, dtype=torch.long)
-        mask = torch.zeros(B, T, T, dtype=torch.bool)
-        segments = torch.full((B, T), PADDING, dtype=torch.long)
-        for b, (row_ids, row_targets, row_positions, row_segments, _) in enumerate(rows):
-            n = len(row_ids)
-            ids[b, :n] = torch.tensor(row_ids)
-            labels[b, :n] = torch.where(torch.tensor(row_targets), torch.tensor(row_ids), torch.tensor(-100))
-            positions[b, :n] = torch.tensor(row_positions)
-            segment = segments[b, :n] = torch.tensor(row_segments)
-            causal = causal_mask(n)
-            same = (segment[:, None] == segment[None, :]) | (segment[None, :] == 0)
-            mask[b, :n, :n] = causal & same
-            mask[b, n:, n:] = torch.eye(T - n, dtype=torch.bool)  # padding attends to itself only
+
+        def padded(column: int, fill: int) -> torch.Tensor:  # one (B, T) tensor from the rows' lists
+            return torch.tensor([r[column] + [fill] * (T - len(r[0])) for r in rows], dtype=torch.long)
+
+        ids, targets = padded(0, self.tokenizer.pad_id), padded(1, False).bool()
+        labels = torch.where(targets, ids, -100)
+        positions, segments = padded(2, 0), padded(3, PADDING)
+        # a real position sees the earlier positions of its own segment and of its row's prefix (segment 0);
+        # padding attends to itself only
+        same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+        real = (segments != PADDING)[:, :, None]
+        mask = torch.where(real, same & causal_mask(T), torch.eye(T, dtype=torch.bool))
         images = [self.store.position(s) for u in units for s in u.images]
         features = self.frozen_features(images) if images else None
         pixels = self.store.batch(images) if images and features is None else None
