@@ -10,7 +10,8 @@ from PIL import Image
 from multimodal_models.data.preprocess import ImageProcessor
 from multimodal_models.data.tokenizer import WordTokenizer
 from multimodal_models.models.chat import CHAT_SPECIAL_TOKENS, WordChatTemplate, normalize_messages
-from multimodal_models.models.generation import GenerationConfig, TextStream, filter_logits
+from multimodal_models.models.generation import (GenerationConfig, TextStream, beam_search, beam_search_batch,
+                                                  filter_logits)
 from multimodal_models.models.text import CausalDecoder, DecoderConfig
 from multimodal_models.models.vision import VisionConfig
 from multimodal_models.models.vlm import VisionLanguageModel, VLMConfig, pixel_shuffle
@@ -133,6 +134,7 @@ def test_captions_are_decoded_with_the_configured_beam_width_one_by_one_or_batch
     pixels = model.image_processor(IMAGES)
     assert model.caption_batch(pixels=pixels, max_new_tokens=8) == beams
     assert model.caption_batch(images=IMAGES, max_new_tokens=8) == beams
+    assert model.caption_batch(pixels=pixels, max_new_tokens=8, searches=2) == beams  # searches side by side, in chunks
     assert model.caption_batch(pixels=pixels, max_new_tokens=8, num_beams=1) == greedy
     streamed = model.caption(IMAGES[0], stream=True, max_new_tokens=8)  # beam search cannot stream: greedy
     assert "".join(streamed) == greedy[0]
@@ -140,6 +142,43 @@ def test_captions_are_decoded_with_the_configured_beam_width_one_by_one_or_batch
         model.caption_batch(pixels=pixels, num_beams=0)
     with pytest.raises(ValueError, match="caption_beams must be at least 1"):
         tiny_vlm(caption_beams=0)
+
+
+class ScriptedSession:
+    """A DecodingSession whose next-token logits depend only on (prompt, tokens so far)."""
+
+    def __init__(self, prompts: list[int], vocab: int = 7):
+        self.rows = [(p, ()) for p in prompts]
+        self.vocab = vocab
+
+    def _logits(self) -> torch.Tensor:
+        def one(prompt, tokens):
+            seed = hash((prompt, tokens)) % 2**31
+            return torch.randn(self.vocab, generator=torch.Generator().manual_seed(seed)) * 2
+        return torch.stack([one(*row) for row in self.rows])
+
+    def prefill(self) -> torch.Tensor:
+        return self._logits()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.rows = [(p, seq + (int(t),)) for (p, seq), t in zip(self.rows, tokens, strict=True)]
+        return self._logits()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in index.tolist()]
+
+
+def test_beam_searches_side_by_side_find_what_each_finds_alone():
+    """beam_search_batch: each prompt's search as beam_search runs it alone, searches ending at
+    different steps (stop token 0) giving up their rows."""
+    config = GenerationConfig(max_new_tokens=9, num_beams=3)
+    prompts = list(range(12))
+    alone = [beam_search(ScriptedSession([p]), config, {0}) for p in prompts]
+    together = beam_search_batch(ScriptedSession(prompts), config, {0}, searches=len(prompts))
+    assert together == alone
+    assert len({len(found) for found in alone}) > 2  # ended at several different steps
+    with pytest.raises(ValueError, match="12 prompts"):
+        beam_search_batch(ScriptedSession(prompts), config, {0}, searches=3)
 
 
 def test_stop_strings_cut_the_text_and_are_never_shown():

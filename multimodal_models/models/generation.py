@@ -91,40 +91,73 @@ def beam_search(session: DecodingSession, config: GenerationConfig, stop_ids: se
     not stop, and sets aside the ones that do. The search ends when the budget is spent or
     no live beam can still beat the best finished one (log-probabilities only fall).
     """
+    return beam_search_batch(session, config, stop_ids, searches=1)[0]
+
+
+@dataclass
+class _Search:
+    """One prompt's beam search: its live beams (the session's rows for it, in order) and what ended."""
+
+    sequences: list[list[int]]
+    scores: torch.Tensor  # (beams,) float32 total log-probabilities
+    finished: list[tuple[float, list[int]]]
+    alive: bool = True
+
+
+def beam_search_batch(session: DecodingSession, config: GenerationConfig, stop_ids: set[int], *,
+                      searches: int) -> list[list[int]]:
+    """`beam_search` for `searches` prompts at once (the session's rows after prefill, one per prompt),
+    each search exactly as it runs alone. Every step feeds all live beams of all searches as one
+    batch; a search that ends gives up its rows."""
     config.validate()
     width = config.num_beams
 
     def normalised(score: float, length: int) -> float:
         return score / max(length, 1) ** config.length_penalty
 
-    sequences: list[list[int]] = [[]]
-    scores = torch.zeros(1)
+    beams = [_Search([[]], torch.zeros(1), []) for _ in range(searches)]
     logits = session.prefill()
-    finished: list[tuple[float, list[int]]] = []
+    if logits.shape[0] != searches:
+        raise ValueError(f"the session has {logits.shape[0]} prompts; {searches} searches were asked for")
     for _step in range(config.max_new_tokens):
-        candidates = scores[:, None].to(logits.device) + logits.float().log_softmax(-1)  # (beams, V)
-        vocab = candidates.shape[-1]
-        top_scores, top_index = candidates.flatten().topk(min(2 * width, candidates.numel()))
-        rows, tokens, kept = [], [], []
-        for score, flat in zip(top_scores.tolist(), top_index.tolist()):
-            row, token = divmod(flat, vocab)
-            if token in stop_ids:
-                finished.append((normalised(score, len(sequences[row])), sequences[row]))
-            elif len(rows) < width:
-                rows.append(row)
-                tokens.append(token)
-                kept.append(score)
-        if not rows:
+        log_probs = logits.float().log_softmax(-1)
+        vocab = log_probs.shape[-1]
+        kept_rows, next_tokens, first = [], [], 0  # first: this search's first row in the session
+        for search in (s for s in beams if s.alive):
+            count = len(search.sequences)
+            candidates = search.scores[:, None].to(logits.device) + log_probs[first:first + count]  # (beams, V)
+            top_scores, top_index = candidates.flatten().topk(min(2 * width, candidates.numel()))
+            rows, tokens, kept = [], [], []
+            for score, flat in zip(top_scores.tolist(), top_index.tolist()):
+                row, token = divmod(flat, vocab)
+                if token in stop_ids:
+                    search.finished.append((normalised(score, len(search.sequences[row])), search.sequences[row]))
+                elif len(rows) < width:
+                    rows.append(row)
+                    tokens.append(token)
+                    kept.append(score)
+            if not rows:
+                search.alive = False
+                first += count
+                continue
+            search.sequences = [search.sequences[r] + [t] for r, t in zip(rows, tokens)]
+            search.scores = torch.tensor(kept)
+            best_alive = max(normalised(s, len(q)) for s, q in zip(kept, search.sequences))
+            if len(search.finished) >= width and max(f for f, _ in search.finished) >= best_alive:
+                search.alive = False
+            else:
+                kept_rows += [first + r for r in rows]
+                next_tokens += tokens
+            first += count
+        if not kept_rows:
             break
-        sequences = [sequences[r] + [t] for r, t in zip(rows, tokens)]
-        scores = torch.tensor(kept)
-        best_alive = max(normalised(s, len(q)) for s, q in zip(kept, sequences))
-        if len(finished) >= width and max(f for f, _ in finished) >= best_alive:
-            break
-        session.reorder(torch.tensor(rows, device=logits.device))
-        logits = session.step(torch.tensor(tokens, device=logits.device))
-    finished.extend((normalised(float(s), len(q)), q) for s, q in zip(scores, sequences))
-    return max(finished, key=lambda item: item[0])[1]
+        session.reorder(torch.tensor(kept_rows, device=logits.device))
+        logits = session.step(torch.tensor(next_tokens, device=logits.device))
+    best = []
+    for search in beams:
+        search.finished.extend((normalised(float(s), len(q)), q) for s, q in zip(search.scores, search.sequences))
+        best.append(max(search.finished, key=lambda item: item[0])[1])
+    return best
 
 
 def decode_tokens(session: DecodingSession, config: GenerationConfig, stop_ids: set[int]) -> Iterator[int]:

@@ -152,7 +152,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None,
                 mask: torch.Tensor | PackedAttention | None = None, causal: bool = False,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep: only these positions' outputs (indices into the flattened (B * T)), as (1, M, C)."""
         B, T, _ = x.shape
         source = x if context is None else context
         q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -171,7 +172,7 @@ class Attention(nn.Module):
             if cache is not None or causal or context is not None:
                 raise ValueError("packed attention is for self-attention over packed rows, without a cache")
             y = mask.attend(q, k, v)
-            return self.out(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+            return self._output(y, keep)
         if causal and (offset > 0 and T > 1 or mask is not None):
             # causal with an offset (cached prefix) or combined with a padding mask: spell it out
             allowed = causal_mask(T, k.shape[2], x.device)
@@ -180,7 +181,13 @@ class Attention(nn.Module):
         elif causal and offset > 0:  # one new token attends to everything cached
             causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
-        return self.out(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        return self._output(y, keep)
+
+    def _output(self, y: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The heads' outputs (B, H, T, D) side by side, at the kept positions, through the output projection."""
+        B, _, T, _ = y.shape
+        y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+        return self.out(y if keep is None else rows(y.flatten(0, 1), keep)[None])
 
 
 class MLP(nn.Module):
@@ -238,13 +245,14 @@ class TransformerBlock(nn.Module):
                 layer: int = 0, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """keep: the positions (indices into x.flatten(0, 1)) whose outputs are wanted, for a last
-        block whose other outputs nothing reads: the MLP then runs on those only, and x comes back
-        as (1, M, C). Every position is still attended to."""
-        x = x + self.dropout(self.attn(self.norm1(x), mask=mask, causal=causal, rotary=rotary, cache=cache, layer=layer))
+        block whose other outputs nothing reads: the attention's output projection and the MLP then
+        run on those only, and x comes back as (1, M, C). Every position is still attended to."""
+        if keep is not None and self.cross_attn is not None and context is not None:
+            raise ValueError("keep is for self-attention blocks: cross-attention reads the image per row")
+        attended = self.attn(self.norm1(x), mask=mask, causal=causal, rotary=rotary, cache=cache, layer=layer, keep=keep)
+        x = (x if keep is None else rows(x.flatten(0, 1), keep)[None]) + self.dropout(attended)
         if self.cross_attn is not None and context is not None:
             x = x + self.dropout(self.cross_attn(self.cross_norm(x), context=context, mask=context_mask))
-        if keep is not None:
-            x = rows(x.flatten(0, 1), keep)[None]
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .layers import KVCache, RotaryEmbedding, TransformerBlock, init_weights, make_norm
-from .packed_attention import PackedAttention
+from .packed_attention import PackedAttention, rows
 
 
 @dataclass
@@ -202,6 +202,8 @@ class CausalDecoder(nn.Module):
                 x = after_block(i, x)
         if cache is not None:
             cache.advance(T)
+        if outputs_at is not None and not self.blocks:  # no last block to pick them
+            x = rows(x.flatten(0, 1), outputs_at)[None]
         x = self.final_norm(x)
         x = x if return_hidden else self.lm_head(x)
         if outputs_at is not None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chat import JinjaChatTemplate, WordChatTemplate, attach_images
-from .generation import GenerationConfig, decode_tokens, stream_text
+from .generation import GenerationConfig, beam_search_batch, decode_tokens, stream_text
 from .image_reader import GroundingTargets, ImageReader, grounding_loss
 from .layers import activation, causal_mask, init_weights
 from .object_head import ObjectHeadConfig, ObjectSlots
@@ -572,24 +572,30 @@ class VisionLanguageModel(PretrainedModel):
 
     @torch.no_grad()
     def caption_batch(self, *, images: list[Any] | None = None, pixels: torch.Tensor | None = None,
-                      prompt: str = CAPTION_PROMPT, max_new_tokens: int = 48, num_beams: int | None = None) -> list[str]:
+                      prompt: str = CAPTION_PROMPT, max_new_tokens: int = 48, num_beams: int | None = None,
+                      searches: int = 32) -> list[str]:
         """One caption per image, decoded as `caption` decodes it: greedy for all images at once, or
-        with num_beams > 1 (default: config.caption_beams) a beam search per image."""
+        with num_beams > 1 (default: config.caption_beams) a beam search per image, `searches` images'
+        searches side by side."""
         count = len(images) if images is not None else pixels.shape[0]
         num_beams = self.config.caption_beams if num_beams is None else num_beams
         if num_beams == 1:
             return self.answer_batch([prompt] * count, images=images, pixels=pixels, max_new_tokens=max_new_tokens)
-        if images is not None:
+        splits = getattr(self.image_processor, "do_image_splitting", False)
+        if images is not None and splits:  # several tiles per image: one search at a time
             return [self.caption(image, prompt, num_beams=num_beams, max_new_tokens=max_new_tokens) for image in images]
-        if getattr(self.image_processor, "do_image_splitting", False):
+        if splits:
             raise ValueError("this model splits each image into tiles: pass the images, not preprocessed pixels")
-        features = self.image_features(pixels.to(self.device))
+        features = self.image_features(self._pixels(images) if images is not None else pixels.to(self.device))
         config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
         stop_ids = self.chat_template().stop_ids()
+        ids = torch.tensor(self.user_prompts([prompt]), device=self.device)  # the same prompt for every image
         captions = []
-        for ids, image_features in zip(self.user_prompts([prompt] * count), features):
-            session = VLMSession(self, torch.tensor([ids], device=self.device), None, config, features=image_features[None])
-            captions.append("".join(stream_text(decode_tokens(session, config, stop_ids), self.tokenizer.decode)))
+        for start in range(0, count, searches):
+            chunk = features[start:start + searches]
+            session = VLMSession(self, ids.expand(len(chunk), -1), None, config, features=chunk)
+            found = beam_search_batch(session, config, stop_ids, searches=len(chunk))
+            captions += ["".join(stream_text(iter(tokens), self.tokenizer.decode)) for tokens in found]
         return captions
 
     @torch.no_grad()
@@ -634,15 +640,20 @@ class VLMSession:
 
     def __init__(self, model: VisionLanguageModel, ids: torch.Tensor, pixels: torch.Tensor | None, config: GenerationConfig,
                  *, features: torch.Tensor | None = None):
-        """The images as pixels, or as their features already computed (N, K, C)."""
+        """ids (B, T): one prompt, or B prompts of one length with one image each (beam_search_batch).
+        The images as pixels, or as their features already computed (N, K, C)."""
         self.model = model
         self.ids = ids
         self.features = model.image_features(pixels) if pixels is not None else features
+        if ids.shape[0] > 1 and (self.features is None or self.features.shape[0] != ids.shape[0]):
+            raise ValueError(f"{ids.shape[0]} prompts decoded together need one image each")
+        self.prompts = ids.shape[0]
+        self.prompt_of = torch.arange(self.prompts, device=ids.device)  # which prompt each row continues
         length = ids.shape[1] + config.max_new_tokens + 1
         if length > model.config.decoder.max_length:
             raise ValueError(f"prompt of {ids.shape[1]} tokens + max_new_tokens {config.max_new_tokens} exceeds the "
                              f"model's context of {model.config.decoder.max_length} tokens")
-        self.cache = model.decoder.new_cache(1, length) if config.use_cache else None
+        self.cache = model.decoder.new_cache(ids.shape[0], length) if config.use_cache else None
 
     def prefill(self) -> torch.Tensor:
         return self.model(self.ids, features=self.features, cache=self.cache).logits[:, -1]
@@ -651,11 +662,15 @@ class VLMSession:
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
         if self.cache is not None:
             return self.model(tokens[:, None], cache=self.cache).logits[:, -1]
-        # the features belong to one conversation; beams are copies of it
-        features = None if self.features is None else self.features.repeat(self.ids.shape[0], 1, 1)
+        # every row's images: those of the prompt it continues (one prompt: all the features, for each beam)
+        features = self.features
+        if features is not None:
+            rows = self.ids.shape[0]
+            features = features.repeat(rows, 1, 1) if self.prompts == 1 else features.index_select(0, self.prompt_of)
         return self.model(self.ids, features=features).logits[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
         self.ids = self.ids.index_select(0, index)
+        self.prompt_of = self.prompt_of.index_select(0, index)
         if self.cache is not None:
             self.cache.reorder(index)
