@@ -177,8 +177,9 @@ class CausalDecoder(nn.Module):
         returning the new x; it sees x as the blocks do, (1, N, C) for a packed batch.
         outputs_at (M,): only these positions' logits are wanted (training: where there is a next token
         to predict), as indices into the flattened (B * T) positions, or into the N real ones of a
-        packed batch. The last block's MLP, the final norm and the head then run on those only, and
-        the logits come back as (M, V); an after_block step after the last block sees (1, M, C).
+        packed batch. The last block's output projection and MLP, the final norm and the head then run
+        on those only, and the logits come back as (M, V); an after_block step after the last block
+        sees (1, M, C).
         """
         x = self.embed(ids) if embeds is None else embeds
         packed = mask if isinstance(mask, PackedAttention) else None

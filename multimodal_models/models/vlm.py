@@ -331,7 +331,8 @@ class VisionLanguageModel(PretrainedModel):
         mask: 0 on each row's shared prefix, 1, 2, ... on its segments, -1 on padding; attention is
         then computed block by block (models/packed_attention.py), the same numbers for less work.
         targets_only, with labels (training): the logits only where there is a next token to predict,
-        (M, V) in order; the last decoder block's MLP and the head then run on those positions only.
+        (M, V) in order; the last decoder block's output projection and MLP, and the head, then run on
+        those positions only.
         """
         if features is None and pixels is not None:
             features = self.image_features(pixels)
