@@ -6,8 +6,9 @@ machine's matmul peak measured in the same run.
 References in the same run: a large bf16 and fp32 matrix multiplication (the peak the
 training could reach if it were nothing but big matmuls), and for the vlm task the same
 steps taken the way training took them before packed attention (models/packed_attention.py):
-the dense (B, T, T) mask over the padded rows, and the frozen vision tower run on every
-batch. The two kinds of step alternate, on the same batches. The FLOPs of one training step
+the dense (B, T, T) mask over the padded rows, the frozen vision tower run on every batch,
+and the logits of every position (not only of those that predict a trained token). The two
+kinds of step alternate, on the same batches. The FLOPs of one training step
 (forward + backward) are counted with torch.utils.flop_counter on a real batch.
 """
 
@@ -62,7 +63,7 @@ def main() -> None:
             frozen_features([0])  # the frozen tower's features of every training image, once, before counting
 
         def step(i: int, count_flops: bool = False, reference: bool = False) -> tuple[int, float]:
-            if packed_steps:  # the reference: the tower on every batch, and no segments (the dense mask)
+            if packed_steps:  # the reference: the tower on every batch, no segments (the dense mask), all logits
                 task.frozen_features = (lambda images: None) if reference else frozen_features
             indices = random.Random(i).sample(range(len(task)), t.batch_size)
             batch = task.make_batch(indices, random.Random(i))
@@ -71,7 +72,7 @@ def main() -> None:
             counter = FlopCounterMode(display=False) if count_flops else None
             with counter if counter else contextlib.nullcontext():
                 with autocast_context(t.precision, device):
-                    loss = task.loss(model, batch)
+                    loss = task.loss(model, batch, targets_only=False) if reference else task.loss(model, batch)
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad()

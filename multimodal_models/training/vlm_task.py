@@ -400,11 +400,13 @@ class VLMTask:
                 return flat[key]
         return 0.0
 
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        """The next-token loss, plus grounding_weight x the image readers' grounding loss."""
+    def loss(self, model, batch: dict, *, targets_only: bool = True) -> torch.Tensor:
+        """The next-token loss, plus grounding_weight x the image readers' grounding loss. The head runs
+        only where a next token is trained on; targets_only=False computes every position's logits (the
+        same loss, as training did before; benchmarks/training_throughput.py's reference)."""
         out = model(batch["ids"], batch["pixels"], features=batch.get("features"), mask=batch["mask"],
                     segments=batch.get("segments"), positions=batch["positions"], labels=batch["labels"],
-                    grounding=batch.get("grounding"), targets_only=True)
+                    grounding=batch.get("grounding"), targets_only=targets_only)
         if out.grounding_loss is None:
             return out.loss
         return out.loss + self.grounding_weight * out.grounding_loss
