@@ -122,10 +122,10 @@ def beam_search_batch(session: DecodingSession, config: GenerationConfig, stop_i
     for _step in range(config.max_new_tokens):
         log_probs = logits.float().log_softmax(-1)
         vocab = log_probs.shape[-1]
-        kept_rows, next_tokens, first = [], [], 0  # first: this search's first row in the session
+        kept_rows, next_tokens, end = [], [], 0
         for search in (s for s in beams if s.alive):
-            count = len(search.sequences)
-            candidates = search.scores[:, None].to(logits.device) + log_probs[first:first + count]  # (beams, V)
+            first, end = end, end + len(search.sequences)  # this search's rows in the session
+            candidates = search.scores[:, None].to(logits.device) + log_probs[first:end]  # (beams, V)
             top_scores, top_index = candidates.flatten().topk(min(2 * width, candidates.numel()))
             rows, tokens, kept = [], [], []
             for score, flat in zip(top_scores.tolist(), top_index.tolist()):
@@ -138,7 +138,6 @@ def beam_search_batch(session: DecodingSession, config: GenerationConfig, stop_i
                     kept.append(score)
             if not rows:
                 search.alive = False
-                first += count
                 continue
             search.sequences = [search.sequences[r] + [t] for r, t in zip(rows, tokens)]
             search.scores = torch.tensor(kept)
@@ -148,7 +147,6 @@ def beam_search_batch(session: DecodingSession, config: GenerationConfig, stop_i
             else:
                 kept_rows += [first + r for r in rows]
                 next_tokens += tokens
-            first += count
         if not kept_rows:
             break
         session.reorder(torch.tensor(kept_rows, device=logits.device))

@@ -665,9 +665,10 @@ class VLMSession:
             return self.model(tokens[:, None], cache=self.cache).logits[:, -1]
         # every row's images: those of the prompt it continues (one prompt: all the features, for each beam)
         features = self.features
-        if features is not None:
-            rows = self.ids.shape[0]
-            features = features.repeat(rows, 1, 1) if self.prompts == 1 else features.index_select(0, self.prompt_of)
+        if features is not None and self.prompts == 1:
+            features = features.repeat(self.ids.shape[0], 1, 1)
+        elif features is not None:
+            features = features.index_select(0, self.prompt_of)
         return self.model(self.ids, features=features).logits[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
