@@ -298,6 +298,47 @@ def test_a_training_batch_holds_each_packed_row_with_its_mask_and_reuses_encodin
         assert torch.equal(again[key], batch[key])
 
 
+def test_question_rates_train_on_a_share_of_each_named_question_type(tiny_shapes, tmp_path):
+    """task_options.question_rates keeps each question of a named type with that chance, drawn every
+    time its image comes round; other types, captions and dialogues are all kept. Unknown types and
+    shares outside (0, 1] are refused, naming the option."""
+    import random
+
+    from multimodal_models.training.config import config_from_raw
+    from multimodal_models.training.loop import build_task
+
+    from .conftest import tiny_config
+
+    def task_with(rates):
+        raw = tiny_config("vlm", tiny_shapes, tmp_path / "run")
+        raw["task_options"] = {"question_rates": rates}
+        return build_task(config_from_raw(raw), progress=False)
+
+    task = task_with({"exist": 0.25, "count": 1.0})
+    rng = random.Random(0)
+    kept, offered = {}, {}
+    for _ in range(20):
+        for unit in task.units:
+            texts = [messages[0]["content"][1]["text"] for messages, _ in task._chats(unit, rng)
+                     if isinstance(messages[0]["content"], list)]
+            for q in unit.qa:
+                offered[q.question_type] = offered.get(q.question_type, 0) + 1
+                kept[q.question_type] = kept.get(q.question_type, 0) + texts.count(q.question)
+            assert len(texts) - sum(t in {q.question for q in unit.qa} for t in texts) == 1  # the caption
+            assert len(task._chats(unit, rng)) >= 1 + len(unit.chats)
+    assert offered["exist"] > 400
+    assert 0.2 < kept["exist"] / offered["exist"] < 0.3
+    assert all(kept[t] == offered[t] for t in offered if t != "exist")  # count's 1.0 and the unnamed ones
+
+    with pytest.raises(ValueError, match=r"question_rates names .*\['exsit'\].*'exist'"):
+        task_with({"exsit": 0.5})
+    for bad in (0, 1.5, "half", True):
+        with pytest.raises(ValueError, match=r"task_options.question_rates.exist: expected a share in \(0, 1\]"):
+            task_with({"exist": bad})
+    with pytest.raises(ValueError, match="expected a mapping"):
+        task_with(["exist"])
+
+
 def test_dialogue_accuracy_per_turn_and_per_form_of_question(tmp_path, monkeypatch):
     """Each assistant turn is scored after the gold history, by turn number and by the form of the
     user turn it answers; turns without a question_type count in the totals only."""

@@ -97,13 +97,23 @@ def conversation_answers(record) -> Answers:
                  for asked, answer in record.exchanges())
 
 
+@dataclass(frozen=True)
+class QuestionAnswer:
+    """One training question about an image, its target answer, its type (None: untyped) and grounding."""
+
+    question: str
+    answer: str
+    question_type: str | None
+    grounding: Grounding | None
+
+
 @dataclass
 class ImageExamples:
     """Everything to learn about one image (or one free-form conversation)."""
 
     images: list[ImageSource]
     captions: list[str] = field(default_factory=list)
-    qa: list[tuple[str, str, Grounding | None]] = field(default_factory=list)
+    qa: list[QuestionAnswer] = field(default_factory=list)
     # conversations as chat messages, each with the grounding of each assistant turn's question
     chats: list[tuple[list[dict], Answers]] = field(default_factory=list)
     shared_prefix: bool = True  # False: a conversation with several images or a late image, packed alone
@@ -121,12 +131,13 @@ class Unit:
 class VLMTask:
     name = "vlm"
 
-    OPTIONS = ("questions_per_image", "captions_per_image", "max_length", "vision_from", "init_from", "lora",
-               "freeze_vision", "grounding_weight", "exact_grounding")
+    OPTIONS = ("questions_per_image", "question_rates", "captions_per_image", "max_length", "vision_from", "init_from",
+               "lora", "freeze_vision", "grounding_weight", "exact_grounding")
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         self.config = config
-        options = {"questions_per_image": 0, "captions_per_image": 1, "max_length": None, "vision_from": None,
+        options = {"questions_per_image": 0, "question_rates": {}, "captions_per_image": 1, "max_length": None,
+                   "vision_from": None,
                    "init_from": None, "lora": None, "freeze_vision": False, "grounding_weight": 1.0,
                    "exact_grounding": False,
                    **config.task_options}
@@ -168,6 +179,7 @@ class VLMTask:
         self._encodings: dict[tuple, ChatEncoding] = {}  # encode()'s cache
         self.train_split, self.eval_split = train, evaluation
         self.units = self._build_units(train)
+        self.question_rates = self._question_rates(options["question_rates"])
         # the image readers learn where to look from the questions' referents
         self.supervise_grounding = self.grounding_weight > 0 and len(getattr(self.model, "readers", ())) > 0
         # (reader, head) of the heads that count: exact grounding teaches them how many
@@ -176,7 +188,7 @@ class VLMTask:
         if self.exact_grounding and not (self.supervise_grounding and self.exact_heads):
             raise ValueError("task_options.exact_grounding trains which objects beat each counting reader head's sink: "
                              "it needs model.image_reader_sink and image_reader_counts (and grounding_weight > 0)")
-        grounded = any(g for u in self.units for _, _, g in u.qa) or any(any(a) for u in self.units for _, a in u.chats)
+        grounded = any(q.grounding for u in self.units for q in u.qa) or any(any(a) for u in self.units for _, a in u.chats)
         if self.supervise_grounding and not grounded:
             warnings.warn("the model has image readers but no training question carries referents, so nothing "
                           "teaches them where to look; regenerate Shapes data written before grounding annotations "
@@ -242,7 +254,8 @@ class VLMTask:
             entry(record.image).captions.extend(record.captions)
         for record in split.vqa:
             answer = record.answer or (record.answers[0] if record.answers else "")
-            entry(record.image).qa.append((record.question, answer, Grounding.of(record, answer)))
+            entry(record.image).qa.append(QuestionAnswer(record.question, answer, record.question_type,
+                                                         Grounding.of(record, answer)))
         free_form = []
         for record in split.conversations:
             messages = conversation_to_messages(record)
@@ -253,6 +266,24 @@ class VLMTask:
                 free_form.append(ImageExamples(list(record.images), chats=[(messages, conversation_answers(record))],
                                                shared_prefix=False))
         return list(by_image.values()) + free_form
+
+    def _question_rates(self, rates) -> dict[str, float]:
+        """task_options.question_rates: the share of each question type's questions a step trains on
+        (each question kept with that chance, drawn again every time its image comes round); types
+        not named keep every question. A data mixture: types learned long before the others cost
+        their tokens every step all the same."""
+        if not isinstance(rates, dict):
+            raise ValueError(f"task_options.question_rates: expected a mapping of question type to a share "
+                             f"in (0, 1], got {rates!r}")
+        known = {q.question_type for u in self.units for q in u.qa} - {None}
+        unknown = sorted(set(rates) - known)
+        if unknown:
+            raise ValueError(f"task_options.question_rates names question types the training questions do not have: "
+                             f"{unknown}; they have: {sorted(known)}")
+        for question_type, rate in rates.items():
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+                raise ValueError(f"task_options.question_rates.{question_type}: expected a share in (0, 1], got {rate!r}")
+        return {t: float(r) for t, r in rates.items()}
 
     def unit_sequence(self, item: ImageExamples, rng: random.Random) -> Unit:
         """The packed sequence of one image for this step (captions and questions sampled by rng).
@@ -300,9 +331,14 @@ class VLMTask:
             chats.append(([{"role": "user", "content": [image_part, {"type": "text", "text": rng.choice(CAPTION_PROMPTS)}]},
                            {"role": "assistant", "content": caption}], (None,)))
         qa = item.qa if not self.questions_per_image else rng.sample(item.qa, min(self.questions_per_image, len(item.qa)))
-        for question, answer, grounding in qa:
-            chats.append(([{"role": "user", "content": [image_part, {"type": "text", "text": question}]},
-                           {"role": "assistant", "content": answer}], (grounding,)))
+        if self.question_rates:
+            kept = [q for q in qa if q.question_type not in self.question_rates
+                    or rng.random() < self.question_rates[q.question_type]]
+            # an image with nothing else to say keeps one question: every sequence trains on something
+            qa = kept if kept or chats or item.chats or not qa else [rng.choice(qa)]
+        for q in qa:
+            chats.append(([{"role": "user", "content": [image_part, {"type": "text", "text": q.question}]},
+                           {"role": "assistant", "content": q.answer}], (q.grounding,)))
         return chats + item.chats
 
     def __len__(self) -> int:
