@@ -137,9 +137,8 @@ class VLMTask:
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         self.config = config
         options = {"questions_per_image": 0, "question_rates": {}, "captions_per_image": 1, "max_length": None,
-                   "vision_from": None,
-                   "init_from": None, "lora": None, "freeze_vision": False, "grounding_weight": 1.0,
-                   "exact_grounding": False,
+                   "vision_from": None, "init_from": None, "lora": None, "freeze_vision": False,
+                   "grounding_weight": 1.0, "exact_grounding": False,
                    **config.task_options}
         unknown = set(options) - set(self.OPTIONS)
         if unknown:
