@@ -329,6 +329,12 @@ def test_question_rates_train_on_a_share_of_each_named_question_type(tiny_shapes
     assert offered["exist"] > 400
     assert 0.2 < kept["exist"] / offered["exist"] < 0.3
     assert all(kept[t] == offered[t] for t in offered if t != "exist")  # count's 1.0 and the unnamed ones
+    # an image with only exist questions, no caption and no dialogue still trains on one of them
+    from multimodal_models.training.vlm_task import ImageExamples
+
+    lone = ImageExamples(task.units[0].images, qa=[q for u in task.units for q in u.qa if q.question_type == "exist"][:3])
+    task_rare = task_with({"exist": 1e-9})
+    assert all(len(task_rare._chats(lone, random.Random(seed))) == 1 for seed in range(5))
 
     with pytest.raises(ValueError, match=r"question_rates names .*\['exsit'\].*'exist'"):
         task_with({"exsit": 0.5})
