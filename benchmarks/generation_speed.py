@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from multimodal_models.data.shapes.world import render_scene, sample_scene
+from multimodal_models.shapes.world import render_scene, sample_scene
 from multimodal_models.loading import load
 
 

@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from multimodal_models.data.shapes.world import render_scene, sample_scene  # noqa: E402
+from multimodal_models.shapes.world import render_scene, sample_scene  # noqa: E402
 from multimodal_models.loading import load  # noqa: E402
 from multimodal_models.models.vlm import CAPTION_PROMPT  # noqa: E402
 

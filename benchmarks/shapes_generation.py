@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 
-from multimodal_models.data.shapes.generate import ShapesConfig, generate
+from multimodal_models.shapes.generate import ShapesConfig, generate
 
 
 def timed(config: ShapesConfig, workers: int) -> float:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from multimodal_models.data.shapes.generate import ShapesConfig, generate
+from multimodal_models.shapes.generate import ShapesConfig, generate
 from multimodal_models.training.config import load_config
 from multimodal_models.training.loop import autocast_context, build_task, make_optimizer
 

@@ -34,7 +34,7 @@ def _print_json(obj) -> None:
 
 
 def cmd_shapes_generate(args) -> None:
-    from .data.shapes.generate import ShapesConfig, generate
+    from .shapes.generate import ShapesConfig, generate
 
     config = ShapesConfig(
         seed=args.seed,
@@ -59,7 +59,7 @@ def cmd_shapes_generate(args) -> None:
 
 
 def cmd_shapes_preview(args) -> None:
-    from .data.shapes.preview import draw_preview
+    from .shapes.preview import draw_preview
 
     path = draw_preview(args.data, args.out, split=args.split, count=args.count, seed=args.seed)
     print(path)
@@ -73,7 +73,7 @@ def _split_file(data: str | None, split: str, key: str, explicit: str | None, fl
         return explicit
     if not data:
         raise MultimodalError(f"give {flag} FILE, or --data DIR (a dataset with a dataset.json) and --split")
-    from .data.shapes.generate import load_manifest
+    from .shapes.generate import load_manifest
 
     manifest = load_manifest(data)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .data.shapes.generate import ShapesConfig, generate
+from .shapes.generate import ShapesConfig, generate
 from .loading import DEFAULT_DUAL_ENCODER, DEFAULT_VLM, load
 
 DEMO_SEED = 12345  # not the seed the shipped checkpoints were trained on (0)

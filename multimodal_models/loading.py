@@ -1,8 +1,8 @@
 """`multimodal_models.load(name_or_path)`: a shipped model by name, a saved model folder, or a
 Hugging Face CLIP/SigLIP checkpoint (a folder in that layout, or a hub id; see `pretrained`).
 
-The one table of names in the package lives here: the model types this package saves
-(config.json's "model_type") and the shipped checkpoints.
+The shipped checkpoints are named here; the model types this package saves (config.json's
+"model_type") are in `registry`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import registry
 from .errors import DataFormatError, WrongModelError
 
 if TYPE_CHECKING:
@@ -23,14 +24,6 @@ SHIPPED = {
 }
 DEFAULT_VLM = "shapes-vlm"
 DEFAULT_DUAL_ENCODER = "shapes-clip"
-
-
-def model_classes() -> dict[str, type]:
-    from .models.classifier import FusionClassifier
-    from .models.dual_encoder import DualEncoder
-    from .models.vlm import VisionLanguageModel
-
-    return {cls.model_type: cls for cls in (VisionLanguageModel, DualEncoder, FusionClassifier)}
 
 
 def hf_vlm_loaders() -> dict[str, object]:
@@ -72,7 +65,8 @@ def load(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dt
     dtype: "float32", "bfloat16" or "float16" (or a torch dtype) to cast the weights to; None
     keeps float32 (also for checkpoints stored in half precision, which are widened on load).
     bfloat16 halves the memory and works on CPUs; float16 is for GPUs.
-    expect: the model_type the caller needs ("vlm", "dual_encoder", ...); another kind raises
+    expect: the model_type the caller needs ("vlm", "dual_encoder", ...; a subclass such as
+    "shapes_vlm" also does); another kind raises
     WrongModelError saying that `needed_by` (e.g. "--embedder", "the vqa task") needs it.
     """
     if dtype is None:
@@ -88,7 +82,7 @@ def load(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dt
         finally:
             torch.set_default_dtype(previous)
         model = model.to(target)  # what the checkpoint's own code made in float32 (e.g. our saved models)
-    if expect is not None and model.model_type != expect:
+    if expect is not None and not isinstance(model, registry.model_class(expect)):
         raise WrongModelError(f"{name_or_path} is a {model.model_type} model; {needed_by} needs a {expect} model")
     return model
 
@@ -118,8 +112,7 @@ def _load(name_or_path: str | Path, device: str):
     if config.get("model_type") in ("llava", "idefics3", "smolvlm"):  # LLaVA / Idefics3 / SmolVLM layout
         return hf_vlm_loaders()[config["model_type"]](folder, config).to(device).eval()
     model_type = config.get("model_type")
-    classes = model_classes()
-    if model_type not in classes:
-        raise DataFormatError(config_file, f"unknown model_type {model_type!r}; this package reads {sorted(classes)}",
-                              field="model_type")
-    return classes[model_type].from_pretrained(folder).to(device).eval()
+    if model_type not in registry.MODEL_TYPES:
+        raise DataFormatError(config_file, f"unknown model_type {model_type!r}; this package reads "
+                              f"{sorted(registry.MODEL_TYPES)}", field="model_type")
+    return registry.model_class(model_type).from_pretrained(folder).to(device).eval()

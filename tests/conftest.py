@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from multimodal_models.data.shapes.generate import ShapesConfig, generate
+from multimodal_models.shapes.generate import ShapesConfig, generate
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from multimodal_models.cli import build_parser, main
-from multimodal_models.data.shapes.generate import ShapesConfig, generate
+from multimodal_models.shapes.generate import ShapesConfig, generate
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from multimodal_models.models.image_reader import GroundingTargets, ImageReader, grounding_loss, padded_points
+from multimodal_models.shapes.readers import GroundingTargets, ImageReader, grounding_loss, padded_points
 from multimodal_models.models.vlm import VisionLanguageModel
 
 from .test_vlm import IMAGES, tiny_vlm

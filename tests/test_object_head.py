@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from multimodal_models.data.shapes.world import Scene, ShapeObject
+from multimodal_models.shapes.world import Scene, ShapeObject
 from multimodal_models.loading import load
-from multimodal_models.models.object_head import ObjectHead, ObjectHeadConfig, ObjectSlots
+from multimodal_models.shapes.object_head import ObjectHead, ObjectHeadConfig, ObjectSlots
 from multimodal_models.models.packed_attention import PADDING
 from multimodal_models.models.vlm import predicted_positions
 from multimodal_models.training.config import config_from_raw
 from multimodal_models.training.loop import train
-from multimodal_models.training.objects import SHAPES_ATTRIBUTES, ObjectGrid
+from multimodal_models.shapes.objects import SHAPES_ATTRIBUTES, ObjectGrid
 
 from .conftest import TINY_MODELS, tiny_config
 
@@ -384,7 +384,7 @@ def test_evaluate_tells_where_each_supervised_reader_head_looks(object_clip, tin
     from multimodal_models.data.records import ConversationRecord, Turn, VQARecord
     from multimodal_models.evaluate.harness import evaluate_reader_grounding
     from multimodal_models.evaluate.report import markdown_report
-    from multimodal_models.training.data import ImageStore
+    from multimodal_models.data.splits import ImageStore
     from multimodal_models.training.loop import build_task
 
     raw = tiny_config("vlm", tiny_shapes, tmp_path / "probe")

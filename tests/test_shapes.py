@@ -13,11 +13,11 @@ from PIL import Image
 
 from multimodal_models.cli import main
 from multimodal_models.data import formats
-from multimodal_models.data.shapes.generate import HELD_OUT_COMBOS, SPLITS, ShapesConfig, generate, load_manifest
-from multimodal_models.data.shapes.grounding import check_caption, fits, parse_caption
-from multimodal_models.data.shapes.layout import read_scenes
-from multimodal_models.data.shapes.questions import ANSWER_SPACES, DIALOGUE_TYPES, QUESTION_TYPES
-from multimodal_models.data.shapes.world import COLORS, SHAPES, SIZES, Scene, ShapeObject
+from multimodal_models.shapes.generate import HELD_OUT_COMBOS, SPLITS, ShapesConfig, generate, load_manifest
+from multimodal_models.shapes.claims import check_caption, fits, parse_caption
+from multimodal_models.shapes.layout import read_scenes
+from multimodal_models.shapes.questions import ANSWER_SPACES, DIALOGUE_TYPES, QUESTION_TYPES
+from multimodal_models.shapes.world import COLORS, SHAPES, SIZES, Scene, ShapeObject
 
 from .shapes_solver import solve
 

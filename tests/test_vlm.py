@@ -350,7 +350,7 @@ def test_dialogue_accuracy_per_turn_and_per_form_of_question(tmp_path, monkeypat
     user turn it answers; turns without a question_type count in the totals only."""
     from multimodal_models.data.records import ConversationRecord, Turn
     from multimodal_models.evaluate.harness import evaluate_dialogues
-    from multimodal_models.training.data import ImageStore
+    from multimodal_models.data.splits import ImageStore
 
     model = tiny_vlm()
     IMAGES[0].save(tmp_path / "a.png")

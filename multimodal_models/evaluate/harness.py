@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.records import CaptionRecord, ConversationRecord, MultipleChoiceRecord, Turn, VQARecord
-from ..training.data import ImageStore, SplitData, image_key
+from ..data.splits import ImageStore, SplitData, image_key
 from .metrics.vqa import vqa_accuracy
 
 

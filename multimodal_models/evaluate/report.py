@@ -13,7 +13,7 @@ from typing import Any
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..training.config import DataConfig
-from ..training.data import ImageStore, load_split
+from ..data.splits import ImageStore, load_split
 from .harness import (
     evaluate_captions,
     evaluate_dialogues,

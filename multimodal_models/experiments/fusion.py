@@ -22,7 +22,7 @@ import torch
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..models.layers import count_parameters
 from ..training.config import DataConfig, OptimConfig, RunConfig, SplitFiles
-from ..training.data import ImageStore, load_split
+from ..data.splits import ImageStore, load_split
 from ..training.loop import train
 
 VISION = {"image_size": 64, "patch_size": 8, "width": 128, "depth": 3, "heads": 4, "stem": "conv", "pool": "mean",

@@ -3,8 +3,9 @@
 Both towers end in a linear projection of their pooled vector (bias-free, as CLIP's; SigLIP's
 text head has a bias and its image embedding is the pooled vector itself: see the config); the
 embeddings are L2-normalised, so a dot product is a cosine similarity. Training aligns matching
-image-text pairs with CLIP's softmax InfoNCE or SigLIP's pairwise sigmoid loss
-(`config.loss`). The user-level helpers (`embed_images`, `embed_texts`, `classify`) use
+image-text pairs with CLIP's softmax InfoNCE or SigLIP's pairwise sigmoid loss (`config.loss`):
+the model holds the loss's learnable temperature (`criterion`), and the training task applies it
+to the embeddings that `forward` returns. The user-level helpers (`embed_images`, `embed_texts`, `classify`) use
 the tokenizer and image processor that travel with the weights.
 """
 
@@ -22,7 +23,6 @@ from torch import nn
 
 from .inputs import as_image_list, evaluating, preprocess_images, require_preprocessing, tokenize
 from .losses import ContrastiveLoss, SigmoidLoss
-from .object_head import ObjectHead, ObjectHeadConfig, ObjectTargets
 from .pretrained import PretrainedModel
 from .text import TextEncoder, TextEncoderConfig
 from .vision import VisionConfig, VisionTransformer
@@ -75,16 +75,14 @@ class DualEncoderConfig:
     # classify()'s default prompts: "shapes" (SHAPES_TEMPLATES) | "imagenet" (the CLIP paper's 80
     # ImageNet templates) | "imagenet7" (the 7 of them its forward selection kept)
     prompts: str = "shapes"
-    # Dense object supervision of the vision tower's patch tokens during training (object_head.py);
-    # None: none. Needs object annotations (Shapes scene graphs) in the training data.
-    object_head: ObjectHeadConfig | None = None
 
 
 class DualEncoderOutput(NamedTuple):
     image_embeds: torch.Tensor  # (B, E), L2-normalised
     text_embeds: torch.Tensor  # (B, E), L2-normalised
     logits_per_image: torch.Tensor  # (B, B): row i scores image i against every text
-    loss: torch.Tensor  # () the config's alignment loss, row i of each side being a pair (+ the object head's)
+    negative_embeds: torch.Tensor | None  # (N, E) the extra captions that match no image, where given
+    image_tokens: torch.Tensor  # (B, N, C) the vision tower's tokens (for dense heads built on it)
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -122,7 +120,6 @@ class DualEncoder(PretrainedModel):
             self.criterion = ContrastiveLoss(max_scale=cap)
         else:
             self.criterion = SigmoidLoss()
-        self.object_head = ObjectHead(config.vision.width, config.object_head) if config.object_head else None
 
     # -- tensors in, tensors out ---------------------------------------------------------
 
@@ -143,22 +140,17 @@ class DualEncoder(PretrainedModel):
         return self.criterion.logits(image_embeds, text_embeds)
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                negative_ids: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
-                objects: ObjectTargets | None = None) -> DualEncoderOutput:
-        """Pairs (pixels[i], ids[i]); negative_ids (N, T) are extra captions that match no image;
-        objects: the object head's targets for these images (training with config.object_head)."""
+                negative_ids: torch.Tensor | None = None,
+                negative_mask: torch.Tensor | None = None) -> DualEncoderOutput:
+        """Pairs (pixels[i], ids[i]); negative_ids (N, T) are extra captions that match no image.
+        The training task computes the alignment loss with `model.criterion` (which holds the learnable
+        temperature) over the text embeddings followed by the negatives'."""
         vision = self.vision(pixels)
         image_embeds = self.embed_pooled(vision.pooled)
         text_embeds = self.encode_text(ids, attention_mask)
-        candidates = text_embeds
-        if negative_ids is not None:
-            candidates = torch.cat([text_embeds, self.encode_text(negative_ids, negative_mask)])
-        loss = self.criterion(image_embeds, candidates)
-        if objects is not None:
-            if self.object_head is None:
-                raise ValueError("object targets given, but this model has no object_head in its config")
-            loss = loss + self.object_head.loss(self.grid_tokens(vision.tokens), objects)
-        return DualEncoderOutput(image_embeds, text_embeds, self.logits(image_embeds, text_embeds), loss)
+        negatives = None if negative_ids is None else self.encode_text(negative_ids, negative_mask)
+        return DualEncoderOutput(image_embeds, text_embeds, self.logits(image_embeds, text_embeds), negatives,
+                                 vision.tokens)
 
     def grid_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The vision tower's tokens without its class token: one per patch of the grid."""

@@ -106,8 +106,8 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.length = 0  # positions filled, shared by all layers
         self.max_length = max_length
-        # batch-first tensors that later steps need besides keys and values (an image reader's
-        # image tokens); reorder() keeps them in step with the beams
+        # batch-first tensors that later steps need besides keys and values (what a block hook
+        # reads, e.g. an image's tokens); reorder() keeps them in step with the beams
         self.context: tuple[torch.Tensor, ...] | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,10 @@ def config_to_dict(config: Any) -> dict:
 
 
 def config_from_dict(cls: type, data: dict, *, source: str = "config") -> Any:
-    """Build dataclass `cls` from a dict, recursing into nested dataclass fields."""
+    """Build dataclass `cls` from a dict, recursing into nested dataclass fields. An unknown key,
+    or a value that is not of its field's type (`steps: abc`, `rates: {exist: "a lot"}`), is a
+    DataFormatError naming it; lists become tuples where the field is a tuple, ints floats where
+    it is a float."""
     if not isinstance(data, dict):
         raise DataFormatError(source, f"expected an object for {cls.__name__}, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -43,17 +46,69 @@ def config_from_dict(cls: type, data: dict, *, source: str = "config") -> Any:
     if unknown:
         raise DataFormatError(source, f"unknown {cls.__name__} settings {unknown}; known: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        kind = hints[name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[SomeConfig]
-            kind = next((k for k in typing.get_args(kind) if dataclasses.is_dataclass(k)), kind)
-        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
-            value = config_from_dict(kind, value, source=f"{source}.{name}")
-        elif isinstance(value, list) and typing.get_origin(kind) is tuple:
-            value = tuple(value)
-        values[name] = value
+    values = {name: typed_value(value, hints[name], f"{source}.{name}") for name, value in data.items()}
     return cls(**values)
+
+
+def typed_value(value: Any, kind: Any, where: str) -> Any:
+    """`value` as type `kind` (a field's type hint), or a DataFormatError naming `where`."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any or kind is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return typed_value(value, option, where)
+            except DataFormatError as exc:
+                errors.append(exc)
+        raise DataFormatError(where, f"expected {_type_name(kind)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise DataFormatError(where, f"expected one of {list(args)}, got {value!r}")
+    if dataclasses.is_dataclass(kind):
+        if dataclasses.is_dataclass(value) and isinstance(value, kind):
+            return value
+        return config_from_dict(kind, value, source=where)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            if not args:
+                return tuple(value)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(typed_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+            if len(args) == len(value):
+                return tuple(typed_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif kind is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return [typed_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    elif kind is dict or origin is dict:
+        if isinstance(value, dict):
+            if not args:
+                return value
+            return {typed_value(k, args[0], f"{where} key"): typed_value(v, args[1], f"{where}.{k}")
+                    for k, v in value.items()}
+    else:  # a type this checker does not know: taken as it is
+        return value
+    raise DataFormatError(where, f"expected {_type_name(kind)}, got {value!r}")
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
 
 
 def atomic_directory(target: Path):

@@ -4,10 +4,13 @@
     text  -> token embeddings, with K <image> placeholder positions per image
     the image embeddings replace the placeholders; a causal decoder reads the whole sequence
 
-With `image_tokens: objects` the projector reads one token per object instead of the patch
-grid: the vision tower's object head (trained with a dual encoder on scene graphs) picks and
-describes them (`object_head.ObjectSlots`). With `image_attention: bidirectional` an image's
-tokens all see each other (a prefix-LM image block); text stays causal.
+With `image_attention: bidirectional` an image's tokens all see each other (a prefix-LM image
+block, as in PaliGemma); text stays causal.
+
+Extension points, for a model type built on this one (the Shapes world's ShapesVLM is one):
+`image_token_width` and `image_features` (what the projector reads of an image) and
+`block_hook` (a step after chosen decoder blocks, e.g. a cross-attention back to the image).
+The model returns logits; the training task computes its loss.
 
 It captions, answers and chats (several images, several turns, streamed tokens) through
 the same decoder and the same chat template; `generation.py` holds the decoding strategies.
@@ -30,9 +33,7 @@ from torch import nn
 
 from .chat import JinjaChatTemplate, WordChatTemplate, attach_images
 from .generation import GenerationConfig, beam_search_batch, decode_tokens, stream_text
-from .image_reader import GroundingTargets, ImageReader, grounding_loss
 from .layers import activation, causal_mask, init_weights
-from .object_head import ObjectHeadConfig, ObjectSlots
 from .packed_attention import PackedAttention, rows
 from .pretrained import PretrainedModel
 from .text import CausalDecoder, DecoderConfig
@@ -40,7 +41,6 @@ from .vision import VisionConfig, VisionTransformer
 
 CAPTION_PROMPT = "describe the image."
 VISION_TOKENS = ("patches", "skip_first", "all")
-IMAGE_TOKENS = ("grid", "objects")
 IMAGE_ATTENTION = ("causal", "bidirectional")
 CHAT_FORMATS = ("word", "jinja")
 IMAGE_PROMPTS = ("repeat", "idefics3")
@@ -69,18 +69,6 @@ class VLMConfig:
     image_token: str = "<image>"
     image_prompt: str = "repeat"
     stop_token_ids: tuple[int, ...] = ()  # token ids that end an assistant turn besides the tokenizer's eos
-    # What the projector reads of an image: "grid" (every patch token, after pixel shuffle) | "objects"
-    # (object_slots tokens, one per object, chosen and read by the tower's object head: ObjectSlots in
-    # object_head.py; needs object_head, which training copies from a dual encoder trained with one; keep
-    # that tower frozen, task_options.freeze_vision, as the language loss does not train the head's choice)
-    image_tokens: str = "grid"
-    object_slots: int = 6
-    object_position_frequencies: int = 0  # sine/cosine features of each object's centre (ObjectSlots)
-    # cells whose predicted centres lie this close count as one object (ObjectSlots; 0: a plain top-k of
-    # cells), and a slot holds an object where its (summed) objectness passes object_presence
-    object_merge_radius: float = 0.0
-    object_presence: float = 0.5
-    object_head: ObjectHeadConfig | None = None
     # How an image's tokens see each other in the decoder: "causal" (as text does) | "bidirectional" (every
     # image token sees all tokens of its image, a prefix-LM image block as in PaliGemma, so each can gather
     # the whole scene; text stays causal)
@@ -89,58 +77,10 @@ class VLMConfig:
     # evaluation): the beam width, 1 for greedy. A caption is one long answer, where greedy decoding can
     # talk itself into a corner ("a hexagon and a ..." in a scene of two hexagons) that a beam avoids
     caption_beams: int = 1
-    # Image readers (`image_reader.ImageReader`): after each of these decoder blocks, a cross-attention
-    # from the text positions to the image's tokens as the vision side gives them (before the
-    # projector), whose heads training can point at the objects a question names (grounding). Empty:
-    # none (LLaVA / nanoVLM). heads x head_dim is the readers' inner width.
-    image_reader_blocks: tuple[int, ...] = ()
-    image_reader_heads: int = 4
-    image_reader_head_dim: int = 32
-    # each reader head may also attend to a learned "nothing" (a sink that reads zeros), which lets a
-    # head's read grow with the number of objects it finds (counting) and be zero when none matches
-    image_reader_sink: bool = False
-    # with the sink: each head also hands on how many tokens beat it; true: every reader's heads, or a
-    # list whose entries are a block of image_reader_blocks (all its reader's heads count) or a pair
-    # [block, head] (that one head counts): [2, [4, 0]]
-    image_reader_counts: bool | tuple[int | tuple[int, int], ...] = False
-    # False: a counting head's sink only sets what it counts, and what it reads is weighed over the
-    # tokens alone (a read of one object then says that object's centre unscaled, whatever its
-    # margin); the heads that do not count keep the sink's share
-    image_reader_sink_share: bool = True
-    # each reader head may also prefer tokens near to (or far from, or in a direction from) a place it
-    # names, on the object slots' centres (image_tokens 'objects'): "closest to", "furthest from", "below"
-    image_reader_places: bool = False
-    # each reader after the first also measures every object against what the reader before it found at
-    # the same position: a head's place may be one an earlier head read, and it may prefer (or avoid) the
-    # objects an earlier head looked at and those sharing an attribute with what it read ("is A below B?",
-    # "is A the same colour as B?", "how many other objects have A's shape?"); needs image_reader_places
-    image_reader_relations: bool = False
-    # the relating reader also hands on, into the residual, where what each earlier head found lies from
-    # what each other one found ("is A above or below B?" from one number); needs image_reader_relations
-    image_reader_separations: bool = False
-
-    @property
-    def counting_heads(self) -> dict[int, tuple[int, ...]]:
-        """Block -> the heads of its image reader that hand on counts (image_reader_counts); blocks
-        with no counting head are left out."""
-        every = tuple(range(self.image_reader_heads))
-        if isinstance(self.image_reader_counts, bool):
-            return {block: every for block in self.image_reader_blocks} if self.image_reader_counts else {}
-        out: dict[int, list[int]] = {}
-        for entry in self.image_reader_counts:
-            if isinstance(entry, int):
-                out.setdefault(entry, []).extend(every)
-            elif isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry):
-                out.setdefault(entry[0], []).append(entry[1])
-            else:
-                raise ValueError(f"image_reader_counts: {entry!r} is neither a block nor a pair [block, head]")
-        return {block: tuple(heads) for block, heads in out.items()}
 
     @property
     def tokens_per_image(self) -> int:
         """Image tokens per image (per tile for Idefics3's split images)."""
-        if self.image_tokens == "objects":
-            return self.object_slots
         tokens = self.vision.num_patches
         if self.vision_tokens == "all":
             tokens += int(self.vision.class_token)
@@ -152,64 +92,26 @@ class VLMConfig:
         for name, value, allowed in (("vision_tokens", self.vision_tokens, VISION_TOKENS),
                                      ("chat_format", self.chat_format, CHAT_FORMATS),
                                      ("image_prompt", self.image_prompt, IMAGE_PROMPTS),
-                                     ("image_tokens", self.image_tokens, IMAGE_TOKENS),
                                      ("image_attention", self.image_attention, IMAGE_ATTENTION)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
-        for block in self.image_reader_blocks:
-            if not 0 <= block < self.decoder.depth:
-                raise ValueError(f"image_reader_blocks: block {block} is not one of the decoder's "
-                                 f"{self.decoder.depth} blocks (0..{self.decoder.depth - 1})")
-        counting = self.counting_heads
-        if counting and not self.image_reader_sink:
-            raise ValueError("image_reader_counts counts the tokens that beat each head's sink: set image_reader_sink")
-        readerless = sorted(set(counting) - set(self.image_reader_blocks))
-        if readerless:
-            raise ValueError(f"image_reader_counts: blocks {readerless} have no image reader "
-                             f"(image_reader_blocks: {list(self.image_reader_blocks)})")
-        for block, heads in counting.items():
-            if len(set(heads)) < len(heads) or not all(0 <= h < self.image_reader_heads for h in heads):
-                raise ValueError(f"image_reader_counts: block {block}'s counting heads {list(heads)} must be distinct "
-                                 f"heads of 0..{self.image_reader_heads - 1} (image_reader_heads)")
-        if not self.image_reader_sink_share and not counting:
-            raise ValueError("image_reader_sink_share: false leaves a counting head's sink only its count: "
-                             "it needs image_reader_counts")
-        if self.image_reader_places and self.image_tokens != "objects":
-            raise ValueError("image_reader_places measures distances between object centres: it needs "
-                             "image_tokens 'objects'")
-        if self.image_reader_relations and (not self.image_reader_places or len(self.image_reader_blocks) < 2):
-            raise ValueError("image_reader_relations relate a reader to the one before it, by the places and attributes "
-                             "its heads read: it needs image_reader_places and at least two image_reader_blocks")
-        if self.image_reader_separations and not self.image_reader_relations:
-            raise ValueError("image_reader_separations hands on where what the earlier reader's heads found lies "
-                             "from each other: it needs image_reader_relations")
         if self.caption_beams < 1:
             raise ValueError(f"caption_beams must be at least 1 (1: greedy), got {self.caption_beams}")
-        if self.image_tokens == "objects":
-            if self.object_head is None:
-                raise ValueError("image_tokens 'objects' needs object_head, the config of the tower's object head; "
-                                 "training copies it from the dual encoder named by task_options.vision_from")
-            if self.pixel_shuffle != 1:
-                raise ValueError("image_tokens 'objects' reads one patch token per object: set pixel_shuffle to 1")
-            if self.vision_layer is not None or self.vision_tokens != "patches":
-                raise ValueError("image_tokens 'objects' reads the tower's final patch tokens, which its object head "
-                                 "was trained on: leave vision_layer unset and vision_tokens 'patches'")
 
 
 class VLMOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, V); with targets_only, (M, V) at the M positions that have a label to predict
-    loss: torch.Tensor | None
-    grounding_loss: torch.Tensor | None = None  # given grounding targets and image readers
-    # each image reader's attention logits (B, H, T, S), its margins over the sink where it has one
-    reader_logits: tuple[torch.Tensor, ...] = ()
+    logits: torch.Tensor  # (B, T, V); with predict_at, (M, V) at those M positions
+    hook: Any = None  # the block hook of this pass (block_hook), with what it gathered; None without one
 
 
-def predicted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """labels (B, T), -100 where nothing is trained -> the positions b * T + t whose next token
-    labels[b, t + 1] is trained on, in order, and those tokens."""
-    following = labels[:, 1:]
-    row, t = (following != -100).nonzero(as_tuple=True)
-    return row * labels.shape[1] + t, following[row, t]
+class BlockHook:
+    """A step after some decoder blocks (`VisionLanguageModel.block_hook`): `blocks`, the blocks
+    it follows, and a call (block, x) -> x. It sees a packed batch's real positions as (1, N, C)."""
+
+    blocks: frozenset[int] = frozenset()
+
+    def __call__(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 def pixel_shuffle(tokens: torch.Tensor, factor: int) -> torch.Tensor:
@@ -265,41 +167,38 @@ class VisionLanguageModel(PretrainedModel):
         super().__init__(config)
         config.validate()
         self.vision = VisionTransformer(config.vision)
-        self.objects = None
-        source = config.vision.width * config.pixel_shuffle**2
-        if config.image_tokens == "objects":
-            self.objects = ObjectSlots(config.vision.width, config.object_head, config.object_slots,
-                                       config.object_position_frequencies, merge_radius=config.object_merge_radius,
-                                       presence=config.object_presence)
-            source = self.objects.width
-        self.projector = ModalityProjector(config, source)
+        self.projector = ModalityProjector(config, self.image_token_width(config))
         init_weights(self.projector)
         self.decoder = CausalDecoder(config.decoder)
-        counting = config.counting_heads
-        related = config.image_reader_heads if config.image_reader_relations else 0
-        self.readers = nn.ModuleList(
-            ImageReader(config.decoder.width, source, config.image_reader_heads, config.image_reader_head_dim,
-                        sink=config.image_reader_sink, counts=counting.get(block, ()),
-                        sink_share=config.image_reader_sink_share, places=config.image_reader_places,
-                        relations=related if index else 0,
-                        attribute_sizes=self.objects.attribute_sizes if related and index else (),
-                        separations=config.image_reader_separations and index > 0)
-            for index, block in enumerate(config.image_reader_blocks)
-        )
 
-    # -- model -----------------------------------------------------------------------------
+    # -- extension points ------------------------------------------------------------------
+
+    @staticmethod
+    def image_token_width(config: VLMConfig) -> int:
+        """The width of the image tokens the projector reads (`image_features`, per token, before pixel shuffle
+        merges them)."""
+        return config.vision.width * config.pixel_shuffle**2
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, H, W) -> the image tokens the language side reads (N, K, C_vision): the vision
-        tokens (or object slots) before the projector, which `embed` applies; image readers read
-        them as they are."""
+        tokens before the projector, which `embed` applies."""
         tokens = self.vision(pixels, layer=self.config.vision_layer).tokens
         if self.config.vision_tokens == "skip_first" or (self.config.vision_tokens == "patches"
                                                           and self.config.vision.class_token):
             tokens = tokens[:, 1:]
-        if self.objects is not None:
-            tokens = self.objects(tokens)
         return tokens
+
+    def vision_modules(self) -> list[nn.Module]:
+        """The modules that make `image_features` from pixels (frozen together by freeze_vision)."""
+        return [self.vision]
+
+    def block_hook(self, ids: torch.Tensor, features: torch.Tensor | None, cache,
+                   packed: PackedAttention | None) -> BlockHook | None:
+        """The step to run after some decoder blocks in this pass (None: none, as in LLaVA / nanoVLM).
+        It is handed back in VLMOutput.hook. packed: the pass's packed attention, where it has one."""
+        return None
+
+    # -- model -----------------------------------------------------------------------------
 
     def embed(self, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the <image> placeholders replaced by the projected image features
@@ -319,20 +218,16 @@ class VisionLanguageModel(PretrainedModel):
         return embeds
 
     def forward(self, ids: torch.Tensor, pixels: torch.Tensor | None = None, *, features: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, cache=None, grounding: GroundingTargets | None = None,
-                segments: torch.Tensor | None = None, targets_only: bool = False) -> VLMOutput:
+                mask: torch.Tensor | None = None, positions: torch.Tensor | None = None, cache=None,
+                segments: torch.Tensor | None = None, predict_at: torch.Tensor | None = None) -> VLMOutput:
         """ids (B, T); pixels (N, 3, H, W) for the N images of the batch in reading order (or their
         `image_features`). With a cache, later calls pass only the new ids.
 
-        labels (B, T): the token each position should predict next is labels[:, t+1];
-        -100 marks positions that are not trained on. grounding: where the image readers'
-        heads should look (training), giving VLMOutput.grounding_loss. segments (B, T), with a packed
-        mask: 0 on each row's shared prefix, 1, 2, ... on its segments, -1 on padding; attention is
-        then computed block by block (models/packed_attention.py), the same numbers for less work.
-        targets_only, with labels (training): the logits only where there is a next token to predict,
-        (M, V) in order; the last decoder block's output projection and MLP, and the head, then run on
-        those positions only.
+        segments (B, T), with a packed mask: 0 on each row's shared prefix, 1, 2, ... on its segments,
+        -1 on padding; attention is then computed block by block (models/packed_attention.py), the same
+        numbers for less work. predict_at (M,): the positions b * T + t whose logits are wanted (training:
+        those with a next token to predict), returned as (M, V) in that order; the last decoder block's
+        output projection and MLP, and the head, then run on those positions only.
         """
         if features is None and pixels is not None:
             features = self.image_features(pixels)
@@ -344,88 +239,21 @@ class VisionLanguageModel(PretrainedModel):
                 raise ValueError("segments describe a packed batch: give its mask, and no cache")
             mask = PackedAttention.from_segments(segments, mask)
         packed = mask if isinstance(mask, PackedAttention) else None
-        after_block, reader_logits = None, []
-        if len(self.readers):
-            context, valid, visible = self.image_context(ids, features, cache)
-            places = self.objects.places(context)[0] if self.config.image_reader_places else None
-            attributes = self.objects.attributes(context) if self.config.image_reader_relations else None
-            reader_at = {block: reader for block, reader in zip(self.config.image_reader_blocks, self.readers)}
-            looked = None  # where the last reader's heads looked, for the next one to relate to
-
-            def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
-                nonlocal looked
-                if i not in reader_at:
-                    return x
-                # a packed batch's real positions (1, N, C) are read as rows (B, T, C): the readers' small
-                # products batch well along T
-                x = x if packed is None else packed.expand(x)
-                x, logits, looked = reader_at[i](x, context, visible, places, attributes, looked)
-                reader_logits.append(logits)
-                return x if packed is None else packed.compact(x)
-
-        wanted = targets = None
-        if targets_only:
-            if labels is None or cache is not None:
-                raise ValueError("targets_only is for training: give labels, and no cache")
-            wanted, targets = predicted_positions(labels)
-        # a reader after the last block reads all of its positions: the logits are then picked at the end
-        last_read = bool(self.readers) and max(self.config.image_reader_blocks) == self.decoder.config.depth - 1
+        if predict_at is not None and cache is not None:
+            raise ValueError("predict_at is for training: give no cache")
+        hook = self.block_hook(ids, features, cache, packed)
+        # a step after the last block reads all of its positions: the logits are then picked at the end
+        last_hooked = hook is not None and self.decoder.config.depth - 1 in hook.blocks
         outputs_at = None
-        if wanted is not None and not last_read:
-            outputs_at = wanted if packed is None else packed.compact_index(wanted)
+        if predict_at is not None and not last_hooked:
+            outputs_at = predict_at if packed is None else packed.compact_index(predict_at)
         # a packed batch is embedded on its real positions only (models/packed_attention.py)
         embedded = ids if packed is None else packed.compact(ids)
         logits = self.decoder(embeds=self.embed(embedded, features), mask=mask, positions=positions, cache=cache,
-                              after_block=after_block, outputs_at=outputs_at)
-        if wanted is not None and last_read:
-            logits = rows(logits.flatten(0, 1), wanted)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float(), targets)
-        elif labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        ground = None
-        if grounding is not None and len(self.readers):
-            if self.objects is None:
-                raise ValueError("grounding supervision needs image_tokens 'objects': it matches object centres to "
-                                 "the object slots' predicted centres")
-            centres, present = self.objects.places(context)
-            ground = grounding_loss(reader_logits, centres, valid & present, grounding.to(ids.device))
-        return VLMOutput(logits, loss, ground, tuple(reader_logits))
-
-    def image_context(self, ids: torch.Tensor, features: torch.Tensor | None, cache=None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What the image readers read: each row's images' tokens side by side (B, S, C_projector_in), which
-        of them are real (B, S; rows with fewer images are padded) and which each position may see
-        (B, T, S: the tokens of images that start at or before it). With a cache the context of the
-        prompt is kept there for the steps that follow."""
-        B, T = ids.shape
-        if features is None and cache is not None and cache.context is not None:
-            context, valid = cache.context
-            return context, valid, valid[:, None, :].expand(B, T, -1)
-        if features is None:  # no image anywhere: the readers read nothing
-            empty = torch.zeros(B, 0, dtype=torch.bool, device=ids.device)
-            width = self.projector.layers[0].in_features
-            return torch.zeros(B, 0, width, device=ids.device), empty, empty[:, None, :].expand(B, T, 0)
-        features = pixel_shuffle(features, self.config.pixel_shuffle)  # one token per placeholder, as projected
-        placeholders = self.config.tokens_per_image
-        K = features.shape[1]
-        starts = [(ids[b] == self.config.image_token_id).nonzero()[::placeholders, 0] for b in range(B)]
-        most = max(len(s) for s in starts)
-        context = features.new_zeros(B, most * K, features.shape[-1])
-        valid = torch.zeros(B, most * K, dtype=torch.bool, device=ids.device)
-        first = torch.full((B, most * K), T, dtype=torch.long, device=ids.device)  # position where a token shows
-        image = 0
-        for b, row_starts in enumerate(starts):
-            for j, position in enumerate(row_starts.tolist()):
-                context[b, j * K:(j + 1) * K] = features[image]
-                valid[b, j * K:(j + 1) * K] = True
-                first[b, j * K:(j + 1) * K] = position
-                image += 1
-        if cache is not None:
-            cache.context = (context, valid)
-        visible = torch.arange(T, device=ids.device)[None, :, None] >= first[:, None, :]
-        return context, valid, visible & valid[:, None, :]
+                              after_block=hook, outputs_at=outputs_at)
+        if predict_at is not None and last_hooked:
+            logits = rows(logits.flatten(0, 1), predict_at)
+        return VLMOutput(logits, hook)
 
     def image_block_mask(self, ids: torch.Tensor, mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
         """The attention mask (B, 1, T, start + T) with each image's tokens also seeing the later

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..models.pretrained import atomic_directory
 from .config import RunConfig, dump_config
-from .data import ensure_dataset, load_split
+from ..data.splits import ensure_dataset, load_split
 
 STATE_NAME = "training_state.pt"
 

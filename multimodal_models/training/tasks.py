@@ -21,7 +21,7 @@ from ..models.classifier import FusionClassifier, FusionClassifierConfig
 from ..models.dual_encoder import DualEncoder, DualEncoderConfig
 from ..models.inputs import tokenize
 from ..models.pretrained import config_from_dict
-from .data import ImageStore, SplitData
+from ..data.splits import ImageStore, SplitData
 from .objects import SHAPES_ATTRIBUTES, ObjectGrid
 
 

@@ -34,7 +34,7 @@ from ..models.packed_attention import PADDING
 from ..models.pretrained import config_from_dict
 from ..models.vision import VisionConfig
 from ..models.vlm import CAPTION_PROMPT, VisionLanguageModel, VLMConfig
-from .data import ImageStore, SplitData, image_key
+from ..data.splits import ImageStore, SplitData, image_key
 from .loop import autocast_context
 
 # The most memory the frozen vision tower's features of the training images may take (VLMTask.frozen_features).

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ...io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json
 from .language import make_captions
 from .layout import write_layouts
 from .stats import compute_stats

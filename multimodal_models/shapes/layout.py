@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import DataFormatError
-from ...io import atomic_write_json
-from .. import formats
-from ..records import CaptionRecord, ConversationRecord, MultipleChoiceRecord, Turn, VQARecord
+from ..errors import DataFormatError
+from ..io import atomic_write_json
+from ..data import formats
+from ..data.records import CaptionRecord, ConversationRecord, MultipleChoiceRecord, Turn, VQARecord
 from .world import Scene, ShapeObject
 
 HUMAN_ANSWERS = 10  # VQA v2 collects ten answers per question; Shapes answers are unanimous

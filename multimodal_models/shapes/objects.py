@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..data.shapes.world import COLORS, SHAPES, SIZES
-from ..models.object_head import ObjectTargets
+from .world import COLORS, SHAPES, SIZES
+from .object_head import ObjectTargets
 
 SHAPES_ATTRIBUTES: dict[str, list[str]] = {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES)}
 

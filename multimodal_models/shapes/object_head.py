@@ -11,7 +11,7 @@ vision towers. The position is the image's, not the cell's: a token then says li
 where its object is, which questions about left/right/nearest read off.
 
 The head is a few linear layers on the tokens; the targets are built by
-`multimodal_models.training.objects` from the scene graphs.
+`multimodal_models.shapes.objects` from the scene graphs.
 """
 
 from __future__ import annotations
@@ -116,7 +116,12 @@ class ObjectSlots(nn.Module):
         self.merge_radius, self.presence = merge_radius, presence
         self.register_buffer("frequencies", torch.pi * 2.0 ** torch.arange(frequencies), persistent=False)
         self.token_width = width
-        self.width = width + 3 + sum(len(values) for values in config.attributes.values()) + 4 * frequencies
+        self.width = self.slot_width(width, config, frequencies)
+
+    @staticmethod
+    def slot_width(width: int, config: ObjectHeadConfig, frequencies: int = 0) -> int:
+        """A slot's width: the patch token, objectness, centre (x, y), attributes' probabilities, sines and cosines."""
+        return width + 3 + sum(len(values) for values in config.attributes.values()) + 4 * frequencies
 
     def places(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots (..., self.width) -> each slot's centre (..., 2) and whether it holds an object (...)."""

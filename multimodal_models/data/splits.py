@@ -1,9 +1,11 @@
-"""The data a training run reads: records of a split, and its images decoded once.
+"""The data of a split, as training and evaluation read it: its records, and its images decoded once.
 
 A split is described by a DataConfig: a dataset folder with a dataset.json manifest (the
-Shapes benchmark writes one; you can write one for COCO), explicit files, or both. Every
-file goes through the readers of `multimodal_models.data.formats`, so a run trains on
-COCO captions, VQA v2, LLaVA conversations or a plain JSONL the same way.
+Shapes world writes one; you can write one for COCO), explicit files, or both. Every file
+goes through the readers of `multimodal_models.data.formats`, so a run trains on COCO
+captions, VQA v2, LLaVA conversations or a plain JSONL the same way. Files that no reader
+here knows (a split's scene graphs, say) stay named in `SplitData.files` for the code
+that reads them.
 """
 
 from __future__ import annotations
@@ -17,10 +19,35 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data import formats
-from ..data.preprocess import ImageProcessor
-from ..data.records import CaptionRecord, ConversationRecord, ImageSource, MultipleChoiceRecord, VQARecord
-from .config import DataConfig, SplitFiles
+from . import formats
+from .preprocess import ImageProcessor
+from .records import CaptionRecord, ConversationRecord, ImageSource, MultipleChoiceRecord, VQARecord
+
+
+@dataclass
+class SplitFiles:
+    """Annotation files of one split; paths are relative to DataConfig.root when it is set."""
+
+    images: str | None = None  # image folder the annotation files refer into
+    captions: str | None = None  # COCO captions JSON
+    karpathy: str | None = None  # Karpathy split JSON (with karpathy_split naming the split)
+    karpathy_split: str | None = None
+    vqa_questions: str | None = None  # VQA v2 questions JSON
+    vqa_annotations: str | None = None  # VQA v2 annotations JSON
+    dialogues: str | None = None  # LLaVA conversation JSON / JSONL
+    table: str | None = None  # plain JSONL / CSV next to an image folder
+    scenes: str | None = None  # scene graphs (CLEVR-like JSON; read by the code that uses them, e.g. Shapes)
+    mmmu: str | None = None  # MMMU-layout parquet file or folder (multiple-choice evaluation)
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # a dataset folder with dataset.json (Shapes writes one)
+    train_split: str = "train"  # split names in dataset.json
+    eval_split: str = "val"
+    train: SplitFiles | None = None  # explicit files instead of (or on top of) dataset.json
+    eval: SplitFiles | None = None
+    preload_images: bool = True  # decode and resize every image once, keep them in memory as uint8
 
 
 @dataclass
@@ -30,7 +57,7 @@ class SplitData:
     vqa: list[VQARecord] = field(default_factory=list)
     conversations: list[ConversationRecord] = field(default_factory=list)
     multiple_choice: list[MultipleChoiceRecord] = field(default_factory=list)
-    scenes: dict | None = None  # image_id -> Shapes scene graph, when the split has one
+    files: SplitFiles | None = None  # the files it was read from
 
     def texts(self) -> list[str]:
         """Every piece of text in the split (to build a vocabulary)."""
@@ -41,19 +68,6 @@ class SplitData:
 
     def is_empty(self) -> bool:
         return not (self.captions or self.vqa or self.conversations or self.multiple_choice)
-
-
-def ensure_dataset(data: DataConfig) -> None:
-    """Generate the Shapes benchmark into data.root when it is missing and data.generate says how."""
-    if data.root is None or data.generate is None:
-        return
-    root = Path(data.root)
-    if (root / "dataset.json").is_file():
-        return
-    from ..data.shapes.generate import ShapesConfig, generate
-
-    print(f"generating the Shapes benchmark into {root} ...")
-    generate(ShapesConfig(**data.generate), root)
 
 
 def split_files(data: DataConfig, which: str) -> SplitFiles:
@@ -79,7 +93,7 @@ def split_files(data: DataConfig, which: str) -> SplitFiles:
 def load_split(data: DataConfig, which: str) -> SplitData:
     files = split_files(data, which)
     images = Path(files.images) if files.images else None
-    split = SplitData(name=which)
+    split = SplitData(name=which, files=files)
     if files.captions:
         split.captions = formats.read_coco_captions(files.captions, image_dir=images or Path(files.captions).parent)
     elif files.karpathy:
@@ -98,10 +112,6 @@ def load_split(data: DataConfig, which: str) -> SplitData:
             split.captions += rows
     if files.mmmu:
         split.multiple_choice = formats.read_mmmu(files.mmmu)
-    if files.scenes:
-        from ..data.shapes.layout import read_scenes
-
-        split.scenes = read_scenes(files.scenes)
     if split.is_empty():
         raise ValueError(f"the {which} split has no captions, questions or conversations: check data in the config")
     return split

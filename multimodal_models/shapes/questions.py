@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
-from ..records import Points
+from ..data.records import Points
 from .language import (
     ATTRIBUTE_SETS,
     EXTREME_MARGIN,

@@ -8,9 +8,9 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from ...io import atomic_write_bytes
-from .. import formats
-from ..images import load_image
+from ..io import atomic_write_bytes
+from ..data import formats
+from ..data.images import load_image
 from .generate import load_manifest
 
 
