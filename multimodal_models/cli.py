@@ -104,7 +104,7 @@ def cmd_score_mmmu(args) -> None:
 
 
 def cmd_score_grounding(args) -> None:
-    from .evaluate.scoring import score_grounding_files
+    from .shapes.evaluation import score_grounding_files
 
     scenes = _split_file(args.data, args.split, "scenes", args.scenes, "--scenes")
     _print_json(score_grounding_files(args.predictions, scenes))
@@ -114,14 +114,14 @@ def cmd_score_grounding(args) -> None:
 
 
 def cmd_baseline_blind(args) -> None:
-    from .evaluate.baselines import blind_vqa_predictions
+    from .shapes.baselines import blind_vqa_predictions
 
     out = blind_vqa_predictions(args.data, args.split, args.out)
     print(out)
 
 
 def cmd_baseline_caption(args) -> None:
-    from .evaluate.baselines import frequent_caption_predictions
+    from .shapes.baselines import frequent_caption_predictions
 
     out = frequent_caption_predictions(args.data, args.split, args.out)
     print(out)
@@ -162,6 +162,7 @@ def cmd_train(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .evaluate.report import evaluate_model
+    from .shapes.evaluation import EXTRAS as SHAPES_EXTRAS
 
     reranker = None
     if args.rerank_with:
@@ -170,7 +171,8 @@ def cmd_evaluate(args) -> None:
         reranker = Reranker(_load(args.rerank_with, "vlm", dtype=args.dtype), top=args.rerank_top,
                             similarity_weight=args.rerank_similarity_weight)
     results = evaluate_model(_load(args.model, dtype=args.dtype), args.data, args.out, split=args.split, limit=args.limit,
-                             progress=not args.quiet, reranker=reranker)
+                             progress=not args.quiet, reranker=reranker,
+                             extras=SHAPES_EXTRAS)  # each does nothing where the data has no scene graphs
     from .evaluate.harness import headline
 
     _print_json({"report": str(Path(args.out) / "report.md"), **headline(results)})
@@ -188,7 +190,9 @@ def cmd_ask(args) -> None:
         answer, confidence = model.answer(str(args.image), args.question)
         print(f"{answer}\t(confidence {confidence:.3f})")
         return
-    if model.model_type != "vlm":
+    from .models.vlm import VisionLanguageModel
+
+    if not isinstance(model, VisionLanguageModel):
         raise MultimodalError(f"{args.model} is a {model.model_type} model; 'ask' needs a vlm or fusion_classifier")
     print(model.ask(str(args.image), args.question, **_generation_options(args)))
 

@@ -12,26 +12,25 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..training.config import DataConfig
-from ..data.splits import ImageStore, load_split
+from ..data.images import load_image
+from ..data.splits import DataConfig, ImageStore, load_split
 from .harness import (
+    EvaluationExtra,
     evaluate_captions,
     evaluate_dialogues,
     evaluate_multiple_choice,
-    evaluate_reader_grounding,
     evaluate_retrieval,
     evaluate_vqa,
     first_images,
-    object_accuracy,
 )
 from .metrics.caption import java_available
 
 
 def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "test", limit: int | None = None,
-                   progress: bool = True, reranker=None) -> dict[str, Any]:
-    """Run `model` on every task of the split that it can do; write metrics.json, report.md and
-    plots to `out`. reranker (index.rerank.Reranker): for a dual encoder, also text->image
-    retrieval with a multimodal LM rescoring each caption's top images."""
+                   progress: bool = True, reranker=None, extras: tuple[EvaluationExtra, ...] = ()) -> dict[str, Any]:
+    """Run `model` on every task of the split that it can do, then the extras; write metrics.json,
+    report.md and plots to `out`. reranker (index.rerank.Reranker): for a dual encoder, also
+    text->image retrieval with a multimodal LM rescoring each caption's top images."""
     out = Path(out)
     split_data = first_images(load_split(DataConfig(root=str(data), eval_split=split), "eval"), limit)
     sources = [r.image for r in split_data.captions] + [r.image for r in split_data.vqa]
@@ -43,14 +42,10 @@ def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "te
         results["vqa"] = evaluate_vqa(model, split_data.vqa, store, progress=progress)
     if hasattr(model, "caption_batch") and split_data.captions:
         java = java_available()
-        results["captions"] = evaluate_captions(model, split_data.captions, store, scenes=split_data.scenes,
-                                                tokenizer="auto", use_meteor=java, progress=progress)
+        results["captions"] = evaluate_captions(model, split_data.captions, store, tokenizer="auto", use_meteor=java,
+                                                progress=progress)
     if hasattr(model, "generate_batch") and split_data.conversations:
         results["dialogue"] = evaluate_dialogues(model, split_data.conversations, store, progress=progress)
-    if hasattr(model, "readers"):  # a VLM: where its image readers look (None without readers or annotations)
-        grounding = evaluate_reader_grounding(model, split_data.vqa, split_data.conversations, store, progress=progress)
-        if grounding is not None:
-            results["reader_grounding"] = grounding
     if hasattr(model, "chat") and split_data.multiple_choice:
         results["multiple_choice"] = evaluate_multiple_choice(model, split_data.multiple_choice, progress=progress)
     if hasattr(model, "encode_image") and split_data.captions:
@@ -58,15 +53,12 @@ def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "te
         if reranker is not None:
             rerank_store = ImageStore([r.image for r in split_data.captions], reranker.model.image_processor,
                                       progress=progress, desc="reranker images")
-        results["retrieval"] = evaluate_retrieval(model, split_data.captions, store, scenes=split_data.scenes,
-                                                  progress=progress, reranker=reranker, rerank_store=rerank_store)
-    if getattr(model, "object_head", None) is not None and split_data.scenes and split_data.captions:
-        from ..training.objects import ObjectGrid
-
-        grid = ObjectGrid.for_model(model, split_data.scenes)
-        results["objects"] = object_accuracy(model, split_data.captions, store, grid)
+        results["retrieval"] = evaluate_retrieval(model, split_data.captions, store, progress=progress,
+                                                  reranker=reranker, rerank_store=rerank_store)
+    for extra in extras:
+        extra.run(model, split_data, store, results, progress=progress)
     results["seconds"] = round(time.perf_counter() - start, 1)
-    write_report(results, split_data, store, out)
+    write_report(results, split_data, store, out, extras)
     return results
 
 
@@ -76,7 +68,7 @@ def _without_predictions(value):
     return value
 
 
-def write_report(results: dict, split_data, store: ImageStore, out: Path) -> None:
+def write_report(results: dict, split_data, store: ImageStore, out: Path, extras: tuple[EvaluationExtra, ...] = ()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     metrics = _without_predictions(results)
     atomic_write_json(out / "metrics.json", metrics, indent=2)
@@ -95,10 +87,10 @@ def write_report(results: dict, split_data, store: ImageStore, out: Path) -> Non
         plots.append(_caption_grid(out / "caption_samples.png", split_data, store, results["captions"]["predictions"]))
     if "retrieval" in results:
         plots.append(_recall_plot(out / "recall_at_k.png", results["retrieval"]))
-    atomic_write_text(out / "report.md", markdown_report(metrics, [p.name for p in plots if p]))
+    atomic_write_text(out / "report.md", markdown_report(metrics, [p.name for p in plots if p], extras))
 
 
-def markdown_report(metrics: dict, plots: list[str]) -> str:
+def markdown_report(metrics: dict, plots: list[str], extras: tuple[EvaluationExtra, ...] = ()) -> str:
     lines = [f"# Evaluation: {metrics['model_type']} on {metrics['data']} ({metrics['split']})", ""]
     if "vqa" in metrics:
         v = metrics["vqa"]
@@ -113,10 +105,6 @@ def markdown_report(metrics: dict, plots: list[str]) -> str:
         keys = [k for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in c]
         lines += ["## Captions (coco-caption metrics)", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
                   "| " + " | ".join(f"{c[k]:.4f}" for k in keys) + " |", ""]
-        if "grounding" in c:
-            g = c["grounding"]
-            lines += [f"Grounded claim precision **{g['claim_precision']}%**, hallucination rate **{g['hallucination_rate']}%** "
-                      f"(object-level {g['object_hallucination_rate']}%) over {g['num_captions']} captions.", ""]
         lines += [f"- {note}" for note in c.get("notes", [])] + [""]
     if "dialogue" in metrics:
         d = metrics["dialogue"]
@@ -126,8 +114,6 @@ def markdown_report(metrics: dict, plots: list[str]) -> str:
             lines += ["| form of question | accuracy | turns |", "|---|---|---|"]
             lines += [f"| {k} | {a} | {d['numPerQuestionType'][k]} |" for k, a in d["perQuestionType"].items()]
             lines.append("")
-    if "reader_grounding" in metrics:
-        lines += _reader_grounding_table(metrics["reader_grounding"]["perQuestionType"])
     if "multiple_choice" in metrics:
         m = metrics["multiple_choice"]
         lines += ["## Multiple choice (MMMU layout, official answer extraction)", "",
@@ -144,31 +130,10 @@ def markdown_report(metrics: dict, plots: list[str]) -> str:
                          f"{x['R@10']:.2f} | {x['median_rank']} |")
         lines += ["", f"Ambiguity ceiling of text→image R@1: **{r['ceiling']['text_to_image_R@1']}** (the best expected "
                   f"R@1 when several images fit a caption equally well, decided from {r['ceiling']['basis']}).", ""]
-    if "objects" in metrics:
-        lines += ["## Object head (per-cell attributes from the scene graphs)", "",
-                  "| " + " | ".join(metrics["objects"]) + " |", "|" + "---|" * len(metrics["objects"]),
-                  "| " + " | ".join(str(v) for v in metrics["objects"].values()) + " |", ""]
+    for extra in extras:
+        lines += extra.report(metrics)
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
-
-
-def _reader_grounding_table(per_form: dict) -> list[str]:
-    """One row per form of question, one column per supervised head: look % (exact %)."""
-    targets = sorted({t for heads in per_form.values() for t in heads})
-    lines = ["## Where the image readers look", "",
-             "Share of the annotated questions whose head puts its largest logit on an object it is trained "
-             "to look at (in brackets, for counting heads: exactly those objects beat the head's sink).", "",
-             "| form of question | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
-    for form, heads in per_form.items():
-        cells = []
-        for target in targets:
-            x = heads.get(target)
-            cell = "" if x is None else ("–" if x["look"] is None else f"{x['look']}")
-            if x is not None and x["exact"] is not None:
-                cell += f" ({x['exact']})"
-            cells.append(cell)
-        lines.append(f"| {form} | " + " | ".join(cells) + " |")
-    return lines + [""]
 
 
 def _save(fig, path: Path) -> Path:
@@ -229,8 +194,6 @@ def _recall_plot(path: Path, retrieval: dict) -> Path:
 
 def _prediction_grid(path: Path, split_data, store: ImageStore, predictions: dict, count: int = 12) -> Path:
     plt = _pyplot()
-    from ..data.images import load_image
-
     rng = random.Random(0)
     records = rng.sample(split_data.vqa, min(count, len(split_data.vqa)))
     columns = 4
@@ -249,8 +212,6 @@ def _prediction_grid(path: Path, split_data, store: ImageStore, predictions: dic
 
 def _caption_grid(path: Path, split_data, store: ImageStore, predictions: dict, count: int = 8) -> Path:
     plt = _pyplot()
-    from ..data.images import load_image
-
     records = split_data.captions[:count]
     columns = 4
     rows = (len(records) + columns - 1) // columns

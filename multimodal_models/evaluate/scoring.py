@@ -42,10 +42,3 @@ def score_mmmu_files(predictions: str | Path, data: str | Path, *, seed: int = 4
     scores = mmmu_scores(responses, records, seed=seed)
     scores.pop("predictions", None)
     return scores
-
-
-def score_grounding_files(predictions: str | Path, scenes: str | Path) -> dict:
-    from ..data.shapes.layout import read_scenes
-    from .metrics.grounding import grounding_scores
-
-    return grounding_scores(formats.read_caption_results(predictions), read_scenes(scenes))

@@ -18,6 +18,7 @@ model's state dict has exactly the keys it had before `apply_lora`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,16 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, scale={self.scale:g}, merged={self.merged}"
+
+
+@dataclass
+class LoRAConfig:
+    """What `apply_lora` adapts and how (a training task's `lora` option)."""
+
+    targets: tuple[str, ...] = ("q", "k", "v", "out")  # attribute names of the nn.Linear layers to wrap
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
 
 
 def apply_lora(model: nn.Module, targets: tuple[str, ...] = ("q", "k", "v", "out"), rank: int = 8,

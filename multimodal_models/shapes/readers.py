@@ -7,7 +7,7 @@ after a decoder block lets every text position look again at the image tokens as
 side wrote them (before the projector, e.g. each object slot's centre and attribute readings),
 as the cross-attention layers of Flamingo and Llama 3.2 Vision do, added to the residual.
 
-Its attention can be supervised (`grounding_loss`): where a question's annotations say which
+Its attention can be supervised (grounding.py, `grounding_loss`): where a question's annotations say which
 objects it names, one head per description is trained to look at them. Without that, a
 comparison of two objects ("is A left of B?") does not start within our budgets: attention
 averages what it reads, and nothing pulls one head toward A and another toward B.
@@ -58,8 +58,6 @@ answer's own loss (the direction term above learns only through the evidence hea
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from itertools import chain
 from typing import NamedTuple
 
 import torch
@@ -237,81 +235,3 @@ class ImageReader(nn.Module):
         directions = weights[..., 2 + G:].unflatten(-1, (P, 2))  # (B, H, T, P, Q, 2)
         toward = (directions * lies[:, None]).sum((-1, -2))  # (B, H, T, P): along the directions named
         return place, related / RELATION_UNIT + torch.einsum("bhtp,bpts->bhts", toward, earlier), lies
-
-
-@dataclass
-class GroundingTargets:
-    """Where some heads of some readers should look, for a batch.
-
-    Entry g: at sequence `rows[g]`, position `positions[g]` (the position that predicts the answer),
-    head `heads[g]` of reader `readers[g]` should put its attention on the image tokens nearest to
-    the object centres points[g, :counts[g]] (fractions of the image side). Where exact[g] (for a
-    reader with a sink), those tokens, and no other, should beat the head's sink: "how many" is then
-    taught too, and an empty group says that nothing matches."""
-
-    rows: torch.Tensor  # (G,) long
-    positions: torch.Tensor  # (G,) long
-    readers: torch.Tensor  # (G,) long
-    heads: torch.Tensor  # (G,) long
-    points: torch.Tensor  # (G, M, 2) float
-    counts: torch.Tensor  # (G,) long
-    exact: torch.Tensor | None = None  # (G,) bool; None: no entry is exact
-
-    def __len__(self) -> int:
-        return int(self.rows.shape[0])
-
-    def to(self, device) -> GroundingTargets:
-        exact = None if self.exact is None else self.exact.to(device)
-        return GroundingTargets(*(getattr(self, name).to(device) for name in
-                                  ("rows", "positions", "readers", "heads", "points", "counts")), exact)
-
-
-def grounding_loss(logits: list[torch.Tensor], centres: torch.Tensor, present: torch.Tensor,
-                   targets: GroundingTargets, *, match_radius: float = 0.1) -> torch.Tensor | None:
-    """Mean over targets of -log(attention mass on the target objects' tokens); plus, where targets
-    are exact, the mean over them of the binary cross-entropy of each visible token's margin over
-    the sink against whether it is a target (logits then come from readers with a sink).
-
-    logits: each reader's (B, H, T, S); centres (B, S, 2) and present (B, S): where each image
-    token's object is and whether there is one. Each target point takes the present token whose
-    centre is nearest, if within `match_radius` (an object the vision side missed is skipped)."""
-    if not len(targets):
-        return None
-    chosen = matched_tokens(targets.points, targets.counts, centres[targets.rows], present[targets.rows],
-                            match_radius=match_radius)  # (G, S)
-    rows = torch.stack(logits)[targets.readers, targets.rows, targets.heads, targets.positions].float()  # (G, S)
-    terms = []
-    keep = chosen.any(-1)
-    if keep.any():
-        log_probs = rows[keep].log_softmax(-1)
-        terms.append(-log_probs.masked_fill(~chosen[keep], float("-inf")).logsumexp(-1).mean())
-    if targets.exact is not None and targets.exact.any():
-        margins, wanted = rows[targets.exact], chosen[targets.exact]
-        seen = margins.isfinite()  # the tokens each position can see
-        per_token = F.binary_cross_entropy_with_logits(margins[seen], wanted[seen].float(), reduction="none")
-        per_target = torch.zeros_like(margins).masked_scatter(seen, per_token).sum(-1) / seen.sum(-1).clamp(min=1)
-        terms.append(per_target.mean())
-    return sum(terms) if terms else None
-
-
-def matched_tokens(points: torch.Tensor, counts: torch.Tensor, centres: torch.Tensor, present: torch.Tensor, *,
-                   match_radius: float = 0.1) -> torch.Tensor:
-    """Which image tokens stand for the objects at `points` (G, M, 2), of which the first counts[g]
-    are real: for each point, the present token (present (G, S)) whose centre (centres (G, S, 2))
-    is nearest, if within match_radius. Returns (G, S) bool."""
-    M = points.shape[1]
-    distance = (points[:, :, None, :] - centres[:, None, :, :]).norm(dim=-1)  # (G, M, S)
-    distance = distance.masked_fill(~present[:, None, :], float("inf"))
-    nearest = distance.min(-1)
-    valid = (torch.arange(M, device=distance.device)[None] < counts[:, None]) & (nearest.values <= match_radius)
-    return (F.one_hot(nearest.indices, distance.shape[-1]).bool() & valid[..., None]).any(1)
-
-
-def padded_points(groups: Sequence[Sequence[tuple[float, float]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Groups of object centres as one (G, M, 2) tensor, zero-padded, and each group's size (G,);
-    a group may be empty (an exact target that names no object)."""
-    counts = torch.tensor([len(g) for g in groups], dtype=torch.long)
-    points = torch.zeros(len(groups), max([1, *counts.tolist()]), 2)
-    flat = torch.tensor(list(chain.from_iterable(groups)), dtype=torch.float32)  # one tensor, not one per group
-    points[torch.arange(points.shape[1]) < counts[:, None]] = flat.reshape(-1, 2)
-    return points, counts

@@ -1,13 +1,15 @@
 """Training configuration: one YAML file per experiment, read into dataclasses.
 
-    task: vlm                   # contrastive | vqa | vlm
+    task: vlm                   # contrastive | vqa | vlm | shapes-contrastive | shapes-vlm (registry.TASKS)
     data: {...}                 # DataConfig: a dataset folder or explicit files per split
     model: {...}                # the model's own config (VLMConfig, DualEncoderConfig, ...)
     train: {...}                # OptimConfig: steps, batch size, schedule, precision, evaluation
     output: runs/shapes-vlm     # where checkpoints, logs and curves go
 
 Command-line overrides use dotted keys: `train.steps=200 model.decoder.depth=2`; values are
-parsed as YAML (numbers, booleans, lists).
+parsed as YAML (numbers, booleans, lists). Every value is checked against its field's type
+when the file is read, task_options too (each task declares them as a dataclass, `Options`):
+an unknown key or a value of the wrong type is an error naming it.
 """
 
 from __future__ import annotations
@@ -19,35 +21,10 @@ from typing import Any
 
 import yaml
 
+from .. import registry
+from ..data.splits import DataConfig, SplitFiles  # noqa: F401  (SplitFiles: part of a run's config)
 from ..errors import DataFormatError
 from ..models.pretrained import config_from_dict
-
-
-@dataclass
-class SplitFiles:
-    """Annotation files of one split; paths are relative to DataConfig.root when it is set."""
-
-    images: str | None = None  # image folder the annotation files refer into
-    captions: str | None = None  # COCO captions JSON
-    karpathy: str | None = None  # Karpathy split JSON (with karpathy_split naming the split)
-    karpathy_split: str | None = None
-    vqa_questions: str | None = None  # VQA v2 questions JSON
-    vqa_annotations: str | None = None  # VQA v2 annotations JSON
-    dialogues: str | None = None  # LLaVA conversation JSON / JSONL
-    table: str | None = None  # plain JSONL / CSV next to an image folder
-    scenes: str | None = None  # Shapes scene graphs (grounded caption metrics)
-    mmmu: str | None = None  # MMMU-layout parquet file or folder (multiple-choice evaluation)
-
-
-@dataclass
-class DataConfig:
-    root: str | None = None  # a dataset folder with dataset.json (Shapes writes one)
-    generate: dict | None = None  # Shapes settings (seed, train, val, ...): generate `root` when missing
-    train_split: str = "train"  # split names in dataset.json
-    eval_split: str = "val"
-    train: SplitFiles | None = None  # explicit files instead of (or on top of) dataset.json
-    eval: SplitFiles | None = None
-    preload_images: bool = True  # decode and resize every image once, keep them in memory as uint8
 
 
 @dataclass
@@ -80,14 +57,11 @@ class RunConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     output: str = "runs/run"
     tokenizer: dict = field(default_factory=dict)  # settings of the word tokenizer built from the training text
-    task_options: dict = field(default_factory=dict)  # settings particular to the task (see each task)
+    task_options: Any = None  # the task's own settings: its Options dataclass (see each task)
     save_dtype: str = "float32"  # dtype of the exported weights: float32 | float16 | bfloat16
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-TASKS = ("contrastive", "vqa", "vlm")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -129,9 +103,13 @@ def config_from_raw(raw: dict, *, source: str = "config") -> RunConfig:
     for key in ("task", "data", "model"):
         if key not in raw:
             raise DataFormatError(source, f"missing '{key}'", field=key)
-    if raw["task"] not in TASKS:
-        raise DataFormatError(source, f"unknown task {raw['task']!r}; expected one of {TASKS}", field="task")
-    config: RunConfig = config_from_dict(RunConfig, raw, source=source)
+    if raw["task"] not in registry.TASKS:
+        raise DataFormatError(source, f"unknown task {raw['task']!r}; expected one of {list(registry.TASKS)}",
+                              field="task")
+    options = raw.get("task_options") or {}
+    config: RunConfig = config_from_dict(RunConfig, {**raw, "task_options": None}, source=source)
+    config.task_options = config_from_dict(registry.task_class(config.task).Options, options,
+                                           source=f"{source}: task_options")
     if config.save_dtype not in ("float32", "float16", "bfloat16"):
         raise DataFormatError(source, f"save_dtype must be float32, float16 or bfloat16, got {config.save_dtype!r}")
     if config.train.precision not in ("fp32", "bf16", "fp16"):

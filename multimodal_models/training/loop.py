@@ -6,8 +6,9 @@ atomic checkpoints (model, optimizer, scheduler, RNG, step) of the last and the 
 state, `--resume` that continues to the same result as an uninterrupted run, a progress
 bar, a JSONL log and PNG curves. Under `torchrun` it runs data-parallel (DDP).
 
-A task (vlm_task.VLMTask, tasks.ContrastiveTask, tasks.VQATask) supplies the model, the
-batches, the loss and the evaluation; the loop knows nothing else about it.
+A task (vlm_task.VLMTask, tasks.ContrastiveTask, tasks.VQATask, or one that the registry names,
+such as the Shapes world's) supplies the model, the batches, the loss and the evaluation; the
+loop knows nothing else about it.
 
 Determinism: the examples of step s are a function of (seed, s) and so is every random
 choice a task makes when building a batch, so resuming at step s replays exactly what an
@@ -30,9 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import registry
+from ..data.splits import load_split
+from ..evaluate.harness import headline
 from ..models.pretrained import atomic_directory
 from .config import RunConfig, dump_config
-from ..data.splits import ensure_dataset, load_split
 
 STATE_NAME = "training_state.pt"
 
@@ -72,14 +75,7 @@ def build_task(config: RunConfig, *, progress: bool = True):
     with collector_paused():
         train_split = load_split(config.data, "train")
         eval_split = load_split(config.data, "eval")
-        if config.task == "vlm":
-            from .vlm_task import VLMTask
-
-            return VLMTask(config, train_split, eval_split, progress=progress)
-        from .tasks import ContrastiveTask, VQATask
-
-        cls = {"contrastive": ContrastiveTask, "vqa": VQATask}[config.task]
-        return cls(config, train_split, eval_split, progress=progress)
+        return registry.task_class(config.task)(config, train_split, eval_split, progress=progress)
 
 
 @contextlib.contextmanager
@@ -208,7 +204,7 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
             raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another output")
         if resume and not (last_dir / STATE_NAME).is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {last_dir}")
-        ensure_dataset(config.data)
+        registry.task_class(config.task).prepare_data(config)  # e.g. generate a synthetic data set
     dist.barrier()
     random.seed(config.train.seed)
     np.random.seed(config.train.seed)
@@ -293,8 +289,6 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         stopping = t.stop_after is not None and trained_this_run >= t.stop_after
         if evaluate_now and dist.is_main:
             final_eval = _evaluate(task, model, t.eval_samples)
-            from ..evaluate.harness import headline
-
             flat = headline(final_eval)
             log.write({"step": done, "eval": flat})
             score = task.primary_metric(flat)

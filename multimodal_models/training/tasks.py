@@ -2,13 +2,15 @@
 
 A task builds its tokenizer from the training text and its model from the run's config,
 turns example indices into batches, computes the loss and evaluates with the official
-metrics; `loop.train` does the rest. The native LM's task is in vlm_task.py.
+metrics; `loop.train` does the rest. Its settings (`task_options` in the run's config) are
+its `Options` dataclass. The native LM's task is in vlm_task.py.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,35 +18,40 @@ import torch.nn.functional as F
 from ..data.negatives import hard_negative
 from ..data.preprocess import ImageProcessor
 from ..data.tokenizer import WordTokenizer
-from ..evaluate.harness import evaluate_retrieval, evaluate_vqa, first_images, object_accuracy, retrieval_ceiling
+from ..data.splits import ImageStore, SplitData
+from ..evaluate.harness import evaluate_retrieval, evaluate_vqa, first_images, retrieval_ceiling
+from ..loading import load
 from ..models.classifier import FusionClassifier, FusionClassifierConfig
-from ..models.dual_encoder import DualEncoder, DualEncoderConfig
+from ..models.dual_encoder import DualEncoder, DualEncoderOutput
 from ..models.inputs import tokenize
 from ..models.pretrained import config_from_dict
-from ..data.splits import ImageStore, SplitData
-from .objects import SHAPES_ATTRIBUTES, ObjectGrid
+
+
+@dataclass
+class ImageTaskOptions:
+    init_from: str | None = None  # a shipped, saved or Hugging Face model to fine-tune instead of a new one
 
 
 class _ImageTask:
     """What both tasks share: the tokenizer, the image processor, train and eval image stores."""
 
-    OPTIONS: tuple[str, ...] = ("init_from",)
+    Options = ImageTaskOptions
+
+    @classmethod
+    def prepare_data(cls, config) -> None:
+        """Before the data is read (on the main process): nothing here; a task over generated data makes it."""
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool):
         self.config = config
+        self.options = config.task_options
         self.train_split, self.eval_split = train, evaluation
-        unknown = set(config.task_options) - set(self.OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown task_options for the {config.task} task: {sorted(unknown)}; known: {list(self.OPTIONS)}")
-        self.init_from = config.task_options.get("init_from")
+        self.init_from = getattr(self.options, "init_from", None)
         self.tokenizer = None if self.init_from else WordTokenizer.train(train.texts(), **config.tokenizer)
         self.progress = progress
         self.eval_store: ImageStore | None = None
 
     def _start_from(self, model_type: str):
         """The model named by task_options.init_from (shipped, saved or Hugging Face), to fine-tune."""
-        from ..loading import load
-
         model = load(self.init_from, expect=model_type, needed_by="task_options.init_from of this task")
         self.tokenizer = model.tokenizer
         return model
@@ -60,11 +67,24 @@ class _ImageTask:
         return self.eval_store
 
 
+@dataclass
+class ContrastiveOptions(ImageTaskOptions):
+    hard_negatives: bool = False  # NegCLIP: each caption with a few words changed, as an extra negative
+
+
+def contrastive_loss(model: DualEncoder, out: DualEncoderOutput) -> torch.Tensor:
+    """The model's alignment loss (CLIP's InfoNCE or SigLIP's sigmoid, with its learnable temperature) of a
+    forward pass: row i of each side a pair, the negatives' embeddings extra texts that match no image."""
+    candidates = out.text_embeds if out.negative_embeds is None else torch.cat([out.text_embeds, out.negative_embeds])
+    return model.criterion(out.image_embeds, candidates)
+
+
 class ContrastiveTask(_ImageTask):
     """CLIP/SigLIP training on image-caption pairs; evaluated by cross-modal retrieval."""
 
     name = "contrastive"
-    OPTIONS = ("init_from", "hard_negatives")
+    Options = ContrastiveOptions
+    model_class = DualEncoder  # a task built on this one may train a subclass
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         super().__init__(config, train, evaluation, progress=progress)
@@ -73,18 +93,12 @@ class ContrastiveTask(_ImageTask):
         if self.init_from:
             self.model = self._start_from("dual_encoder")
         else:
-            model_config: DualEncoderConfig = config_from_dict(DualEncoderConfig, config.model, source="model")
+            model_config = config_from_dict(self.model_class.config_class, config.model, source="model")
             model_config.text.vocab_size = self.tokenizer.vocab_size
-            if model_config.object_head is not None and not model_config.object_head.attributes:
-                model_config.object_head.attributes = SHAPES_ATTRIBUTES
-            self.model = DualEncoder(model_config)
+            self.model = self.model_class(self.configure_model(model_config))
             self._attach(self.model, model_config.vision.image_size)
         self.records = train.captions
-        self.objects = self.eval_objects = None
-        if self.model.object_head is not None:  # dense supervision of the patch tokens from the scene graphs
-            self.objects = ObjectGrid.for_model(self.model, train.scenes)
-            self.eval_objects = ObjectGrid.for_model(self.model, evaluation.scenes) if evaluation.scenes else None
-        self.hard_negatives = bool(config.task_options.get("hard_negatives", False))
+        self.hard_negatives = self.options.hard_negatives
         self.ceiling: dict | None = None
         self.store = ImageStore([r.image for r in self.records], self.model.image_processor,
                                 preload=config.data.preload_images, progress=progress, desc="train images")
@@ -98,9 +112,7 @@ class ContrastiveTask(_ImageTask):
         text = self.model.config.text
         ids, mask = tokenize(self.tokenizer, captions, text.max_length, padding=text.padding)
         pixels = self.store.batch([self.store.position(r.image) for r in records])
-        batch = {"pixels": pixels, "ids": ids, "mask": mask, "examples": len(records)}
-        if self.objects is not None:
-            batch["objects"] = self.objects.batch([r.image_id for r in records])
+        batch = {"pixels": pixels, "ids": ids, "mask": mask, "examples": len(records), "image_ids": [r.image_id for r in records]}
         if self.hard_negatives:  # NegCLIP: each caption with a few words changed, as an extra negative
             negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
             if negatives:
@@ -108,36 +120,49 @@ class ContrastiveTask(_ImageTask):
                                                                          padding=text.padding)
         return batch
 
-    @staticmethod
-    def loss(model, batch: dict) -> torch.Tensor:
+    def configure_model(self, model_config):
+        """The new model's config, filled in from the data where a task built on this one needs it."""
+        return model_config
+
+    def forward(self, model, batch: dict) -> DualEncoderOutput:
         return model(batch["pixels"], batch["ids"], batch["mask"], negative_ids=batch.get("negative_ids"),
-                     negative_mask=batch.get("negative_mask"), objects=batch.get("objects")).loss
+                     negative_mask=batch.get("negative_mask"))
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return contrastive_loss(model, self.forward(model, batch))
 
     def evaluate(self, model, limit: int) -> dict:
         split = first_images(self.eval_split, limit)
         if self.ceiling is None:  # the same captions every time: the ceiling does not change
-            self.ceiling = retrieval_ceiling(split.captions, split.scenes)
+            self.ceiling = self.retrieval_ceiling(split)
         store = self._eval_store(split, model)
-        results = {"retrieval": evaluate_retrieval(model, split.captions, store, scenes=split.scenes, ceiling=self.ceiling)}
-        if self.eval_objects is not None:  # how well the patch tokens name the objects, per attribute
-            results["objects"] = object_accuracy(model, split.captions, store, self.eval_objects)
-        return results
+        return {"retrieval": evaluate_retrieval(model, split.captions, store, ceiling=self.ceiling)}
+
+    def retrieval_ceiling(self, split: SplitData) -> dict:
+        """The best text->image R@1 to expect on this split (identical captions of different images)."""
+        return retrieval_ceiling(split.captions)
 
     @staticmethod
     def primary_metric(flat: dict) -> float:
         return (flat.get("t2i_R@1") or 0.0) + (flat.get("i2t_R@1") or 0.0)
 
 
+@dataclass
+class VQAOptions:
+    min_answer_count: int = 1  # answers given fewer times in the training data are not among the classes
+
+
 class VQATask(_ImageTask):
     """VQA as classification over the training answers (the fusion classifier)."""
 
     name = "vqa"
+    Options = VQAOptions
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         super().__init__(config, train, evaluation, progress=progress)
         if not train.vqa:
             raise ValueError("the vqa task needs questions in the training data (VQA v2 files or a table)")
-        min_count = config.task_options.get("min_answer_count", 1)
+        min_count = self.options.min_answer_count
         counts = Counter(a for r in train.vqa for a in (r.answers or (r.answer,)) if a)
         answers = tuple(sorted(a for a, n in counts.items() if n >= min_count))
         model_config: FusionClassifierConfig = config_from_dict(FusionClassifierConfig, config.model, source="model")
@@ -168,8 +193,7 @@ class VQATask(_ImageTask):
         targets = torch.stack([self.targets(r) for r in records])
         return {"pixels": pixels, "ids": ids, "mask": mask, "targets": targets, "examples": len(records)}
 
-    @staticmethod
-    def loss(model, batch: dict) -> torch.Tensor:
+    def loss(self, model, batch: dict) -> torch.Tensor:
         logits = model(batch["pixels"], batch["ids"], batch["mask"]).float()
         return -(batch["targets"] * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 

@@ -12,29 +12,35 @@ sends at inference), while the image is encoded once for a dozen examples. The b
 says which segment each position is in, and the model computes that mask block by block on
 the real positions only (models/packed_attention.py). Where the vision tower is frozen, its
 features of the training images are computed once (frozen_features).
+
+A task built on this one (the Shapes world's grounded task is one) may attach an annotation to
+each answer (`annotation`), which packing carries to the answer's place in the batch, add
+targets of its own to a batch (`add_targets`), and add to the loss and the evaluation.
 """
 
 from __future__ import annotations
 
 import random
-import warnings
-from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data.preprocess import ImageProcessor
-from ..data.records import ImageSource, Points
+from ..data.records import ImageSource
+from ..data.splits import ImageStore, SplitData, image_key
 from ..data.tokenizer import WordTokenizer
+from ..evaluate.harness import first_images, vlm_split_scores
+from ..loading import load
 from ..models.chat import CHAT_SPECIAL_TOKENS, ChatEncoding, conversation_to_messages
-from ..models.image_reader import GroundingTargets, padded_points
 from ..models.layers import causal_mask
+from ..models.lora import LoRAConfig, apply_lora, merge_lora
 from ..models.packed_attention import PADDING
 from ..models.pretrained import config_from_dict
 from ..models.vision import VisionConfig
-from ..models.vlm import CAPTION_PROMPT, VisionLanguageModel, VLMConfig
-from ..data.splits import ImageStore, SplitData, image_key
+from ..models.vlm import CAPTION_PROMPT, VisionLanguageModel, VLMConfig, VLMOutput
 from .loop import autocast_context
 
 # The most memory the frozen vision tower's features of the training images may take (VLMTask.frozen_features).
@@ -46,65 +52,17 @@ ENCODINGS_KEPT = 1_000_000
 # Ways of asking for a caption seen in training; CAPTION_PROMPT is the one inference uses.
 CAPTION_PROMPTS = (CAPTION_PROMPT, "what is in the picture?", "write a caption.", "describe this image.")
 
-@dataclass(frozen=True)
-class Grounding:
-    """Where a question looks (VQARecord.referents / evidence): object centres, image fractions."""
-
-    referents: tuple[Points, ...]
-    evidence: Points | None  # None: not annotated; (): the answer rests on no object
-    counted: bool = False  # the answer is a number: how many objects the evidence holds
-
-    def targets(self, readers: int, heads: int, *, exact: Collection[tuple[int, int]] = (),
-                counted_evidence_only: bool = False) -> list[tuple[int, int, Points, bool]]:
-        """(reader, head, points, exact) to supervise: the first reader's head i looks at what the
-        question's i-th description names; with two or more readers, the last one's head 0 at the
-        answer's evidence (found from the first look: the object closest to A) and its heads 1, 2, ...
-        again at the descriptions' objects (with places and a sink, how much such a second look finds
-        says where they are from a place, "is A below B?", or how many there are).
-
-        Where a first-look (evidence) head is in `exact` as (reader, head) (heads that count), it is
-        also to let exactly its objects beat the sink: a description that names nothing ("no cyan
-        objects") is then a target too, with no objects. With `counted_evidence_only`, the evidence is
-        exact only where the answer counts it (a yes/no answer's evidence, "A if it lies below B",
-        then only says where to look). The second look is left free to use its sink for places."""
-        out = []
-        for head, group in enumerate(self.referents[:heads]):
-            first = (0, head) in exact
-            if group or first:
-                out.append((0, head, group, first))
-        if readers > 1:
-            last = (readers - 1, 0) in exact and (self.counted or not counted_evidence_only)
-            if self.evidence or (last and self.evidence is not None):
-                out.append((readers - 1, 0, self.evidence, last))
-            out += [(readers - 1, head, group, False) for head, group in enumerate(self.referents[:heads - 1], 1)
-                    if group]
-        return out
-
-    @classmethod
-    def of(cls, item, answer: str) -> Grounding | None:
-        """The grounding of a VQARecord or a user Turn, whose answer is `answer`; None where it has none."""
-        if not item.referents and item.evidence is None:
-            return None
-        return cls(item.referents, item.evidence, counted=answer.strip().isdigit())
-
-
-Answers = tuple[Grounding | None, ...]  # the grounding of each assistant turn of a chat, in order
-
-
-def conversation_answers(record) -> Answers:
-    """Each assistant turn's grounding: that of the user turn just before it."""
-    return tuple(Grounding.of(asked, answer.text) if asked is not None else None
-                 for asked, answer in record.exchanges())
+Annotations = tuple[Any, ...]  # what the task attaches to each assistant turn of a chat, in order (VLMTask.annotation)
 
 
 @dataclass(frozen=True)
 class QuestionAnswer:
-    """One training question about an image, its target answer, its type (None: untyped) and grounding."""
+    """One training question about an image, its target answer, its type (None: untyped) and annotation."""
 
     question: str
     answer: str
     question_type: str | None
-    grounding: Grounding | None
+    annotation: Any = None
 
 
 @dataclass
@@ -114,8 +72,8 @@ class ImageExamples:
     images: list[ImageSource]
     captions: list[str] = field(default_factory=list)
     qa: list[QuestionAnswer] = field(default_factory=list)
-    # conversations as chat messages, each with the grounding of each assistant turn's question
-    chats: list[tuple[list[dict], Answers]] = field(default_factory=list)
+    # conversations as chat messages, each with the annotation of each assistant turn
+    chats: list[tuple[list[dict], Annotations]] = field(default_factory=list)
     shared_prefix: bool = True  # False: a conversation with several images or a late image, packed alone
 
 
@@ -125,118 +83,99 @@ class Unit:
 
     images: list[ImageSource]
     prefix: list[int]
-    segments: list[tuple[list[int], list[bool], Answers]]  # (ids, is-target, groundings) after the prefix
+    segments: list[tuple[list[int], list[bool], Annotations]]  # (ids, is-target, annotations) after the prefix
+
+
+@dataclass
+class VLMOptions:
+    questions_per_image: int = 0  # questions per image and step, drawn afresh each time (0: all of them)
+    # the share of each named question type's questions a step trains on (each kept with that chance, drawn
+    # again every time its image comes round); types not named keep every question
+    question_rates: dict[str, float] = field(default_factory=dict)
+    captions_per_image: int = 1  # captions per image and step
+    max_length: int | None = None  # a packed sequence's longest (None: the decoder's max_length)
+    vision_from: str | None = None  # start from this model's vision tower (LLaVA's recipe)
+    init_from: str | None = None  # fine-tune this saved, shipped or Hugging Face model, with its own tokenizer
+    lora: LoRAConfig | None = None  # LoRA on the decoder, everything else frozen (merged into the saved model)
+    freeze_vision: bool = False  # keep the (pretrained) vision side as it is
 
 
 class VLMTask:
     name = "vlm"
+    Options = VLMOptions
+    model_class = VisionLanguageModel  # a task built on this one may train a subclass
 
-    OPTIONS = ("questions_per_image", "question_rates", "captions_per_image", "max_length", "vision_from", "init_from",
-               "lora", "freeze_vision", "grounding_weight", "exact_grounding")
+    @classmethod
+    def prepare_data(cls, config) -> None:
+        """Before the data is read (on the main process): nothing here; a task over generated data makes it."""
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         self.config = config
-        options = {"questions_per_image": 0, "question_rates": {}, "captions_per_image": 1, "max_length": None,
-                   "vision_from": None, "init_from": None, "lora": None, "freeze_vision": False,
-                   "grounding_weight": 1.0, "exact_grounding": False,
-                   **config.task_options}
-        unknown = set(options) - set(self.OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown task_options for the vlm task: {sorted(unknown)}; known: {list(self.OPTIONS)}")
-        self.questions_per_image = options["questions_per_image"]  # 0: all of them
-        # weight of the image readers' grounding loss, where questions carry referents (0: off)
-        self.grounding_weight = float(options["grounding_weight"])
-        # and whether the counting readers' heads learn which objects beat their sink (how many);
-        # "numbers": the evidence head only where the answer is how many
-        if options["exact_grounding"] not in (False, True, "numbers"):
-            raise ValueError(f"task_options.exact_grounding: expected true, false or 'numbers', "
-                             f"got {options['exact_grounding']!r}")
-        self.exact_grounding = bool(options["exact_grounding"])
-        self.counted_evidence_only = options["exact_grounding"] == "numbers"
-        self.captions_per_image = options["captions_per_image"]
-        if options["init_from"]:  # fine-tune a saved or Hugging Face model with its own tokenizer and template
-            self.model = load_model(options["init_from"], "vlm")
-            self.tokenizer = self.model.tokenizer
+        options = self.options = config.task_options
+        self.questions_per_image = options.questions_per_image  # 0: all of them
+        self.captions_per_image = options.captions_per_image
+        if options.init_from:  # fine-tune a saved or Hugging Face model with its own tokenizer and template
+            self.model = load_model(options.init_from, self.model_class.model_type)
         else:
-            self.model = self._fresh_model(config, train, options["vision_from"])
-            self.tokenizer = self.model.tokenizer
-        if options["freeze_vision"]:  # LLaVA's recipe: keep the (pretrained) vision tower as it is
-            if not (options["vision_from"] or options["init_from"]):
+            self.model = self._fresh_model(config, train, options.vision_from)
+        self.tokenizer = self.model.tokenizer
+        if options.freeze_vision:  # LLaVA's recipe: keep the (pretrained) vision tower as it is
+            if not (options.vision_from or options.init_from):
                 raise ValueError("task_options.freeze_vision keeps the vision tower fixed, so it needs a trained one: "
                                  "set task_options.vision_from (or init_from)")
-            tower = [self.model.vision] + ([self.model.objects.head] if self.model.objects is not None else [])
-            for parameter in (p for module in tower for p in module.parameters()):
+            for parameter in (p for module in self.model.vision_modules() for p in module.parameters()):
                 parameter.requires_grad_(False)
-        self.lora = options["lora"]
+        self.lora = options.lora
         if self.lora is not None:  # LoRA on the decoder; everything else frozen
-            from ..models.lora import apply_lora
-
             for parameter in self.model.parameters():
                 parameter.requires_grad_(False)
-            apply_lora(self.model.decoder, **{"targets": ("q", "k", "v", "out"), **self.lora})
+            apply_lora(self.model.decoder, targets=self.lora.targets, rank=self.lora.rank, alpha=self.lora.alpha,
+                       dropout=self.lora.dropout)
         self.template = self.model.chat_template()
         self._encodings: dict[tuple, ChatEncoding] = {}  # encode()'s cache
         self.train_split, self.eval_split = train, evaluation
         self.units = self._build_units(train)
-        self.question_rates = self._question_rates(options["question_rates"])
-        # the image readers learn where to look from the questions' referents
-        self.supervise_grounding = self.grounding_weight > 0 and len(getattr(self.model, "readers", ())) > 0
-        # (reader, head) of the heads that count: exact grounding teaches them how many
-        self.exact_heads = frozenset((i, head) for i, r in enumerate(getattr(self.model, "readers", ()))
-                                     for head in r.counting_heads) if self.exact_grounding else frozenset()
-        if self.exact_grounding and not (self.supervise_grounding and self.exact_heads):
-            raise ValueError("task_options.exact_grounding trains which objects beat each counting reader head's sink: "
-                             "it needs model.image_reader_sink and image_reader_counts (and grounding_weight > 0)")
-        grounded = any(q.grounding for u in self.units for q in u.qa) or any(any(a) for u in self.units for _, a in u.chats)
-        if self.supervise_grounding and not grounded:
-            warnings.warn("the model has image readers but no training question carries referents, so nothing "
-                          "teaches them where to look; regenerate Shapes data written before grounding annotations "
-                          "(multimodal shapes generate) or add 'referents' to the VQA annotations", stacklevel=2)
-        self.max_length = options["max_length"] or self.model.config.decoder.max_length
+        self.question_rates = self._question_rates(options.question_rates)
+        self.max_length = options.max_length or self.model.config.decoder.max_length
         self.store = ImageStore([s for u in self.units for s in u.images], self.model.image_processor,
                                 preload=config.data.preload_images, progress=progress, desc="train images")
         self.eval_store: ImageStore | None = None
         self.progress = progress
         self._frozen_features: torch.Tensor | bool | None = None  # see frozen_features
 
-    @staticmethod
-    def _fresh_model(config, train: SplitData, vision_from: str | None) -> VisionLanguageModel:
+    def _fresh_model(self, config, train: SplitData, vision_from: str | None) -> VisionLanguageModel:
         """A new model with a word tokenizer built from the training text."""
         tokenizer = WordTokenizer.train(train.texts() + list(CAPTION_PROMPTS), extra_special_tokens=CHAT_SPECIAL_TOKENS,
                                         **config.tokenizer)
-        model_config: VLMConfig = config_from_dict(VLMConfig, config.model, source="model")
+        model_config: VLMConfig = config_from_dict(self.model_class.config_class, config.model, source="model")
         model_config.decoder.vocab_size = tokenizer.vocab_size
         model_config.image_token_id = tokenizer.image_id
-        pretrained = None
+        tower = None
         if vision_from:  # LLaVA's recipe: start from a contrastively trained vision tower
-            pretrained = load_model(vision_from)
-            if "vision" in config.model and config_from_dict(VisionConfig, config.model["vision"]) != pretrained.vision.config:
+            tower = load_model(vision_from)
+            if "vision" in config.model and config_from_dict(VisionConfig, config.model["vision"]) != tower.vision.config:
                 raise ValueError(f"model.vision differs from the vision tower of {vision_from}; "
                                  "leave model.vision out to take the tower's own config")
-            model_config.vision = pretrained.vision.config
-            if model_config.image_tokens == "objects":  # the tower's object head picks and reads the objects
-                if getattr(pretrained, "object_head", None) is None:
-                    raise ValueError(f"model.image_tokens 'objects' needs a vision tower with an object head, and "
-                                     f"{vision_from} has none: train the dual encoder with model.object_head")
-                model_config.object_head = pretrained.object_head.config
-        elif model_config.image_tokens == "objects":
-            raise ValueError("model.image_tokens 'objects' needs a trained object head to choose the objects: set "
-                             "task_options.vision_from to a dual encoder trained with model.object_head")
-        model = VisionLanguageModel(model_config)
-        if pretrained is not None:
-            model.vision.load_state_dict(pretrained.vision.state_dict())
-            if model.objects is not None:
-                model.objects.head.load_state_dict(pretrained.object_head.state_dict())
+            model_config.vision = tower.vision.config
+        model = self.model_class(self.configure_model(model_config, tower))
+        if tower is not None:
+            self.copy_tower(model, tower)
         size = model_config.vision.image_size
         model.tokenizer = tokenizer
         model.image_processor = ImageProcessor(size={"height": size, "width": size})
         return model
 
+    def configure_model(self, model_config: VLMConfig, tower) -> VLMConfig:
+        """The new model's config, given the model whose vision tower it starts from (None: a new tower)."""
+        return model_config
+
+    def copy_tower(self, model: VisionLanguageModel, tower) -> None:
+        """Start the new model's vision side from `tower`'s."""
+        model.vision.load_state_dict(tower.vision.state_dict())
+
     def export_model(self, model: VisionLanguageModel) -> VisionLanguageModel:
         """The model to save at the end: LoRA updates folded into the weights."""
         if self.lora is not None:
-            from ..models.lora import merge_lora
-
             merge_lora(model)
         return model
 
@@ -254,33 +193,40 @@ class VLMTask:
         for record in split.vqa:
             answer = record.answer or (record.answers[0] if record.answers else "")
             entry(record.image).qa.append(QuestionAnswer(record.question, answer, record.question_type,
-                                                         Grounding.of(record, answer)))
+                                                         self.annotation(record, answer)))
         free_form = []
         for record in split.conversations:
             messages = conversation_to_messages(record)
             first = messages[0]
             if len(record.images) == 1 and first["role"] == "user" and first["content"].lstrip().startswith("<image>"):
-                entry(record.images[0]).chats.append((messages, conversation_answers(record)))
+                entry(record.images[0]).chats.append((messages, self.turn_annotations(record)))
             else:  # several images, or the image later in the chat: a sequence of its own
-                free_form.append(ImageExamples(list(record.images), chats=[(messages, conversation_answers(record))],
+                free_form.append(ImageExamples(list(record.images), chats=[(messages, self.turn_annotations(record))],
                                                shared_prefix=False))
         return list(by_image.values()) + free_form
 
-    def _question_rates(self, rates) -> dict[str, float]:
+    def annotation(self, item, answer: str) -> Any:
+        """What to carry with an answer to its place in a batch (`add_targets`): item is the VQARecord or the
+        user Turn it answers. None here; a task built on this one may read the item's own annotations."""
+        return None
+
+    def turn_annotations(self, record) -> Annotations:
+        """Each assistant turn's annotation: from the user turn just before it."""
+        return tuple(self.annotation(asked, answer.text) if asked is not None else None
+                     for asked, answer in record.exchanges())
+
+    def _question_rates(self, rates: dict[str, float]) -> dict[str, float]:
         """task_options.question_rates: the share of each question type's questions a step trains on
         (each question kept with that chance, drawn again every time its image comes round); types
         not named keep every question. A data mixture: types learned long before the others cost
         their tokens every step all the same."""
-        if not isinstance(rates, dict):
-            raise ValueError(f"task_options.question_rates: expected a mapping of question type to a share "
-                             f"in (0, 1], got {rates!r}")
         known = {q.question_type for u in self.units for q in u.qa} - {None}
         unknown = sorted(set(rates) - known)
         if unknown:
             raise ValueError(f"task_options.question_rates names question types the training questions do not have: "
                              f"{unknown}; they have: {sorted(known)}")
         for question_type, rate in rates.items():
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            if not 0 < rate <= 1:
                 raise ValueError(f"task_options.question_rates.{question_type}: expected a share in (0, 1], got {rate!r}")
         return {t: float(r) for t, r in rates.items()}
 
@@ -320,8 +266,8 @@ class VLMTask:
                 self._encodings[key] = encoding
         return encoding
 
-    def _chats(self, item: ImageExamples, rng: random.Random) -> list[tuple[list[dict], Answers]]:
-        """This step's chats about the item, each with the grounding of each of its answers."""
+    def _chats(self, item: ImageExamples, rng: random.Random) -> list[tuple[list[dict], Annotations]]:
+        """This step's chats about the item, each with the annotation of each of its answers."""
         if not item.shared_prefix:
             return item.chats
         image_part = {"type": "image"}
@@ -337,7 +283,7 @@ class VLMTask:
             qa = kept if kept or chats or item.chats or not qa else [rng.choice(qa)]
         for q in qa:
             chats.append(([{"role": "user", "content": [image_part, {"type": "text", "text": q.question}]},
-                           {"role": "assistant", "content": q.answer}], (q.grounding,)))
+                           {"role": "assistant", "content": q.answer}], (q.annotation,)))
         return chats + item.chats
 
     def __len__(self) -> int:
@@ -365,9 +311,12 @@ class VLMTask:
         batch = {"ids": ids, "labels": labels, "positions": positions, "mask": mask[:, None], "segments": segments,
                  "pixels": pixels, "features": features,
                  "examples": sum(len(u.segments) for u in units), "tokens": int((labels != -100).sum())}
-        if self.supervise_grounding:
-            batch["grounding"] = self.grounding_targets(rows)
+        self.add_targets(batch, rows)
         return batch
+
+    def add_targets(self, batch: dict, rows: list) -> None:
+        """Targets of a task built on this one, from the packed rows (`pack`: each segment's place and the
+        annotations of its answers). Nothing here."""
 
     def frozen_features(self, images: list[int]) -> torch.Tensor | None:
         """The image features (N, K, C) of the training images at these store positions, where the
@@ -383,8 +332,7 @@ class VLMTask:
 
     def _encode_frozen_tower(self) -> torch.Tensor | bool:
         model = self.model
-        tower = [model.vision] + ([model.objects] if model.objects is not None else [])
-        if any(p.requires_grad for module in tower for p in module.parameters()):
+        if any(p.requires_grad for module in model.vision_modules() for p in module.parameters()):
             return False
         device = next(model.parameters()).device
         chunk = 64
@@ -398,34 +346,19 @@ class VLMTask:
                     return False
         return torch.cat(encoded)
 
-    def grounding_targets(self, rows: list) -> GroundingTargets:
-        """Each grounded question's targets at the position that predicts its answer's first token."""
-        readers, heads = len(self.model.readers), self.model.config.image_reader_heads
-        where: list[tuple[int, int, int, int, int]] = []  # (row, position, reader, head, exact)
-        groups: list[Points] = []
-        for row, (_, row_targets, _, _, placed) in enumerate(rows):
-            for start, end, answers in placed:
-                # each assistant turn is a run of trained tokens; its first is predicted one position earlier
-                firsts = [t for t in range(start, end) if row_targets[t] and not row_targets[t - 1]]
-                for first, grounding in zip(firsts, answers):
-                    targets = () if grounding is None else grounding.targets(
-                        readers, heads, exact=self.exact_heads, counted_evidence_only=self.counted_evidence_only)
-                    for reader, head, points, exact in targets:
-                        where.append((row, first - 1, reader, head, exact))
-                        groups.append(points)
-        columns = torch.tensor(where, dtype=torch.long).reshape(-1, 5).T
-        return GroundingTargets(*columns[:4], *padded_points(groups), columns[4].bool() if self.exact_grounding else None)
-
     def evaluate(self, model, limit: int) -> dict:
-        """VQA accuracy, caption metrics (+ grounding on Shapes), dialogue turn accuracy on the eval split."""
-        from ..evaluate.harness import first_images, vlm_split_scores
-
+        """VQA accuracy, caption metrics and dialogue turn accuracy on the eval split (and the extras of a
+        task built on this one)."""
         split = first_images(self.eval_split, limit)
         if self.eval_store is None:  # the same images every evaluation: decode them once
             sources = [r.image for r in split.captions] + [r.image for r in split.vqa]
             sources += [s for r in split.conversations for s in r.images]
             self.eval_store = ImageStore(sources, model.image_processor, progress=False)
-        return vlm_split_scores(model, split, store=self.eval_store)
+        return vlm_split_scores(model, split, store=self.eval_store, extras=self.evaluation_extras())
+
+    def evaluation_extras(self) -> tuple:
+        """Evaluations to run beside the general ones (evaluate.harness.vlm_split_scores' extras)."""
+        return ()
 
     @staticmethod
     def primary_metric(flat: dict) -> float:
@@ -435,22 +368,41 @@ class VLMTask:
                 return flat[key]
         return 0.0
 
-    def loss(self, model, batch: dict, *, targets_only: bool = True) -> torch.Tensor:
-        """The next-token loss, plus grounding_weight x the image readers' grounding loss. The head runs
-        only where a next token is trained on; targets_only=False computes every position's logits (the
-        same loss, as training did before; benchmarks/training_throughput.py's reference)."""
+    def forward(self, model, batch: dict, *, targets_only: bool = True) -> tuple[VLMOutput, torch.Tensor]:
+        """The model's pass over a batch, and the tokens its logits should predict. The head runs only where
+        a next token is trained on; targets_only=False computes every position's logits (the same loss,
+        as training did before; benchmarks/training_throughput.py's reference)."""
+        wanted, targets = predicted_positions(batch["labels"])
         out = model(batch["ids"], batch["pixels"], features=batch.get("features"), mask=batch["mask"],
-                    segments=batch.get("segments"), positions=batch["positions"], labels=batch["labels"],
-                    grounding=batch.get("grounding"), targets_only=targets_only)
-        if out.grounding_loss is None:
-            return out.loss
-        return out.loss + self.grounding_weight * out.grounding_loss
+                    segments=batch.get("segments"), positions=batch["positions"],
+                    predict_at=wanted if targets_only else None)
+        return out, targets
+
+    def loss(self, model, batch: dict, *, targets_only: bool = True) -> torch.Tensor:
+        """The next-token loss over the answers' tokens."""
+        out, targets = self.forward(model, batch, targets_only=targets_only)
+        return next_token_loss(out.logits, batch["labels"], targets, targets_only=targets_only)
+
+
+def predicted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (B, T), -100 where nothing is trained -> the positions b * T + t whose next token
+    labels[b, t + 1] is trained on, in order, and those tokens."""
+    following = labels[:, 1:]
+    row, t = (following != -100).nonzero(as_tuple=True)
+    return row * labels.shape[1] + t, following[row, t]
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, *,
+                    targets_only: bool = True) -> torch.Tensor:
+    """Cross-entropy of the next tokens: logits (M, V) at the predicted positions (targets_only), or
+    (B, T, V) at every position, scored against labels (B, T) shifted by one."""
+    if targets_only:
+        return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def load_model(name_or_path: str, model_type: str | None = None):
     """A saved, shipped or Hugging Face model to start from (for its vision tower, or all of it)."""
-    from ..loading import load
-
     model = load(name_or_path, expect=model_type, needed_by=f"the {model_type} task")
     if not hasattr(model, "vision"):
         raise ValueError(f"{name_or_path} ({model.model_type}) has no vision encoder to start from")
@@ -459,7 +411,7 @@ def load_model(name_or_path: str, model_type: str | None = None):
 
 def pack(unit: Unit, max_length: int) -> tuple[list[int], list[bool], list[int], list[int], list]:
     """ids, targets, positions and segment numbers (0 = prefix) of a packed sequence, and where each
-    packed segment starts and ends, with its answers' groundings.
+    packed segment starts and ends, with its answers' annotations.
 
     Segments that would run past max_length are left for another step (dropped here)."""
     ids, targets = list(unit.prefix), [False] * len(unit.prefix)

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..data import formats
-from ..data.shapes.generate import load_manifest
-from ..data.shapes.stats import BlindBaseline, majority
+from .generate import load_manifest
+from .stats import BlindBaseline, majority
 from ..io import atomic_write_json
 
 
