@@ -21,6 +21,9 @@ TINY_MODELS = {
     "vqa": {"vision": TINY_VISION, "text": TINY_TEXT, "fusion": {"kind": "middle", "width": 32, "depth": 1, "heads": 2},
             "hidden": 64},
 }
+# the Shapes world's tasks train the same models, extended (multimodal_models.shapes)
+TINY_MODELS["shapes-vlm"] = TINY_MODELS["vlm"]
+TINY_MODELS["shapes-contrastive"] = TINY_MODELS["contrastive"]
 
 
 @pytest.fixture(scope="session")
