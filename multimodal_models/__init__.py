@@ -8,14 +8,14 @@
     clip.classify("photo.png", ["a red circle", "a blue star"])
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load(name_or_path, *, device: str = "cpu", dtype=None, expect: str | None = None):
     """A shipped model by name ("shapes-vlm", "shapes-clip"), a saved model folder, or a Hugging
     Face checkpoint (folder or hub id); dtype="bfloat16" halves its memory; expect="vlm" (or
     "dual_encoder", ...) refuses a model of another kind with a clear error."""
-    from .loading import load as _load
+    from .loading import load as _load  # heavy: torch loads on first use, not on `import multimodal_models`
 
     return _load(name_or_path, device=device, dtype=dtype, expect=expect)
 

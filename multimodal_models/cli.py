@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multimodal", description="Image+text AI: search, caption, answer, chat; train, evaluate, serve."
     )
-    from . import __version__
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"multimodal-models {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from multimodal_models.shapes.readers import GroundingTargets, ImageReader, grounding_loss, padded_points
+from multimodal_models.shapes.grounding import GroundingTargets, grounding_loss, padded_points
+from multimodal_models.shapes.readers import ImageReader
 from multimodal_models.models.vlm import VisionLanguageModel
 
 from .test_vlm import IMAGES, tiny_vlm

@@ -389,7 +389,7 @@ def test_idefics3_image_text_layout():
 
 
 def test_jinja_template_targets_without_generation_blocks(tmp_path):
-    from multimodal_models.pretrained.tokenizer import HFTokenizer
+    from multimodal_models.data.hf_tokenizer import HFTokenizer
 
     write_tokenizer(tmp_path, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"], bos=None, eos="<|im_end|>",
                     pad="<|endoftext|>", template=CHATML_TEMPLATE)

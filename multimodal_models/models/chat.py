@@ -214,7 +214,7 @@ def _template_value(value: Any) -> Any:
 class JinjaChatTemplate:
     """A pretrained checkpoint's chat format: its Jinja template, rendered as transformers does.
 
-    tokenizer: an HFTokenizer (pretrained.tokenizer); template: the Jinja source;
+    tokenizer: an HFTokenizer (data.hf_tokenizer); template: the Jinja source;
     image_token: the placeholder the template writes for an image ("<image>");
     image_text(image) -> the text that replaces one placeholder (e.g. K copies of "<image>",
     or Idefics3's tile layout), given that image (None when it was not given inline);

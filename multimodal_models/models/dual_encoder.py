@@ -21,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.hf_tokenizer import HFTokenizer
+from ..data.preprocess import ImageProcessor
 from .inputs import as_image_list, evaluating, preprocess_images, require_preprocessing, tokenize
 from .losses import ContrastiveLoss, SigmoidLoss
 from .pretrained import PretrainedModel
+from .templates import CLIP_IMAGENET_TEMPLATES, CLIP_IMAGENET_TEMPLATES_7
 from .text import TextEncoder, TextEncoderConfig
 from .vision import VisionConfig, VisionTransformer
 
@@ -44,7 +47,7 @@ SHAPES_TEMPLATES: tuple[str, ...] = (
 )
 
 # A few of the generic ImageNet prompts from the CLIP paper's prompt-ensembling study, for real photos.
-# All 80 of them (and the 7 its forward selection kept) are in multimodal_models.pretrained.templates.
+# All 80 of them (and the 7 its forward selection kept) are in multimodal_models.models.templates.
 IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
     "a bad photo of a {}.",
@@ -224,19 +227,13 @@ class DualEncoder(PretrainedModel):
         """The prompt templates named by `config.prompts`."""
         if self.config.prompts == "shapes":
             return SHAPES_TEMPLATES
-        from ..pretrained.templates import CLIP_IMAGENET_TEMPLATES, CLIP_IMAGENET_TEMPLATES_7
-
         return CLIP_IMAGENET_TEMPLATES if self.config.prompts == "imagenet" else CLIP_IMAGENET_TEMPLATES_7
 
     def attach_preprocessing(self, directory: Path) -> None:
         """As the base class does, except that a tokenizer saved with its tokenizer_config.json (one
         imported from a Hugging Face checkpoint) comes back as an HFTokenizer."""
-        from ..pretrained.tokenizer import HFTokenizer
-
         if not HFTokenizer.saved_in(directory):
             return super().attach_preprocessing(directory)
-        from ..data.preprocess import ImageProcessor
-
         self.tokenizer = HFTokenizer.from_folder(directory)
         if (directory / "preprocessor_config.json").is_file():
             self.image_processor = ImageProcessor.from_pretrained(directory)

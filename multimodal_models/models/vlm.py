@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.hf_tokenizer import HFTokenizer
+from ..data.idefics3 import idefics3_image_text, load_image_processor
 from .chat import JinjaChatTemplate, WordChatTemplate, attach_images
 from .generation import GenerationConfig, beam_search_batch, decode_tokens, stream_text
 from .layers import activation, causal_mask, init_weights
@@ -288,8 +290,6 @@ class VisionLanguageModel(PretrainedModel):
         token, count = self.config.image_token, self.config.tokens_per_image
         if self.config.image_prompt == "repeat":
             return token * count
-        from ..pretrained.idefics3 import idefics3_image_text
-
         rows, cols = 0, 0
         if getattr(self.image_processor, "do_image_splitting", False):
             if image is None:
@@ -300,14 +300,10 @@ class VisionLanguageModel(PretrainedModel):
     def attach_preprocessing(self, directory) -> None:
         """As the base class does; a tokenizer saved with its tokenizer_config.json (a pretrained
         checkpoint's) comes back as an HFTokenizer, an Idefics3 image processor as itself."""
-        from ..pretrained.tokenizer import HFTokenizer
-
         if not HFTokenizer.saved_in(directory):
             return super().attach_preprocessing(directory)
         self.tokenizer = HFTokenizer.from_folder(directory)
         if (directory / "preprocessor_config.json").is_file():
-            from ..pretrained.idefics3 import load_image_processor
-
             self.image_processor = load_image_processor(directory)
 
     def _pixels(self, images: list[Any]) -> torch.Tensor | None:

@@ -19,8 +19,8 @@ from ..errors import DataFormatError
 from . import clip, siglip
 from .checkpoint import check_expressible, load_dual_encoder, ours_to_hf, write_hf_folder
 from .hub import HubDownloadError, resolve_checkpoint
-from .templates import CLIP_IMAGENET_TEMPLATES, CLIP_IMAGENET_TEMPLATES_7
-from .tokenizer import HFTokenizer
+from ..models.templates import CLIP_IMAGENET_TEMPLATES, CLIP_IMAGENET_TEMPLATES_7
+from ..data.hf_tokenizer import HFTokenizer
 
 FAMILIES = {clip.MODEL_TYPE: clip, siglip.MODEL_TYPE: siglip}  # config.json "model_type" -> module
 _BY_ARCHITECTURE = {module.ARCHITECTURE: module for module in FAMILIES.values()}

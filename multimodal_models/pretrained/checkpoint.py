@@ -188,7 +188,7 @@ def load_dual_encoder(folder: Path, hf_config: dict, *, family: str, table,
     """Our DualEncoder with the checkpoint's weights (cast to torch's default dtype, float32 unless
     changed), tokenizer and image processor, in eval mode."""
     from ..data.preprocess import ImageProcessor
-    from .tokenizer import HFTokenizer
+    from ..data.hf_tokenizer import HFTokenizer
 
     config = config_from_hf(hf_config, folder / "config.json")
     with torch.device("meta"):  # no time spent on a random init that the checkpoint overwrites

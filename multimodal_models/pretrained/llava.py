@@ -41,7 +41,7 @@ from ..models.vlm import VisionLanguageModel, VLMConfig
 from . import clip, siglip
 from .checkpoint import read_weights
 from .llama import HF_ACTIVATIONS, activation_name, decoder_config, decoder_rows, decoder_to_hf_config
-from .tokenizer import read_json_object
+from ..data.hf_tokenizer import read_json_object
 from .weights import assign_weights, expand_rows, export_tensors, rename_keys
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
@@ -218,7 +218,7 @@ def check_image_tokens(model: VisionLanguageModel, processor: dict, folder: Path
 def attach_checkpoint_preprocessing(model: VisionLanguageModel, folder: Path, image_processor=None) -> None:
     """The tokenizer (HFTokenizer) with the processor's chat template, and the image processor."""
     from ..data.preprocess import ImageProcessor
-    from .tokenizer import HFTokenizer
+    from ..data.hf_tokenizer import HFTokenizer
 
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{folder / 'tokenizer.json'} not found: a vision-language model needs its tokenizer")

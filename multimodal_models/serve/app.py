@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data.images import encode_png, load_image
 from ..data.tokenizer import IMAGE
 from ..errors import ImageLoadError, MultimodalError
+from ..version import __version__
 from ..index.rerank import Reranker
 from . import images as image_refs
 from . import schemas as S
@@ -765,6 +766,4 @@ def openapi_schema(app: FastAPI, settings: Settings) -> dict:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
