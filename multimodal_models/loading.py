@@ -13,6 +13,10 @@ from typing import TYPE_CHECKING
 
 from . import registry
 from .errors import DataFormatError, WrongModelError
+from .pretrained import is_hf_checkpoint, load_hf
+from .pretrained.hub import looks_like_hub_id, resolve_checkpoint
+from .pretrained.idefics3 import load_idefics3
+from .pretrained.llava import load_llava
 
 if TYPE_CHECKING:
     import torch
@@ -28,9 +32,6 @@ DEFAULT_DUAL_ENCODER = "shapes-clip"
 
 def hf_vlm_loaders() -> dict[str, object]:
     """Hugging Face vision-language layouts (config.json "model_type") -> the function that loads one."""
-    from .pretrained.idefics3 import load_idefics3
-    from .pretrained.llava import load_llava
-
     return {"llava": load_llava, "idefics3": load_idefics3, "smolvlm": load_idefics3}
 
 
@@ -48,8 +49,6 @@ def resolve(name_or_path: str | Path) -> Path:
     path = Path(text).expanduser()
     if path.is_dir():
         return path
-    from .pretrained.hub import looks_like_hub_id, resolve_checkpoint
-
     if looks_like_hub_id(text):
         return resolve_checkpoint(text)
     raise FileNotFoundError(
@@ -105,8 +104,6 @@ def _load(name_or_path: str | Path, device: str):
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: {folder} is not a saved model folder")
     config = json.loads(config_file.read_text())
-    from .pretrained import is_hf_checkpoint, load_hf
-
     if is_hf_checkpoint(config):  # transformers' CLIPModel / SiglipModel layout
         return load_hf(folder).to(device).eval()
     if config.get("model_type") in ("llava", "idefics3", "smolvlm"):  # LLaVA / Idefics3 / SmolVLM layout

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.preprocess import ImageProcessor
+from ..data.tokenizer import WordTokenizer
 from ..errors import DataFormatError
 
 CONFIG_NAME = "config.json"
@@ -216,9 +218,6 @@ class PretrainedModel(nn.Module):
                 own[name].copy_(tensor.to(own[name].dtype))
 
     def attach_preprocessing(self, directory: Path) -> None:
-        from ..data.preprocess import ImageProcessor
-        from ..data.tokenizer import WordTokenizer
-
         if (directory / TOKENIZER_NAME).is_file():
             self.tokenizer = WordTokenizer.from_file(directory / TOKENIZER_NAME)
         if (directory / "preprocessor_config.json").is_file():

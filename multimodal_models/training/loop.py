@@ -36,6 +36,7 @@ from ..data.splits import load_split
 from ..evaluate.harness import headline
 from ..models.pretrained import atomic_directory
 from .config import RunConfig, dump_config
+from .plots import training_curves
 
 STATE_NAME = "training_state.pt"
 
@@ -342,6 +343,4 @@ def _export(out: Path, task, checkpoint: Path, dtype_name: str) -> None:
 
 
 def _plot(out: Path) -> None:
-    from .plots import training_curves
-
     training_curves(out / "log.jsonl", out / "curves.png")
