@@ -10,10 +10,16 @@ import pytest
 import torch
 
 from multimodal_models.shapes.grounding import GroundingTargets, grounding_loss, padded_points
+from multimodal_models.shapes.models import ShapesVLM
 from multimodal_models.shapes.readers import ImageReader
-from multimodal_models.models.vlm import VisionLanguageModel
 
-from .test_vlm import IMAGES, tiny_vlm
+from .test_vlm import IMAGES
+from .test_vlm import tiny_vlm as tiny_general_vlm
+
+
+def tiny_vlm(seed: int = 0, sharpen: bool = True, **options) -> ShapesVLM:
+    """test_vlm's tiny model as a ShapesVLM: the model type that has image readers."""
+    return tiny_general_vlm(seed, sharpen, model_class=ShapesVLM, **options)
 
 
 def test_grounding_loss_is_the_attention_mass_on_the_tokens_nearest_each_target():
@@ -185,7 +191,7 @@ def test_counts_can_be_handed_on_by_some_readers_or_some_heads_only():
     assert [r.count is not None for r in some.readers] == [True, False]
     config = dataclasses.replace(some.config, image_reader_counts=(1, [0, 2], (0, 3)))
     assert config.counting_heads == {1: (0, 1, 2, 3), 0: (2, 3)}
-    heads = VisionLanguageModel(config).readers
+    heads = ShapesVLM(config).readers
     assert [r.counting_heads for r in heads] == [(2, 3), (0, 1, 2, 3)]
     for counts, message in (((1,), r"blocks \[1\] have no image reader"),
                             (([0, 4],), r"block 0's counting heads \[4\] must be distinct heads of 0..3"),
