@@ -105,9 +105,9 @@ def test_the_loss_on_the_predicted_positions_only_is_the_loss_on_all_logits(tiny
     """targets_only (as training runs): the last block's MLP and the head only where a next token is
     trained on; the logits there, the loss and every gradient are those of the full logits, on
     padded rows and on packed ones."""
-    from multimodal_models.models.vlm import predicted_positions
     from multimodal_models.training.config import config_from_raw
     from multimodal_models.training.loop import build_task
+    from multimodal_models.training.vlm_task import next_token_loss, predicted_positions
 
     from .conftest import tiny_config
 
@@ -115,28 +115,33 @@ def test_the_loss_on_the_predicted_positions_only_is_the_loss_on_all_logits(tiny
     model = task.model.train()
     batch = task.make_batch([0, 1, 2, 3], random.Random(0))
     labels = batch["labels"]
+    wanted, targets = predicted_positions(labels)
 
     def run(segments, targets_only):
         model.zero_grad()
-        out = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"], labels=labels,
-                    segments=segments, targets_only=targets_only)
-        out.loss.backward()
-        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out = model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"],
+                    segments=segments, predict_at=wanted if targets_only else None)
+        loss = next_token_loss(out.logits, labels, targets, targets_only=targets_only)
+        loss.backward()
+        return out, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    full, full_grads = run(None, False)
-    wanted, targets = predicted_positions(labels)
+    full, full_loss, full_grads = run(None, False)
     assert 0 < len(wanted) < (labels != -100).numel() / 2  # most positions (image, prompts, padding) predict nothing
     assert torch.equal(targets, labels[:, 1:][labels[:, 1:] != -100])
     for segments in (None, batch["segments"]):
-        only, grads = run(segments, True)
+        only, loss, grads = run(segments, True)
         assert only.logits.shape == (len(wanted), full.logits.shape[-1])
         torch.testing.assert_close(only.logits, full.logits.flatten(0, 1)[wanted])
-        torch.testing.assert_close(only.loss, full.loss)
+        torch.testing.assert_close(loss, full_loss)
         assert grads.keys() == full_grads.keys()
         for name in full_grads:
             torch.testing.assert_close(grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="give labels"):
-        model(batch["ids"], batch["pixels"], mask=batch["mask"], positions=batch["positions"], targets_only=True)
+    # the task's loss is that loss, either way (training runs targets_only)
+    with torch.no_grad():
+        for targets_only in (True, False):
+            torch.testing.assert_close(task.loss(model, batch, targets_only=targets_only), full_loss)
+    with pytest.raises(ValueError, match="predict_at is for training: give no cache"):
+        model(batch["ids"][:1], batch["pixels"][:1], predict_at=wanted[:1], cache=model.decoder.new_cache(1, 96))
     packed = PackedAttention.from_segments(batch["segments"], batch["mask"])
     with pytest.raises(ValueError, match="padding"):
         packed.compact_index(torch.tensor([int((batch["segments"] == PADDING).flatten().nonzero()[0])]))
