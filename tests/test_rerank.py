@@ -8,6 +8,7 @@ import torch
 from multimodal_models.index.image_index import SearchHit
 from multimodal_models.index.rerank import Reranker
 from multimodal_models.models.vlm import CAPTION_PROMPT
+from multimodal_models.training.vlm_task import next_token_loss, predicted_positions
 
 from .test_vlm import IMAGES, tiny_vlm
 
@@ -23,8 +24,9 @@ def test_text_log_likelihoods_sum_the_models_own_token_losses():
                                     {"role": "assistant", "content": text}])
         ids = torch.tensor([encoding.ids])
         labels = torch.where(torch.tensor([encoding.targets]), ids, torch.tensor(-100))
-        with torch.no_grad():
-            loss = model(ids, features=image_features[None], labels=labels).loss
+        wanted, targets = predicted_positions(labels)
+        with torch.no_grad():  # the next-token loss as training computes it
+            loss = next_token_loss(model(ids, features=image_features[None], predict_at=wanted).logits, labels, targets)
         torch.testing.assert_close(value, -loss * sum(encoding.targets[1:]))
     # the short text padded next to the long one scores as it does alone
     torch.testing.assert_close(model.text_log_likelihoods(texts[:1], features[:1]), got[:1])
