@@ -9,14 +9,15 @@ import math
 import pytest
 import torch
 
-from multimodal_models.shapes.world import Scene, ShapeObject
 from multimodal_models.loading import load
-from multimodal_models.shapes.object_head import ObjectHead, ObjectHeadConfig, ObjectSlots
 from multimodal_models.models.packed_attention import PADDING
-from multimodal_models.models.vlm import predicted_positions
+from multimodal_models.shapes.grounding import grounding_loss
+from multimodal_models.shapes.object_head import ObjectHead, ObjectHeadConfig, ObjectSlots
+from multimodal_models.shapes.objects import SHAPES_ATTRIBUTES, ObjectGrid
+from multimodal_models.shapes.world import Scene, ShapeObject
 from multimodal_models.training.config import config_from_raw
 from multimodal_models.training.loop import train
-from multimodal_models.shapes.objects import SHAPES_ATTRIBUTES, ObjectGrid
+from multimodal_models.training.vlm_task import next_token_loss, predicted_positions
 
 from .conftest import TINY_MODELS, tiny_config
 
@@ -70,8 +71,8 @@ def test_the_head_learns_the_grid_targets_of_fixed_tokens():
 
 
 def test_a_dual_encoder_trains_with_the_object_head_and_reports_its_accuracy(tiny_shapes, tmp_path):
-    raw = tiny_config("contrastive", tiny_shapes, tmp_path / "run")
-    raw["model"] = {**TINY_MODELS["contrastive"], "object_head": {"weight": 1.0}}
+    raw = tiny_config("shapes-contrastive", tiny_shapes, tmp_path / "run")
+    raw["model"] = {**TINY_MODELS["shapes-contrastive"], "object_head": {"weight": 1.0}}
     train(config_from_raw(raw), progress=False)
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     evaluation = [r["eval"] for r in log if "eval" in r][-1]
@@ -86,9 +87,9 @@ def test_the_object_head_without_scene_graphs_is_refused(tmp_path):
 
     Image.new("RGB", (64, 64), (200, 20, 60)).save(tmp_path / "a.png")
     (tmp_path / "train.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a red picture"}) + "\n")
-    raw = {"task": "contrastive", "data": {"train": {"table": str(tmp_path / "train.jsonl")},
-                                          "eval": {"table": str(tmp_path / "train.jsonl")}},
-           "model": {**TINY_MODELS["contrastive"], "object_head": {}}, "train": {"steps": 1}, "output": str(tmp_path / "run")}
+    raw = {"task": "shapes-contrastive", "data": {"train": {"table": str(tmp_path / "train.jsonl")},
+                                                 "eval": {"table": str(tmp_path / "train.jsonl")}},
+           "model": {**TINY_MODELS["shapes-contrastive"], "object_head": {}}, "train": {"steps": 1}, "output": str(tmp_path / "run")}
     with pytest.raises(ValueError, match="needs object annotations"):
         train(config_from_raw(raw), progress=False)
 
@@ -156,15 +157,15 @@ def test_object_slots_merge_the_cells_that_name_one_centre():
 @pytest.fixture
 def object_clip(tiny_shapes, tmp_path):
     """A tiny dual encoder trained with the object head: the tower a VLM starts from."""
-    raw = tiny_config("contrastive", tiny_shapes, tmp_path / "clip")
-    raw["model"] = {**TINY_MODELS["contrastive"], "object_head": {}}
+    raw = tiny_config("shapes-contrastive", tiny_shapes, tmp_path / "clip")
+    raw["model"] = {**TINY_MODELS["shapes-contrastive"], "object_head": {}}
     train(config_from_raw(raw), progress=False)
     return tmp_path / "clip" / "model"
 
 
-def vlm_from_tower(tiny_shapes, out, tower, model=None, **options):
-    raw = tiny_config("vlm", tiny_shapes, out)
-    raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}  # the tower's own config
+def vlm_from_tower(tiny_shapes, out, tower, model=None, task="shapes-vlm", **options):
+    raw = tiny_config(task, tiny_shapes, out)
+    raw["model"] = {k: v for k, v in TINY_MODELS[task].items() if k != "vision"}  # the tower's own config
     raw["model"].update(model or {})
     raw["task_options"] = {"vision_from": str(tower), **options}
     train(config_from_raw(raw), progress=False)
@@ -189,8 +190,8 @@ def test_a_vlm_reads_one_token_per_object_through_the_towers_object_head(object_
     train(config_from_raw(raw), progress=False)
     with pytest.raises(ValueError, match="needs a vision tower with an object head"):
         vlm_from_tower(tiny_shapes, tmp_path / "refused", plain / "model", objects)
-    raw = tiny_config("vlm", tiny_shapes, tmp_path / "scratch")
-    raw["model"] = {**TINY_MODELS["vlm"], **objects}
+    raw = tiny_config("shapes-vlm", tiny_shapes, tmp_path / "scratch")
+    raw["model"] = {**TINY_MODELS["shapes-vlm"], **objects}
     with pytest.raises(ValueError, match="needs a trained object head"):
         train(config_from_raw(raw), progress=False)
     with pytest.raises(ValueError, match="set pixel_shuffle to 1"):
@@ -203,8 +204,8 @@ def test_a_vlm_starts_from_a_dual_encoders_vision_tower_and_can_keep_it_frozen(o
     """task_options.vision_from (LLaVA's recipe) copies the tower; freeze_vision leaves it untouched."""
     tower = load(object_clip).vision.state_dict()
 
-    def vlm(name: str, **options):
-        return vlm_from_tower(tiny_shapes, tmp_path / name, object_clip, **options).vision.state_dict()
+    def vlm(name: str, **options):  # the general VLM task: a ShapesCLIP's tower is a dual encoder's tower
+        return vlm_from_tower(tiny_shapes, tmp_path / name, object_clip, task="vlm", **options).vision.state_dict()
 
     frozen, tuned = vlm("frozen", freeze_vision=True), vlm("tuned")
     assert all(torch.equal(frozen[k], tower[k]) for k in tower)
@@ -218,8 +219,8 @@ def test_a_vlm_starts_from_a_dual_encoders_vision_tower_and_can_keep_it_frozen(o
 def test_evaluate_reports_the_object_heads_accuracy(tiny_shapes, tmp_path):
     from multimodal_models.cli import main
 
-    raw = tiny_config("contrastive", tiny_shapes, tmp_path / "run")
-    raw["model"] = {**TINY_MODELS["contrastive"], "object_head": {}}
+    raw = tiny_config("shapes-contrastive", tiny_shapes, tmp_path / "run")
+    raw["model"] = {**TINY_MODELS["shapes-contrastive"], "object_head": {}}
     train(config_from_raw(raw), progress=False)
     out = tmp_path / "report"
     assert main(["evaluate", "--model", str(tmp_path / "run/model"), "--data", str(tiny_shapes), "--out", str(out)]) == 0
@@ -229,7 +230,7 @@ def test_evaluate_reports_the_object_heads_accuracy(tiny_shapes, tmp_path):
 
 
 def test_which_reader_heads_look_at_which_objects():
-    from multimodal_models.training.vlm_task import Grounding
+    from multimodal_models.shapes.grounding import Grounding
 
     a, b, e = ((0.1, 0.2),), ((0.5, 0.5), (0.7, 0.1)), ((0.9, 0.9),)
     grounding = Grounding(referents=(a, b), evidence=e)
@@ -266,7 +267,8 @@ def test_which_reader_heads_look_at_which_objects():
 
 def test_groundings_know_whether_their_answer_is_a_count():
     from multimodal_models.data.records import ConversationRecord, Turn, VQARecord
-    from multimodal_models.training.vlm_task import Grounding, conversation_answers
+    from multimodal_models.shapes.grounding import Grounding
+    from multimodal_models.shapes.tasks import ShapesVLMTask
 
     a = ((0.1, 0.2),)
     record = VQARecord(question_id="1", image_id="x", image="x.png", question="how many circles?", answer="2", referents=(a + a,),
@@ -277,7 +279,9 @@ def test_groundings_know_whether_their_answer_is_a_count():
         Turn("user", "<image>\nis there a circle?", referents=(a,), evidence=a), Turn("assistant", "yes"),
         Turn("user", "how many other objects have the same color as it?", referents=(a,), evidence=()),
         Turn("assistant", "0"), Turn("user", "thanks."), Turn("assistant", "you are welcome.")))
-    assert conversation_answers(chat) == (Grounding((a,), a, counted=False), Grounding((a,), (), counted=True), None)
+    # each assistant turn's annotation, as the Shapes VLM task packs it (it needs nothing of a built task)
+    task = object.__new__(ShapesVLMTask)
+    assert task.turn_annotations(chat) == (Grounding((a,), a, counted=False), Grounding((a,), (), counted=True), None)
 
 
 def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(object_clip, tiny_shapes, tmp_path):
@@ -286,8 +290,8 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
 
     from multimodal_models.training.loop import autocast_context, build_task
 
-    raw = tiny_config("vlm", tiny_shapes, tmp_path / "grounded")
-    raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
+    raw = tiny_config("shapes-vlm", tiny_shapes, tmp_path / "grounded")
+    raw["model"] = {k: v for k, v in TINY_MODELS["shapes-vlm"].items() if k != "vision"}
     raw["model"].update({"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1, "image_reader_blocks": [0, 1],
                          "image_reader_sink": True, "image_reader_counts": [0, [1, 0]],  # the first look, the evidence
                          "image_reader_places": True, "image_reader_relations": True,
@@ -329,41 +333,49 @@ def test_grounded_questions_supervise_the_image_readers_at_the_answer_position(o
         for slot, point in enumerate(sorted(points)):
             features[row, slot, C:C + 3] = torch.tensor([1.0, *point])
     batch["features"] = features
-    out = model(batch["ids"], features=features, mask=batch["mask"], positions=batch["positions"],
-                labels=batch["labels"], grounding=targets)
-    assert out.grounding_loss > 0
-    torch.testing.assert_close(task.loss(model, batch), out.loss + 0.5 * out.grounding_loss)
+    labels = batch["labels"]
+    wanted, next_tokens = predicted_positions(labels)
+
+    def run(segments=None, targets_only=False, grounding=targets):
+        """The model's pass, its next-token loss and its readers' grounding loss, as ShapesVLMTask.loss adds them."""
+        out = model(batch["ids"], features=features, mask=batch["mask"], positions=batch["positions"],
+                    segments=segments, predict_at=wanted if targets_only else None)
+        centres, present = model.object_places(out.hook)
+        return (out, next_token_loss(out.logits, labels, next_tokens, targets_only=targets_only),
+                grounding_loss(out.hook.logits, centres, present, grounding))
+
+    _, out_loss, out_grounding = run()
+    assert out_grounding > 0
+    torch.testing.assert_close(task.loss(model, batch), out_loss + 0.5 * out_grounding)
     # packed as the task runs it (the readers on the real positions only): what the dense mask gives
     # and with the logits only where a next token is trained on (a reader follows the last block here)
     results = []
     for segments, targets_only in ((None, False), (batch["segments"], False), (batch["segments"], True)):
         model.zero_grad()
-        run = model(batch["ids"], features=features, mask=batch["mask"], positions=batch["positions"],
-                    labels=batch["labels"], grounding=targets, segments=segments, targets_only=targets_only)
-        (run.loss + run.grounding_loss).backward()
-        results.append((run, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (dense, dense_grads) = results[0]
+        passed, loss, ground = run(segments, targets_only)
+        (loss + ground).backward()
+        results.append((passed, loss.detach(), ground.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (dense, dense_loss, dense_grounding, dense_grads) = results[0]
     real = batch["segments"] != PADDING
-    wanted = predicted_positions(batch["labels"])[0]
     assert model.config.image_reader_blocks[-1] == model.decoder.config.depth - 1
-    for packed, packed_grads in results[1:]:
-        torch.testing.assert_close(packed.grounding_loss, dense.grounding_loss)
-        torch.testing.assert_close(packed.loss, dense.loss)
+    for packed, packed_loss, packed_grounding, packed_grads in results[1:]:
+        torch.testing.assert_close(packed_grounding, dense_grounding)
+        torch.testing.assert_close(packed_loss, dense_loss)
         packed_logits = packed.logits if packed.logits.dim() == 2 else packed.logits.flatten(0, 1)[wanted]
         torch.testing.assert_close(packed_logits, dense.logits.flatten(0, 1)[wanted])
-        for read, dense_read in zip(packed.reader_logits, dense.reader_logits, strict=True):
+        for read, dense_read in zip(packed.hook.logits, dense.hook.logits, strict=True):
             torch.testing.assert_close(read.transpose(1, 2)[real], dense_read.transpose(1, 2)[real])
         assert dense_grads.keys() == packed_grads.keys() and any(n.startswith("readers.1.relate") for n in dense_grads)
         for name in dense_grads:
             torch.testing.assert_close(packed_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(results[1][0].logits[real], dense.logits[real])
     model.zero_grad()
-    inexact = model(batch["ids"], features=features, mask=batch["mask"], positions=batch["positions"],
-                    grounding=dataclasses.replace(targets, exact=None))
-    assert 0 < inexact.grounding_loss < out.grounding_loss  # the sink's cross-entropy comes on top
-    out.grounding_loss.backward(retain_graph=True)  # the second reader's relations to the first one's findings are trained
+    inexact = run(grounding=dataclasses.replace(targets, exact=None))[2]
+    assert 0 < inexact < out_grounding  # the sink's cross-entropy comes on top
+    out_grounding.backward(retain_graph=True)  # the second reader's relations to the first one's findings are trained
     assert model.readers[0].relate is None and model.readers[1].relate.weight.grad.abs().sum() > 0
-    out.loss.backward()  # and the separations it hands on, by the answers' loss
+    out_loss.backward()  # and the separations it hands on, by the answers' loss
     assert model.readers[0].separation is None and model.readers[1].separation.weight.grad.abs().sum() > 0
     train(config_from_raw(raw), progress=False)
     vlm = load(tmp_path / "grounded" / "model")
@@ -382,13 +394,13 @@ def test_evaluate_tells_where_each_supervised_reader_head_looks(object_clip, tin
     """For each form of question and each head its grounding supervises: whether the head's largest
     logit is on a named object, and for counting heads whether exactly the named ones beat the sink."""
     from multimodal_models.data.records import ConversationRecord, Turn, VQARecord
-    from multimodal_models.evaluate.harness import evaluate_reader_grounding
-    from multimodal_models.evaluate.report import markdown_report
     from multimodal_models.data.splits import ImageStore
+    from multimodal_models.evaluate.report import markdown_report
+    from multimodal_models.shapes.evaluation import EXTRAS, evaluate_reader_grounding
     from multimodal_models.training.loop import build_task
 
-    raw = tiny_config("vlm", tiny_shapes, tmp_path / "probe")
-    raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
+    raw = tiny_config("shapes-vlm", tiny_shapes, tmp_path / "probe")
+    raw["model"] = {k: v for k, v in TINY_MODELS["shapes-vlm"].items() if k != "vision"}
     raw["model"].update({"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1, "image_reader_blocks": [0, 1],
                          "image_reader_sink": True, "image_reader_counts": [0, [1, 0]], "image_reader_places": True})
     raw["task_options"] = {"vision_from": str(object_clip), "freeze_vision": True}
@@ -407,9 +419,10 @@ def test_evaluate_tells_where_each_supervised_reader_head_looks(object_clip, tin
 
     def forward(*args, **kwargs):
         out = real_forward(*args, **kwargs)
-        margins = torch.full_like(out.reader_logits[0], float("-inf"))
+        margins = torch.full_like(out.hook.logits[0], float("-inf"))
         margins[..., 0], margins[..., 1] = 2.0, -1.0
-        return out._replace(reader_logits=(margins, margins))
+        out.hook.logits = [margins, margins]
+        return out
 
     model.forward = forward
     vqa = [VQARecord(1, 1, image, "is the red circle above the blue star?", answer="yes", question_type="spatial",
@@ -438,8 +451,8 @@ def test_evaluate_tells_where_each_supervised_reader_head_looks(object_clip, tin
                                 "reader 1 head 0": look(None, 0.0), "reader 1 head 1": look(0.0),
                                 "reader 1 head 2": look(100.0)},
     }
-    report = markdown_report({"model_type": "vlm", "data": "d", "split": "val",
-                              "reader_grounding": {"perQuestionType": found}}, []).splitlines()
+    report = markdown_report({"model_type": "shapes_vlm", "data": "d", "split": "val",
+                              "reader_grounding": {"perQuestionType": found}}, [], EXTRAS).splitlines()
     assert "| form of question | reader 0 head 0 | reader 0 head 1 | reader 1 head 0 | reader 1 head 1 | reader 1 head 2 |" in report
     assert "| spatial | 100.0 (100.0) | 0.0 (0.0) | 100.0 (100.0) | 100.0 | 0.0 |" in report
     assert "| count | – (0.0) |  | – (0.0) |  |  |" in report
@@ -458,8 +471,8 @@ def test_readers_without_grounded_questions_are_warned_about(object_clip, tiny_s
             entry.pop("referents", None)
             entry.pop("evidence", None)
         path.write_text(json.dumps(text))
-    raw = tiny_config("vlm", data, tmp_path / "out")
-    raw["model"] = {k: v for k, v in TINY_MODELS["vlm"].items() if k != "vision"}
+    raw = tiny_config("shapes-vlm", data, tmp_path / "out")
+    raw["model"] = {k: v for k, v in TINY_MODELS["shapes-vlm"].items() if k != "vision"}
     raw["model"].update({"image_tokens": "objects", "object_slots": 6, "pixel_shuffle": 1, "image_reader_blocks": [1]})
     raw["task_options"] = {"vision_from": str(object_clip), "freeze_vision": True}
     from multimodal_models.training.loop import build_task

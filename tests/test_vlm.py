@@ -14,7 +14,7 @@ from multimodal_models.models.generation import (GenerationConfig, TextStream, b
                                                   filter_logits)
 from multimodal_models.models.text import CausalDecoder, DecoderConfig
 from multimodal_models.models.vision import VisionConfig
-from multimodal_models.models.vlm import VisionLanguageModel, VLMConfig, pixel_shuffle
+from multimodal_models.models.vlm import VisionLanguageModel, pixel_shuffle
 
 WORDS = "is there a red blue green circle square star what color shape size yes no two one describe the image . ?"
 
@@ -358,8 +358,8 @@ def test_dialogue_accuracy_per_turn_and_per_form_of_question(tmp_path, monkeypat
     """Each assistant turn is scored after the gold history, by turn number and by the form of the
     user turn it answers; turns without a question_type count in the totals only."""
     from multimodal_models.data.records import ConversationRecord, Turn
-    from multimodal_models.evaluate.harness import evaluate_dialogues
     from multimodal_models.data.splits import ImageStore
+    from multimodal_models.evaluate.harness import evaluate_dialogues
 
     model = tiny_vlm()
     IMAGES[0].save(tmp_path / "a.png")
