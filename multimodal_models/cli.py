@@ -12,6 +12,10 @@
 
 Every subcommand has --help. Errors in the user's input are printed as one line naming
 the file, record and field, without a traceback (set MULTIMODAL_DEBUG=1 to see one).
+
+Each command imports its modules inside its function (each such import is marked `# heavy`
+with what it loads), so numpy, PIL and torch load only when a command that needs them runs,
+not on `import multimodal_models.cli`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import time
 from pathlib import Path
 
 from .errors import MultimodalError
+from .serve.runner import add_arguments as serve_arguments
+from .serve.runner import run_from_args
+from .version import __version__
 
 
 def _print_json(obj) -> None:
@@ -34,7 +41,7 @@ def _print_json(obj) -> None:
 
 
 def cmd_shapes_generate(args) -> None:
-    from .shapes.generate import ShapesConfig, generate
+    from .shapes.generate import ShapesConfig, generate  # heavy: numpy, PIL
 
     config = ShapesConfig(
         seed=args.seed,
@@ -59,7 +66,7 @@ def cmd_shapes_generate(args) -> None:
 
 
 def cmd_shapes_preview(args) -> None:
-    from .shapes.preview import draw_preview
+    from .shapes.preview import draw_preview  # heavy: numpy, PIL
 
     path = draw_preview(args.data, args.out, split=args.split, count=args.count, seed=args.seed)
     print(path)
@@ -73,7 +80,7 @@ def _split_file(data: str | None, split: str, key: str, explicit: str | None, fl
         return explicit
     if not data:
         raise MultimodalError(f"give {flag} FILE, or --data DIR (a dataset with a dataset.json) and --split")
-    from .shapes.generate import load_manifest
+    from .shapes.generate import load_manifest  # heavy: numpy, PIL
 
     manifest = load_manifest(data)
     try:
@@ -83,14 +90,14 @@ def _split_file(data: str | None, split: str, key: str, explicit: str | None, fl
 
 
 def cmd_score_caption(args) -> None:
-    from .evaluate.scoring import score_caption_files
+    from .evaluate.scoring import score_caption_files  # heavy: numpy, PIL
 
     annotations = _split_file(args.data, args.split, "captions", args.annotations, "--annotations")
     _print_json(score_caption_files(args.predictions, annotations, tokenizer=args.tokenizer))
 
 
 def cmd_score_vqa(args) -> None:
-    from .evaluate.scoring import score_vqa_files
+    from .evaluate.scoring import score_vqa_files  # heavy: numpy, PIL
 
     questions = _split_file(args.data, args.split, "vqa_questions", args.questions, "--questions")
     annotations = _split_file(args.data, args.split, "vqa_annotations", args.annotations, "--annotations")
@@ -98,13 +105,13 @@ def cmd_score_vqa(args) -> None:
 
 
 def cmd_score_mmmu(args) -> None:
-    from .evaluate.scoring import score_mmmu_files
+    from .evaluate.scoring import score_mmmu_files  # heavy: numpy, PIL
 
     _print_json(score_mmmu_files(args.predictions, args.data, seed=args.seed))
 
 
 def cmd_score_grounding(args) -> None:
-    from .shapes.evaluation import score_grounding_files
+    from .shapes.evaluation import score_grounding_files  # heavy: torch
 
     scenes = _split_file(args.data, args.split, "scenes", args.scenes, "--scenes")
     _print_json(score_grounding_files(args.predictions, scenes))
@@ -114,21 +121,21 @@ def cmd_score_grounding(args) -> None:
 
 
 def cmd_baseline_blind(args) -> None:
-    from .shapes.baselines import blind_vqa_predictions
+    from .shapes.baselines import blind_vqa_predictions  # heavy: numpy, PIL
 
     out = blind_vqa_predictions(args.data, args.split, args.out)
     print(out)
 
 
 def cmd_baseline_caption(args) -> None:
-    from .shapes.baselines import frequent_caption_predictions
+    from .shapes.baselines import frequent_caption_predictions  # heavy: numpy, PIL
 
     out = frequent_caption_predictions(args.data, args.split, args.out)
     print(out)
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from .demo import run_demo  # heavy: torch
 
     run_demo(Path(args.out), images=args.images, host=args.host, port=args.port, quiet=args.quiet)
 
@@ -137,7 +144,7 @@ def cmd_demo(args) -> None:
 
 
 def _load(name: str, expected: str | None = None, dtype: str | None = None):
-    from .loading import load
+    from .loading import load  # heavy: torch
 
     return load(name, dtype=dtype, expect=expected, needed_by="this command")
 
@@ -152,8 +159,8 @@ def _generation_options(args) -> dict:
 
 
 def cmd_train(args) -> None:
-    from .training.config import load_config
-    from .training.loop import train
+    from .training.config import load_config  # heavy: torch
+    from .training.loop import train  # heavy: torch
 
     config = load_config(args.config, args.overrides)
     summary = train(config, resume=args.resume, progress=not args.quiet)
@@ -161,20 +168,19 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate.report import evaluate_model
-    from .shapes.evaluation import EXTRAS as SHAPES_EXTRAS
+    from .evaluate.harness import headline  # heavy: torch
+    from .evaluate.report import evaluate_model  # heavy: torch
+    from .shapes.evaluation import EXTRAS as SHAPES_EXTRAS  # heavy: torch
 
     reranker = None
     if args.rerank_with:
-        from .index.rerank import Reranker
+        from .index.rerank import Reranker  # heavy: torch
 
         reranker = Reranker(_load(args.rerank_with, "vlm", dtype=args.dtype), top=args.rerank_top,
                             similarity_weight=args.rerank_similarity_weight)
     results = evaluate_model(_load(args.model, dtype=args.dtype), args.data, args.out, split=args.split, limit=args.limit,
                              progress=not args.quiet, reranker=reranker,
                              extras=SHAPES_EXTRAS)  # each does nothing where the data has no scene graphs
-    from .evaluate.harness import headline
-
     _print_json({"report": str(Path(args.out) / "report.md"), **headline(results)})
 
 
@@ -190,7 +196,7 @@ def cmd_ask(args) -> None:
         answer, confidence = model.answer(str(args.image), args.question)
         print(f"{answer}\t(confidence {confidence:.3f})")
         return
-    from .models.vlm import VisionLanguageModel
+    from .models.vlm import VisionLanguageModel  # heavy: torch
 
     if not isinstance(model, VisionLanguageModel):
         raise MultimodalError(f"{args.model} is a {model.model_type} model; 'ask' needs a vlm or fusion_classifier")
@@ -246,25 +252,23 @@ def cmd_embed(args) -> None:
 
 
 def cmd_index(args) -> None:
-    from .index.commands import run_index
+    from .index.commands import run_index  # heavy: torch
 
     run_index(args)
 
 
 def cmd_search(args) -> None:
-    from .index.commands import run_search
+    from .index.commands import run_search  # heavy: torch
 
     run_search(args)
 
 
 def cmd_serve(args) -> None:
-    from .serve.runner import run_from_args
-
     run_from_args(args)
 
 
 def cmd_experiment_fusion(args) -> None:
-    from .experiments.fusion import run_fusion_experiment
+    from .experiments.fusion import run_fusion_experiment  # heavy: torch
 
     _print_json(run_fusion_experiment(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                                       eval_samples=args.eval_samples, progress=not args.quiet))
@@ -277,8 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multimodal", description="Image+text AI: search, caption, answer, chat; train, evaluate, serve."
     )
-    from .version import __version__
-
     parser.add_argument("--version", action="version", version=f"multimodal-models {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -287,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights' dtype: bfloat16 halves the memory (default float32)")
 
     def rerank_options(p, what):
+        # heavy: torch and faiss, which index.rerank imports (building the parser loads them for these defaults)
         from .index.rerank import DEFAULT_SIMILARITY_WEIGHT, DEFAULT_TOP
 
         p.add_argument("--rerank-with", default=None, metavar="VLM",
@@ -457,8 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--json", action="store_true", help='JSON lines {"rank", "path", "score", "file", "caption"}')
     rerank_options(se, "text queries are ranked")
     se.set_defaults(func=cmd_search)
-
-    from .serve.runner import add_arguments as serve_arguments
 
     sv = commands.add_parser("serve", help="serve the models over HTTP: OpenAI-compatible API, search, web page")
     serve_arguments(sv)

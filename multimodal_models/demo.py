@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 from .shapes.generate import ShapesConfig, generate
+from .index import ImageIndex
 from .loading import DEFAULT_DUAL_ENCODER, DEFAULT_VLM, load
+from .serve import Settings, run
 
 DEMO_SEED = 12345  # not the seed the shipped checkpoints were trained on (0)
 
@@ -32,8 +34,6 @@ def generate_collection(out: Path, *, images: int, seed: int = DEMO_SEED) -> Pat
 
 
 def index_collection(folder: Path, index_dir: Path, *, quiet: bool = False) -> None:
-    from .index import ImageIndex
-
     print(f"2/3 indexing {folder} with {DEFAULT_DUAL_ENCODER} (captions by {DEFAULT_VLM}) into {index_dir} ...")
     with ImageIndex.open(index_dir, create=True) as index:
         embedder, captioner = load(DEFAULT_DUAL_ENCODER, expect="dual_encoder"), load(DEFAULT_VLM, expect="vlm")
@@ -44,8 +44,6 @@ def index_collection(folder: Path, index_dir: Path, *, quiet: bool = False) -> N
 
 
 def run_demo(out: Path, *, images: int = 300, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False) -> None:
-    from .serve import Settings, run
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(model=DEFAULT_VLM, index=str(out / "index"), host=host, port=port)

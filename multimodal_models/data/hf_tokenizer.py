@@ -18,6 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from ..errors import DataFormatError
+from ..io import atomic_write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -86,8 +87,6 @@ class HFTokenizer:
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json (to `path`, or into it if it is a folder) and tokenizer_config.json
         (+ special_tokens_map.json) next to it; returns the tokenizer.json written."""
-        from ..io import atomic_write_text
-
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from tokenizers.trainers import WordLevelTrainer
 
+from ..io import atomic_write_text
+
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<bos>", "<eos>", "<image>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)  # ids 0..4, in this order
 _SPACE_BEFORE_PUNCT = re.compile(r" ([.,?!;:])")
@@ -57,8 +59,6 @@ class WordTokenizer:
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
             path = path / "tokenizer.json"
-        from ..io import atomic_write_text
-
         atomic_write_text(path, self.tokenizer.to_str(pretty=True))
         return path
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from ..data import formats
 from ..errors import DataFormatError
+from .metrics.caption import caption_metrics
+from .metrics.mmmu import mmmu_scores, read_mmmu_predictions
+from .metrics.vqa import vqa_accuracy
 
 
 def score_caption_files(predictions: str | Path, annotations: str | Path, *, tokenizer: str = "auto") -> dict:
-    from .metrics.caption import caption_metrics
-
     results = formats.read_caption_results(predictions)
     references = {r.image_id: list(r.captions) for r in formats.read_coco_captions(annotations, image_dir=".")}
     missing = [i for i in results if i not in references]
@@ -25,8 +26,6 @@ def score_caption_files(predictions: str | Path, annotations: str | Path, *, tok
 
 
 def score_vqa_files(predictions: str | Path, questions: str | Path, annotations: str | Path) -> dict:
-    from .metrics.vqa import vqa_accuracy
-
     results = formats.read_vqa_results(predictions)
     records = formats.read_vqa(questions, annotations, image_dir=".")
     scores = vqa_accuracy(results, records)
@@ -35,8 +34,6 @@ def score_vqa_files(predictions: str | Path, questions: str | Path, annotations:
 
 
 def score_mmmu_files(predictions: str | Path, data: str | Path, *, seed: int = 42) -> dict:
-    from .metrics.mmmu import mmmu_scores, read_mmmu_predictions
-
     responses = read_mmmu_predictions(predictions)
     records = formats.read_mmmu(data)
     scores = mmmu_scores(responses, records, seed=seed)

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ..evaluate.harness import evaluate_vqa, first_images
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..loading import load
 from ..models.layers import count_parameters
 from ..training.config import DataConfig, OptimConfig, RunConfig, SplitFiles
 from ..data.splits import ImageStore, load_split
@@ -69,8 +71,6 @@ def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 600
         start = time.perf_counter()
         train(config, progress=progress)
         seconds = time.perf_counter() - start
-        from ..loading import load
-
         trained = load(run_dir / "model")
         row = {"model": name, "task": task, "parameters": count_parameters(trained), "train_seconds": round(seconds, 1),
                "steps": steps, "questions_per_step": batch_size * QUESTIONS_PER_IMAGE}
@@ -86,8 +86,6 @@ def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 600
 
 
 def _score(model, data: str, split: str, limit: int) -> dict:
-    from ..evaluate.harness import evaluate_vqa, first_images
-
     split_data = first_images(load_split(DataConfig(root=data, eval=vqa_only(data, split), eval_split=split), "eval"), limit)
     store = ImageStore([r.image for r in split_data.vqa], model.image_processor, progress=False)
     scores = evaluate_vqa(model, split_data.vqa, store)

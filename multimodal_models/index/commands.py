@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import MultimodalError
 from ..loading import DEFAULT_DUAL_ENCODER, SHIPPED, load
 from .image_index import DEFAULT_INDEX_DIRNAME, ImageIndex
+from .rerank import Reranker
 from .vectors import DEFAULT_NPROBE
 
 
@@ -48,8 +49,6 @@ def run_search(args) -> None:
         if args.rerank_with:
             if args.query is None or args.image is not None:
                 raise MultimodalError("--rerank-with reranks text queries: give a text query and no --image")
-            from .rerank import Reranker
-
             reranker = Reranker(load(args.rerank_with, expect="vlm"), top=args.rerank_top,
                                 similarity_weight=args.rerank_similarity_weight)
             hits = reranker.search(index, model, args.query, k=args.k)

@@ -18,8 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..data.hf_tokenizer import HFTokenizer
+from ..data.preprocess import ImageProcessor
 from ..errors import DataFormatError
 from ..models.dual_encoder import DualEncoder, DualEncoderConfig
+from ..models.pretrained import atomic_directory
 
 SQUEEZE = "squeeze"  # HF drops our leading size-1 dims: class token (1, 1, C) -> (C,), positions (1, N, C) -> (N, C)
 VECTOR = "vector"  # HF keeps a scalar as a 1-element vector: SigLIP's logit_scale and logit_bias
@@ -187,9 +190,6 @@ def load_dual_encoder(folder: Path, hf_config: dict, *, family: str, table,
                       config_from_hf: Callable[[dict, Path], DualEncoderConfig]) -> DualEncoder:
     """Our DualEncoder with the checkpoint's weights (cast to torch's default dtype, float32 unless
     changed), tokenizer and image processor, in eval mode."""
-    from ..data.preprocess import ImageProcessor
-    from ..data.hf_tokenizer import HFTokenizer
-
     config = config_from_hf(hf_config, folder / "config.json")
     with torch.device("meta"):  # no time spent on a random init that the checkpoint overwrites
         model = DualEncoder(config)
@@ -212,8 +212,6 @@ def load_dual_encoder(folder: Path, hf_config: dict, *, family: str, table,
 
 def write_hf_folder(model: DualEncoder, directory: Path, hf_config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """config.json + model.safetensors (+ tokenizer and preprocessor files), written atomically."""
-    from ..models.pretrained import atomic_directory
-
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")

@@ -34,14 +34,18 @@ import json
 import os
 from pathlib import Path
 
+from safetensors.torch import save_file
+
+from ..data.hf_tokenizer import HFTokenizer, read_json_object
+from ..data.preprocess import ImageProcessor
 from ..errors import DataFormatError
 from ..models.dual_encoder import DualEncoderConfig
+from ..models.pretrained import atomic_directory
 from ..models.vision import VisionConfig
 from ..models.vlm import VisionLanguageModel, VLMConfig
 from . import clip, siglip
 from .checkpoint import read_weights
 from .llama import HF_ACTIVATIONS, activation_name, decoder_config, decoder_rows, decoder_to_hf_config
-from ..data.hf_tokenizer import read_json_object
 from .weights import assign_weights, expand_rows, export_tensors, rename_keys
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
@@ -217,9 +221,6 @@ def check_image_tokens(model: VisionLanguageModel, processor: dict, folder: Path
 
 def attach_checkpoint_preprocessing(model: VisionLanguageModel, folder: Path, image_processor=None) -> None:
     """The tokenizer (HFTokenizer) with the processor's chat template, and the image processor."""
-    from ..data.preprocess import ImageProcessor
-    from ..data.hf_tokenizer import HFTokenizer
-
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{folder / 'tokenizer.json'} not found: a vision-language model needs its tokenizer")
     model.tokenizer = HFTokenizer.from_folder(folder)
@@ -312,10 +313,6 @@ def export_llava(model: VisionLanguageModel, directory: str | os.PathLike) -> Pa
     """Write `model` as a LLaVA folder (hub key names) that transformers' LlavaForConditionalGeneration
     and AutoProcessor load: config.json, model.safetensors, generation_config.json, the tokenizer
     files, chat_template.jinja, preprocessor_config.json and processor_config.json."""
-    from safetensors.torch import save_file
-
-    from ..models.pretrained import atomic_directory
-
     hf = config_to_hf(model.config)
     rows = key_rows(model.config, hf["vision_config"], Path("<export>"))
     tensors = export_tensors(model, rows)

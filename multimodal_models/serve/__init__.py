@@ -20,19 +20,15 @@ package (and `multimodal --help`) works without the serving dependencies.
 
 from __future__ import annotations
 
+from .runner import run
 from .settings import API_KEY_ENV, Settings, is_loopback
 
 
 def create_app(settings: Settings | None = None, **models):
+    # heavy: FastAPI and torch load on first use, not on import
     from .app import create_app as _create_app
 
     return _create_app(settings, **models)
-
-
-def run(settings: Settings) -> None:
-    from .runner import run as _run
-
-    _run(settings)
 
 
 __all__ = ["API_KEY_ENV", "Settings", "create_app", "is_loopback", "run"]

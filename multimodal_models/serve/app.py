@@ -45,7 +45,10 @@ from ..data.images import encode_png, load_image
 from ..data.tokenizer import IMAGE
 from ..errors import ImageLoadError, MultimodalError
 from ..version import __version__
+from ..index import ImageIndex
 from ..index.rerank import Reranker
+from ..loading import DEFAULT_DUAL_ENCODER, SHIPPED, load
+from ..models.vlm import CAPTION_PROMPT
 from . import images as image_refs
 from . import schemas as S
 from .errors import APIError, bad_request, error_response
@@ -73,8 +76,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 def model_id(name: str) -> str:
     """How /v1/models names a model: a shipped name as is, a folder by its last part (the
     server's file layout stays private)."""
-    from ..loading import SHIPPED
-
     return name if name in SHIPPED else Path(name).expanduser().resolve().name or name
 
 
@@ -148,8 +149,6 @@ class Engine:
 
 
 def load_served(name: str, kind: str, dtype: str | None = None) -> ServedModel:
-    from ..loading import load
-
     model = load(name, dtype=dtype, expect=kind, needed_by="--model" if kind == "vlm" else "--embedder")
     return ServedModel(model, model_id(name), name, kind, int(time.time()))
 
@@ -162,13 +161,9 @@ def _served(given, name: str | None, kind: str, dtype: str | None) -> ServedMode
 
 def build_engine(settings: Settings, *, vlm=None, embedder=None) -> Engine:
     """Load what the settings name (a model object passed in is used as is, for tests and benchmarks)."""
-    from ..loading import DEFAULT_DUAL_ENCODER
-
     index = None
     embedder_name = settings.embedder
     if settings.index is not None:
-        from ..index import ImageIndex
-
         index = ImageIndex.open(settings.index)
     if embedder_name == "auto":  # the model that built the index, else the shipped one
         embedder_name = (index.info.get("model_name") if index is not None else None) or DEFAULT_DUAL_ENCODER
@@ -640,8 +635,6 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
 
         Decoded as the model's `caption()` decodes it: with a beam of the model's `caption_beams`
         (4 for shapes-vlm) unless `temperature` asks for sampling."""
-        from ..models.vlm import CAPTION_PROMPT
-
         body, source = await read_upload_body(request, S.CaptionRequest, engine)
         return await generate_about_image(body, source, body.prompt or CAPTION_PROMPT, "caption")
 

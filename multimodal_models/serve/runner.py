@@ -127,6 +127,7 @@ def run(settings: Settings) -> None:
     import torch
     import uvicorn
 
+    # heavy: FastAPI and torch; `multimodal --help` imports this module for add_arguments
     from .app import create_app
 
     torch.set_num_threads(settings.torch_threads)
