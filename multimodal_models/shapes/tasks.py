@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data.splits import SplitData
+from ..training.config import task_options
 from ..training.tasks import ContrastiveOptions, ContrastiveTask, contrastive_loss
 from ..evaluate.harness import first_images
 from ..training.vlm_task import VLMOptions, VLMTask, next_token_loss
@@ -57,7 +58,7 @@ class ShapesContrastiveTask(ContrastiveTask):
 
     @classmethod
     def prepare_data(cls, config) -> None:
-        generate_missing(config, config.task_options.generate)
+        generate_missing(config, task_options(config, cls.Options).generate)
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         super().__init__(config, train, evaluation, progress=progress)
@@ -115,10 +116,10 @@ class ShapesVLMTask(VLMTask):
 
     @classmethod
     def prepare_data(cls, config) -> None:
-        generate_missing(config, config.task_options.generate)
+        generate_missing(config, task_options(config, cls.Options).generate)
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
-        options = config.task_options
+        options = task_options(config, self.Options)
         if options.exact_grounding not in (False, True, "numbers"):
             raise ValueError(f"task_options.exact_grounding: expected true, false or 'numbers', "
                              f"got {options.exact_grounding!r}")

@@ -64,6 +64,17 @@ class RunConfig:
         return asdict(self)
 
 
+def task_options(config: RunConfig, options_class: type):
+    """A run's task options as the task's Options dataclass: as read (load_config), or built from a
+    mapping or from nothing (a RunConfig made in code)."""
+    value = config.task_options
+    if value is None:
+        return options_class()
+    if isinstance(value, options_class):
+        return value
+    return config_from_dict(options_class, value, source="task_options")
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """['train.steps=200', 'model.decoder.depth=2'] -> nested dict."""
     out: dict = {}

@@ -25,6 +25,7 @@ from ..models.classifier import FusionClassifier, FusionClassifierConfig
 from ..models.dual_encoder import DualEncoder, DualEncoderOutput
 from ..models.inputs import tokenize
 from ..models.pretrained import config_from_dict
+from .config import task_options
 
 
 @dataclass
@@ -43,7 +44,7 @@ class _ImageTask:
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool):
         self.config = config
-        self.options = config.task_options
+        self.options = task_options(config, self.Options)
         self.train_split, self.eval_split = train, evaluation
         self.init_from = getattr(self.options, "init_from", None)
         self.tokenizer = None if self.init_from else WordTokenizer.train(train.texts(), **config.tokenizer)

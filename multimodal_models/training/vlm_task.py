@@ -41,6 +41,7 @@ from ..models.packed_attention import PADDING
 from ..models.pretrained import config_from_dict
 from ..models.vision import VisionConfig
 from ..models.vlm import CAPTION_PROMPT, VisionLanguageModel, VLMConfig, VLMOutput
+from .config import task_options
 from .loop import autocast_context
 
 # The most memory the frozen vision tower's features of the training images may take (VLMTask.frozen_features).
@@ -111,7 +112,7 @@ class VLMTask:
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         self.config = config
-        options = self.options = config.task_options
+        options = self.options = task_options(config, self.Options)
         self.questions_per_image = options.questions_per_image  # 0: all of them
         self.captions_per_image = options.captions_per_image
         if options.init_from:  # fine-tune a saved or Hugging Face model with its own tokenizer and template
