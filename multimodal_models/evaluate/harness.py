@@ -184,7 +184,7 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
         flat.update({f"vqa/{k}": v for k, v in results["vqa"]["perQuestionType"].items()})
     if "captions" in results:
         flat["cider"] = results["captions"]["CIDEr"]
-        if "grounding" in results["captions"]:
+        if "grounding" in results["captions"]:  # an extra's grounded caption scores (the Shapes world's CaptionClaims)
             flat["claim_precision"] = results["captions"]["grounding"]["claim_precision"]
             flat["hallucination"] = results["captions"]["grounding"]["hallucination_rate"]
     if "dialogue" in results:

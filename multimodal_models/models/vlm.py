@@ -73,11 +73,11 @@ class VLMConfig:
     stop_token_ids: tuple[int, ...] = ()  # token ids that end an assistant turn besides the tokenizer's eos
     # How an image's tokens see each other in the decoder: "causal" (as text does) | "bidirectional" (every
     # image token sees all tokens of its image, a prefix-LM image block as in PaliGemma, so each can gather
-    # the whole scene; text stays causal)
+    # the whole image; text stays causal)
     image_attention: str = "causal"
     # How captions are decoded unless a call says otherwise (caption, caption_batch, `multimodal caption`,
     # evaluation): the beam width, 1 for greedy. A caption is one long answer, where greedy decoding can
-    # talk itself into a corner ("a hexagon and a ..." in a scene of two hexagons) that a beam avoids
+    # talk itself into a corner ("a hexagon and a ..." in an image of two hexagons) that a beam avoids
     caption_beams: int = 1
 
     @property
