@@ -140,9 +140,9 @@ def test_unknown_model_names_say_what_exists(tmp_path):
 def test_a_model_of_the_wrong_kind_is_refused_by_name(tiny_shapes, capsys):
     from multimodal_models.errors import WrongModelError
 
-    with pytest.raises(WrongModelError, match="shapes-clip is a dual_encoder model; this needs a vlm model"):
+    with pytest.raises(WrongModelError, match="shapes-clip is a shapes_clip model; this needs a vlm model"):
         load("shapes-clip", expect="vlm")
-    assert load("shapes-clip", expect="dual_encoder").model_type == "dual_encoder"
+    assert load("shapes-clip", expect="dual_encoder").model_type == "shapes_clip"  # a DualEncoder, extended
     image = next((tiny_shapes / "images" / "test").glob("*.png"))
     assert main(["caption", str(image), "--model", "shapes-clip"]) == 2
-    assert "shapes-clip is a dual_encoder model; this command needs a vlm model" in capsys.readouterr().err
+    assert "shapes-clip is a shapes_clip model; this command needs a vlm model" in capsys.readouterr().err

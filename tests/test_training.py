@@ -131,12 +131,10 @@ def test_torchrun_data_parallel_matches_one_process(tiny_shapes, tmp_path):
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_reads_and_builds_its_model_config(path):
-    from multimodal_models.models.classifier import FusionClassifierConfig
-    from multimodal_models.models.dual_encoder import DualEncoderConfig
+    from multimodal_models import registry
     from multimodal_models.models.pretrained import config_from_dict
-    from multimodal_models.models.vlm import VLMConfig
 
     config = load_config(path)
-    kind = {"contrastive": DualEncoderConfig, "vlm": VLMConfig, "vqa": FusionClassifierConfig}[config.task]
-    config_from_dict(kind, config.model, source=f"{path.name}: model")
-    assert config.data.generate is not None  # each trains on a fresh clone: it generates its data
+    task = registry.task_class(config.task)
+    config_from_dict(task.model_class.config_class, config.model, source=f"{path.name}: model")
+    assert config.task_options.generate is not None  # each trains on a fresh clone: it generates its data
