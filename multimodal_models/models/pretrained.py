@@ -60,12 +60,14 @@ def typed_value(value: Any, kind: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error, which names the innermost key
+            return typed_value(value, options[0], where)
+        for option in options:
             try:
                 return typed_value(value, option, where)
-            except DataFormatError as exc:
-                errors.append(exc)
+            except DataFormatError:
+                continue
         raise DataFormatError(where, f"expected {_type_name(kind)}, got {value!r}")
     if origin is typing.Literal:
         if value in args:
