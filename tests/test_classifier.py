@@ -137,17 +137,19 @@ def test_learns_a_question_that_needs_both_inputs(fusion):
     ids, mask = tokenize(TOKENIZER, [QUESTIONS[0] if a else QUESTIONS[1] for a in asks_bright], 16)
     labels = torch.tensor([0 if b == a else 1 for b, a in zip(bright, asks_bright)])  # 0 "yes", 1 "no"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    losses = []
-    for _ in range(100):
-        loss = torch.nn.functional.cross_entropy(model(pixels, ids, mask), labels)
+    for _ in range(300):  # a step cap, with an early stop once the batch is learned with margin
+        logits = model(pixels, ids, mask)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        if loss.item() < 0.05 and bool((logits.argmax(-1) == labels).all()):
+            break
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.2 * losses[0]
-    # fresh images, every combination, through the user-level helper
-    test_bright = [True, True, False, False]
-    questions = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0], QUESTIONS[1]]
-    answers = model.answer_batch(questions, images=brightness_images(test_bright, seed=7))
-    assert answers == ["yes", "no", "no", "yes"]
+    # what was learned, on fresh images: every combination of brightness and question, 32 of them
+    fresh_bright = [bool(b) for b in np.random.default_rng(5).integers(0, 2, 32)]
+    fresh_asks = [bool(a) for a in np.random.default_rng(6).integers(0, 2, 32)]
+    fresh_questions = [QUESTIONS[0] if a else QUESTIONS[1] for a in fresh_asks]
+    predicted = model.answer_batch(fresh_questions, images=brightness_images(fresh_bright, seed=11))
+    wanted = ["yes" if b == a else "no" for b, a in zip(fresh_bright, fresh_asks)]
+    assert sum(p == w for p, w in zip(predicted, wanted)) >= 28  # chance: 16
