@@ -50,14 +50,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "shapes"
         generate(ShapesConfig(train=600, val=50, test=0, test_compositional=0), data, progress=False)
-        config = load_config(args.config, [f"data.root={data}", "data.generate=null", f"output={tmp}/run"])
+        config = load_config(args.config, [f"data.root={data}", "task_options.generate=null", f"output={tmp}/run"])
         task = build_task(config, progress=False)
         model = task.model.train()
         optimizer = make_optimizer(model, config.train)
         t = config.train
         device = torch.device("cpu")
 
-        packed_steps = config.task == "vlm"  # which has the reference below
+        packed_steps = config.task in ("vlm", "shapes-vlm")  # which have the reference below
         if packed_steps:
             frozen_features = task.frozen_features
             frozen_features([0])  # the frozen tower's features of every training image, once, before counting
