@@ -61,12 +61,11 @@ def test_the_head_learns_the_grid_targets_of_fixed_tokens():
     tokens = torch.randn(2, 16, 24)  # distinct random tokens: a linear head can fit any labelling of them
     head = ObjectHead(24, ObjectHeadConfig(attributes=SHAPES_ATTRIBUTES))
     optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
-    first = head.loss(tokens, targets).item()
     for _ in range(200):
         optimizer.zero_grad()
         head.loss(tokens, targets).backward()
         optimizer.step()
-    assert head.loss(tokens, targets).item() < first / 20
+    assert head.loss(tokens, targets).item() < 0.25  # about 5 at the start: learned within the step cap, with margin
     assert head.accuracy(tokens, targets) == {"objectness": 1.0, "shape": 1.0, "color": 1.0, "size": 1.0}
 
 
