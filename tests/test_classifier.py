@@ -1,4 +1,4 @@
-"""FusionClassifier (VQA as classification): shapes, padding, save/load, learning a question that needs both inputs."""
+"""FusionClassifier (VQA as classification): shapes, padding, save/load, learning questions that need both inputs."""
 
 from __future__ import annotations
 
@@ -126,30 +126,45 @@ def test_loading_with_a_missing_weight_names_the_key(tmp_path):
         FusionClassifier.from_pretrained(folder)
 
 
+BRIGHTNESS_ANSWERS = ("yes", "no", "light", "dark")
+
+
+def brightness_questions(count: int, seed: int) -> tuple[list[Image.Image], list[str], list[str]]:
+    """Random images and questions whose answer needs both: 'is the image bright?' is answered yes or no,
+    'what colour is the picture, would you say?' light or dark, each by the image's brightness. The
+    question alone tells the pair of answers, the image alone the brightness: either gets at most half right."""
+    rng = np.random.default_rng(seed)
+    bright = [bool(b) for b in rng.integers(0, 2, count)]
+    asks_yes_no = [bool(a) for a in rng.integers(0, 2, count)]
+    questions = [QUESTIONS[0] if a else QUESTIONS[2] for a in asks_yes_no]
+    answers = [("yes" if b else "no") if a else ("light" if b else "dark") for b, a in zip(bright, asks_yes_no)]
+    return brightness_images(bright, seed=seed + 1), questions, answers
+
+
 @pytest.mark.parametrize("fusion", list(FUSIONS))
 def test_learns_a_question_that_needs_both_inputs(fusion):
-    """'is the image bright?' / 'is the image dark?': the answer is yes or no depending on both."""
-    model = tiny_model(fusion).train()
-    rng = np.random.default_rng(1)
-    bright = [bool(b) for b in rng.integers(0, 2, 32)]
-    asks_bright = [bool(a) for a in rng.integers(0, 2, 32)]
-    pixels = model.image_processor(brightness_images(bright, seed=1))
-    ids, mask = tokenize(TOKENIZER, [QUESTIONS[0] if a else QUESTIONS[1] for a in asks_bright], 16)
-    labels = torch.tensor([0 if b == a else 1 for b, a in zip(bright, asks_bright)])  # 0 "yes", 1 "no"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    for _ in range(300):  # a step cap, with an early stop once the batch is learned with margin
-        logits = model(pixels, ids, mask)
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        if loss.item() < 0.05 and bool((logits.argmax(-1) == labels).all()):
-            break
+    """Trained on 256 examples, the model answers fresh images and questions right: over 90% on each
+    question, where chance is 25% and one input alone gives at most 50%. Over 20 seeds of weights and data
+    the slowest fusion (early) stays there from step 65 at the latest: 150 steps leave over twice that."""
+    model = tiny_model(fusion, answers=BRIGHTNESS_ANSWERS).train()
+    images, questions, answers = brightness_questions(256, seed=1)
+    pixels = model.image_processor(images)
+    ids, mask = tokenize(TOKENIZER, questions, 16)
+    labels = torch.tensor([BRIGHTNESS_ANSWERS.index(a) for a in answers])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    order = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        batch = torch.randperm(len(labels), generator=order)[:32]
+        loss = torch.nn.functional.cross_entropy(model(pixels[batch], ids[batch], mask[batch]), labels[batch])
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-    # what was learned, on fresh images: every combination of brightness and question, 32 of them
-    fresh_bright = [bool(b) for b in np.random.default_rng(5).integers(0, 2, 32)]
-    fresh_asks = [bool(a) for a in np.random.default_rng(6).integers(0, 2, 32)]
-    fresh_questions = [QUESTIONS[0] if a else QUESTIONS[1] for a in fresh_asks]
-    predicted = model.answer_batch(fresh_questions, images=brightness_images(fresh_bright, seed=11))
-    wanted = ["yes" if b == a else "no" for b, a in zip(fresh_bright, fresh_asks)]
-    assert sum(p == w for p, w in zip(predicted, wanted)) >= 28  # chance: 16
+    model.eval()
+    # fresh images and questions (not the training ones), through the user-level helper
+    images, questions, answers = brightness_questions(64, seed=7)
+    predicted = model.answer_batch(questions, images=images)
+    for question in (QUESTIONS[0], QUESTIONS[2]):
+        pairs = [(p, a) for p, a, q in zip(predicted, answers, questions) if q == question]
+        accuracy = sum(p == a for p, a in pairs) / len(pairs)
+        assert accuracy >= 0.9, f"{question!r}: {accuracy:.0%} right on fresh inputs"

@@ -1,4 +1,4 @@
-"""LoRA adapters: only they train, training lowers the loss, merging changes nothing in the outputs."""
+"""LoRA adapters: only they train, training teaches a rule, merging changes nothing in the outputs."""
 
 from __future__ import annotations
 
@@ -23,6 +23,19 @@ def llama_like_decoder(tie: bool = False) -> CausalDecoder:
     return decoder
 
 
+def marker_sequences(count: int, generator: torch.Generator, length: int = 16) -> torch.Tensor:
+    """Token ids (count, length): a random token of 0-3, then its marker (16 after an even token, 17 after an
+    odd one), and so on. The markers follow a rule; the other tokens cannot be predicted."""
+    tokens = torch.randint(0, 4, (count, length // 2), generator=generator)
+    return torch.stack([tokens, 16 + tokens % 2], dim=2).flatten(1)
+
+
+def marker_accuracy(decoder: CausalDecoder, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        predicted = decoder(ids)[:, 0::2].argmax(-1)  # what each token 0-3 predicts comes next
+    return (predicted == ids[:, 1::2]).float().mean().item()
+
+
 def test_lora_decoder_trains_and_merging_gives_the_same_outputs():
     decoder = llama_like_decoder()
     keys_before = set(decoder.state_dict())
@@ -31,19 +44,22 @@ def test_lora_decoder_trains_and_merging_gives_the_same_outputs():
     assert len(lora_layers(decoder)) == 2 * 4 and len(trainable) == 2 * 2 * 4
     assert {id(p) for p in decoder.parameters() if p.requires_grad} == {id(p) for p in trainable}
 
-    torch.manual_seed(1)
-    ids = torch.randint(0, 48, (4, 16))
+    # the adapters learn the marker rule: fresh sequences (not seen in training) get their markers right,
+    # where the base model gets almost none (chance among 48 tokens is 2%; guessing 16 or 17, 50%). This
+    # base passes 90% by step 15 for each of ten data seeds, 40 other random bases by step 40 at the latest.
+    ids = marker_sequences(64, torch.Generator().manual_seed(1))
     before = decoder(ids)
+    assert marker_accuracy(decoder, ids) < 0.5
+    stream = torch.Generator().manual_seed(2)
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(40):
-        logits = decoder(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    for _ in range(80):
+        batch = marker_sequences(8, stream)
+        logits = decoder(batch)
+        loss = F.cross_entropy(logits[:, 0::2].flatten(0, 1), batch[:, 1::2].flatten())  # the predictable tokens
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.25 * losses[0]
+    assert marker_accuracy(decoder, ids) >= 0.9
     for name, p in decoder.named_parameters():  # the base weights did not move
         if name in frozen:
             assert torch.equal(p, frozen[name]), name

@@ -66,35 +66,49 @@ def test_a_second_run_into_the_same_folder_is_refused(tiny_shapes, tmp_path):
 
 
 def test_a_plain_vqa_jsonl_with_new_words_answers_and_image_size_trains_by_config_only(tmp_path):
+    """Noisy photos of three colours with new words for the answers; the trained model names the colour of
+    photos it never saw (other noise, another size): over 90% where chance is 33%. Over 40 seeds, bf16 and
+    fp32, the evaluation stays there from step 25 at the latest: 60 steps leave over twice that."""
+    import numpy as np
     from PIL import Image
 
+    shades = {"crimson": (200, 20, 60), "teal": (0, 128, 128), "golden": (255, 200, 0)}
+    rng = np.random.default_rng(0)
     images = tmp_path / "photos"
     images.mkdir()
-    rows = []
-    for k in range(24):
-        colour = ["crimson", "teal", "golden"][k % 3]
-        Image.new("RGB", (40, 30), {"crimson": (200, 20, 60), "teal": (0, 128, 128), "golden": (255, 200, 0)}[colour]).save(
-            images / f"p{k}.jpg")
-        rows.append({"image": f"p{k}.jpg", "question": "Which hue fills this photograph?", "answer": colour})
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def table(name: str, prefix: str, count: int, size: tuple[int, int], shift: int) -> Path:
+        rows = []
+        for k in range(count):
+            colour = list(shades)[(k + k // 3 * shift) % 3]
+            pixels = np.array(shades[colour]) + rng.integers(-40, 41, (size[1], size[0], 3))
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(images / f"{prefix}{k}.jpg")
+            rows.append({"image": f"{prefix}{k}.jpg", "question": "Which hue fills this photograph?", "answer": colour})
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    train_table = table("train.jsonl", "p", 24, (40, 30), shift=0)
+    eval_table = table("eval.jsonl", "q", 24, (36, 44), shift=1)  # fresh photos, another size and order
     config = {
         "task": "vqa",
-        "data": {"train": {"table": str(tmp_path / "train.jsonl"), "images": str(images)},
-                 "eval": {"table": str(tmp_path / "train.jsonl"), "images": str(images)}},
+        "data": {"train": {"table": str(train_table), "images": str(images)},
+                 "eval": {"table": str(eval_table), "images": str(images)}},
         "model": {"vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2, "pool": "mean",
                              "class_token": False},
                   "text": {"max_length": 16, "width": 32, "depth": 1, "heads": 2},
                   "fusion": {"kind": "late", "width": 32}, "hidden": 32},
-        "train": {"steps": 40, "batch_size": 12, "lr": 0.01, "warmup": 2, "eval_every": 40, "eval_samples": 24},
+        "train": {"steps": 60, "batch_size": 12, "lr": 0.003, "warmup": 2, "eval_every": 60, "eval_samples": 24},
         "output": str(tmp_path / "run"),
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     summary = train(load_config(tmp_path / "config.yaml"), progress=False)
-    assert summary["final_eval"]["vqa"]["overall"] == 100.0
+    assert summary["final_eval"]["vqa"]["overall"] >= 90.0
     model = load(tmp_path / "run" / "model")
     assert set(model.config.answers) == {"crimson", "teal", "golden"}
     assert model.config.vision.image_size == 32
-    assert model.answer(images / "p1.jpg", "Which hue fills this photograph?")[0] == "teal"
+    rows = [json.loads(line) for line in eval_table.read_text().splitlines()]
+    answers = [model.answer(images / r["image"], r["question"])[0] for r in rows]
+    assert sum(a == r["answer"] for a, r in zip(answers, rows)) >= 0.9 * len(rows)
 
 
 def test_overrides_and_config_errors(tiny_shapes, tmp_path):
@@ -125,8 +139,16 @@ def test_torchrun_data_parallel_matches_one_process(tiny_shapes, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = weights(tmp_path / "single/checkpoints/last"), weights(tmp_path / "ddp/checkpoints/last")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4, msg=key)
+    assert a.keys() == b.keys()
+    differences = {key: (a[key] - b[key]).abs().flatten() for key in a}
+    worst = max(differences, key=lambda key: differences[key].max())
+    every = torch.cat(list(differences.values()))
+    # The sums of the two half batches round differently, and ReLU and max-pooling in the conv stem turn a near tie
+    # into a different gradient: a few weights then differ by more (over 14 seeds at most 18 of 82,525, by up to
+    # 1.2e-4; mean difference at most 2.5e-8). Training on half the batch instead moves 94% of the weights by more
+    # than 2e-5, by 2.5e-3 on average.
+    assert (every > 2e-5).float().mean() < 1e-3, f"{worst} differs by {differences[worst].max():.2e}"
+    assert every.mean() < 1e-6
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
