@@ -15,7 +15,6 @@ from multimodal_models.data.tokenizer import WordTokenizer
 from multimodal_models.errors import DataFormatError
 from multimodal_models.models.dual_encoder import (
     IMAGENET_TEMPLATES,
-    SHAPES_TEMPLATES,
     DualEncoder,
     DualEncoderConfig,
     DualEncoderOutput,
@@ -23,6 +22,7 @@ from multimodal_models.models.dual_encoder import (
 from multimodal_models.models.pretrained import config_from_dict, config_to_dict
 from multimodal_models.models.text import TextEncoderConfig
 from multimodal_models.models.vision import VisionConfig
+from multimodal_models.shapes.models import SHAPES_TEMPLATES
 from multimodal_models.training.tasks import contrastive_loss
 
 torch.set_num_threads(1)

@@ -32,7 +32,8 @@ from multimodal_models.errors import MultimodalError
 from multimodal_models.index.rerank import DEFAULT_SIMILARITY_WEIGHT
 from multimodal_models.loading import load
 from multimodal_models.models.chat import CHAT_SPECIAL_TOKENS
-from multimodal_models.models.dual_encoder import SHAPES_TEMPLATES, DualEncoder, DualEncoderConfig
+from multimodal_models.models.dual_encoder import DualEncoder, DualEncoderConfig
+from multimodal_models.shapes.models import SHAPES_TEMPLATES
 from multimodal_models.models.text import DecoderConfig, TextEncoderConfig
 from multimodal_models.models.vision import VisionConfig
 from multimodal_models.models.vlm import VisionLanguageModel, VLMConfig

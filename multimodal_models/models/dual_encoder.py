@@ -32,19 +32,7 @@ from .vision import VisionConfig, VisionTransformer
 
 LOSSES = ("clip", "siglip")
 IMAGE_PROJECTIONS = ("linear", "none")
-PROMPT_SETS = ("shapes", "imagenet", "imagenet7")
-
-# Zero-shot prompts for Shapes-world labels. The labels are noun phrases with their
-# article, as the captions say them ("a red circle", "two stars"); each template is
-# formatted with str.format, so "{}" is where the label goes.
-SHAPES_TEMPLATES: tuple[str, ...] = (
-    "{}.",
-    "there is {}.",
-    "an image of {}.",
-    "a picture with {}.",
-    "the scene shows {}.",
-    "this image contains {}.",
-)
+PROMPT_SETS = ("imagenet", "imagenet7")
 
 # A few of the generic ImageNet prompts from the CLIP paper's prompt-ensembling study, for real photos.
 # All 80 of them (and the 7 its forward selection kept) are in multimodal_models.models.templates.
@@ -75,9 +63,9 @@ class DualEncoderConfig:
     # Cap on the learned log-temperature for the "clip" loss (CLIP clamps exp(logit_scale) at 100);
     # None: no cap, as transformers' CLIPModel applies none (checkpoints imported from it)
     max_logit_scale: float | None = math.log(100.0)
-    # classify()'s default prompts: "shapes" (SHAPES_TEMPLATES) | "imagenet" (the CLIP paper's 80
+    # classify()'s default prompts: "imagenet" (the CLIP paper's 80
     # ImageNet templates) | "imagenet7" (the 7 of them its forward selection kept)
-    prompts: str = "shapes"
+    prompts: str = "imagenet"
 
 
 class DualEncoderOutput(NamedTuple):
@@ -94,13 +82,14 @@ class DualEncoderOutput(NamedTuple):
 class DualEncoder(PretrainedModel):
     model_type = "dual_encoder"
     config_class = DualEncoderConfig
+    prompt_sets: tuple[str, ...] = PROMPT_SETS  # a subclass may know more (default_templates)
 
     def __init__(self, config: DualEncoderConfig):
         super().__init__(config)
         if config.loss not in LOSSES:
             raise ValueError(f"unknown loss {config.loss!r}; expected one of {LOSSES}")
-        if config.prompts not in PROMPT_SETS:
-            raise ValueError(f"unknown prompts {config.prompts!r}; expected one of {PROMPT_SETS}")
+        if config.prompts not in self.prompt_sets:
+            raise ValueError(f"unknown prompts {config.prompts!r}; expected one of {self.prompt_sets}")
         if config.image_projection not in IMAGE_PROJECTIONS:
             raise ValueError(f"unknown image_projection {config.image_projection!r}; "
                              f"expected one of {IMAGE_PROJECTIONS}")
@@ -212,8 +201,8 @@ class DualEncoder(PretrainedModel):
         CLIP loss: softmax over exp(logit_scale) * cosine, so the probabilities sum to 1.
         SigLIP loss: sigmoid(exp(logit_scale) * cosine + bias) per label, each an independent
         probability that the label matches (they need not sum to 1).
-        `templates` default to the config's `prompts` set (SHAPES_TEMPLATES for models trained
-        here, the CLIP paper's 80 ImageNet templates for imported CLIP/SigLIP checkpoints).
+        `templates` default to the config's `prompts` set: the CLIP paper's 80 ImageNet templates, or
+        the 7 its forward selection kept (a subclass may name its own, as ShapesCLIP does).
         """
         classes = self.label_embeddings(labels, templates)  # (L, E)
         image_embed = self.embed_images([image])  # (1, E)
@@ -225,8 +214,6 @@ class DualEncoder(PretrainedModel):
 
     def default_templates(self) -> tuple[str, ...]:
         """The prompt templates named by `config.prompts`."""
-        if self.config.prompts == "shapes":
-            return SHAPES_TEMPLATES
         return CLIP_IMAGENET_TEMPLATES if self.config.prompts == "imagenet" else CLIP_IMAGENET_TEMPLATES_7
 
     def attach_preprocessing(self, directory: Path) -> None:

@@ -28,6 +28,17 @@ from .readers import ImageReader
 
 IMAGE_TOKENS = ("grid", "objects")
 
+# Zero-shot prompts for Shapes labels (ShapesCLIP's "shapes" prompts). The labels are noun phrases with
+# their article, as the captions say them ("a red circle", "two stars"); "{}" is where the label goes.
+SHAPES_TEMPLATES: tuple[str, ...] = (
+    "{}.",
+    "there is {}.",
+    "an image of {}.",
+    "a picture with {}.",
+    "the scene shows {}.",
+    "this image contains {}.",
+)
+
 
 # --- the dual encoder ------------------------------------------------------------------------
 
@@ -37,15 +48,20 @@ class ShapesCLIPConfig(DualEncoderConfig):
     # Dense object supervision of the vision tower's patch tokens during training (object_head.py);
     # None: none. Needs the scene graphs of the training images.
     object_head: ObjectHeadConfig | None = None
+    prompts: str = "shapes"  # classify()'s default prompts: "shapes" (SHAPES_TEMPLATES), or the DualEncoder's
 
 
 class ShapesCLIP(DualEncoder):
     model_type = "shapes_clip"
     config_class = ShapesCLIPConfig
+    prompt_sets = ("shapes", *DualEncoder.prompt_sets)
 
     def __init__(self, config: ShapesCLIPConfig):
         super().__init__(config)
         self.object_head = ObjectHead(config.vision.width, config.object_head) if config.object_head else None
+
+    def default_templates(self) -> tuple[str, ...]:
+        return SHAPES_TEMPLATES if self.config.prompts == "shapes" else super().default_templates()
 
 
 # --- the multimodal LM -----------------------------------------------------------------------
