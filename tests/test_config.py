@@ -49,3 +49,19 @@ def test_overrides_are_typed_too(tmp_path):
     assert load_config(path, ["train.steps=200"]).train.steps == 200
     with pytest.raises(DataFormatError, match=r"train\.steps: expected int, got 'abc'"):
         load_config(path, ["train.steps=abc"])
+
+
+def test_a_shapes_task_generates_its_missing_data_and_leaves_present_data_alone(tmp_path):
+    from multimodal_models.registry import task_class
+
+    root = tmp_path / "shapes"
+    config = load_config(write(tmp_path, task="shapes-vlm", data={"root": str(root)},
+                               task_options={"generate": {"seed": 1, "train": 2, "val": 1, "test": 1,
+                                                          "test_compositional": 1}}))
+    task_class("shapes-vlm").prepare_data(config)
+    manifest = (root / "dataset.json").read_text()
+    assert len(list((root / "images" / "train").glob("*.png"))) == 2
+    config.task_options.generate = type(config.task_options.generate)(seed=2, train=3)
+    task_class("shapes-vlm").prepare_data(config)  # there already: not written again
+    assert (root / "dataset.json").read_text() == manifest
+    task_class("vlm").prepare_data(config)  # the general task generates nothing

@@ -31,14 +31,19 @@ from .models import ShapesCLIP, ShapesVLM
 from .objects import SHAPES_ATTRIBUTES, ObjectGrid
 
 
-def generate_missing(config, settings: ShapesConfig | None) -> None:
-    """Generate the Shapes world into data.root when it has no dataset.json and `settings` says how."""
-    if settings is None or config.data.root is None:
-        return
-    root = Path(config.data.root)
-    if not (root / "dataset.json").is_file():
-        print(f"generating the Shapes world into {root} ...")
-        generate(settings, root)
+class GeneratesShapes:
+    """A Shapes task's data: generated into data.root first when it has no dataset.json and
+    task_options.generate says how (a mixin before the general task class)."""
+
+    @classmethod
+    def prepare_data(cls, config) -> None:
+        settings = task_options(config, cls.Options).generate
+        if settings is None or config.data.root is None:
+            return
+        root = Path(config.data.root)
+        if not (root / "dataset.json").is_file():
+            print(f"generating the Shapes world into {root} ...")
+            generate(settings, root)
 
 
 # --- the dual encoder ------------------------------------------------------------------------
@@ -49,16 +54,12 @@ class ShapesContrastiveOptions(ContrastiveOptions):
     generate: ShapesConfig | None = None  # generate the data into data.root when it is missing
 
 
-class ShapesContrastiveTask(ContrastiveTask):
+class ShapesContrastiveTask(GeneratesShapes, ContrastiveTask):
     """Contrastive training of a ShapesCLIP, with its object head trained on the scene graphs."""
 
     name = "shapes-contrastive"
     Options = ShapesContrastiveOptions
     model_class = ShapesCLIP
-
-    @classmethod
-    def prepare_data(cls, config) -> None:
-        generate_missing(config, task_options(config, cls.Options).generate)
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         super().__init__(config, train, evaluation, progress=progress)
@@ -107,16 +108,12 @@ class ShapesVLMOptions(VLMOptions):
     generate: ShapesConfig | None = None  # generate the data into data.root when it is missing
 
 
-class ShapesVLMTask(VLMTask):
+class ShapesVLMTask(GeneratesShapes, VLMTask):
     """The VLM task, with the image readers' attention supervised by the questions' referents."""
 
     name = "shapes-vlm"
     Options = ShapesVLMOptions
     model_class = ShapesVLM
-
-    @classmethod
-    def prepare_data(cls, config) -> None:
-        generate_missing(config, task_options(config, cls.Options).generate)
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         options = task_options(config, self.Options)
