@@ -29,7 +29,7 @@ from PIL import Image
 from multimodal_models.data.preprocess import ImageProcessor
 from multimodal_models.data.tokenizer import WordTokenizer
 from multimodal_models.errors import MultimodalError
-from multimodal_models.index.rerank import DEFAULT_SIMILARITY_WEIGHT
+from multimodal_models.index.defaults import DEFAULT_SIMILARITY_WEIGHT
 from multimodal_models.loading import load
 from multimodal_models.models.chat import CHAT_SPECIAL_TOKENS
 from multimodal_models.models.dual_encoder import DualEncoder, DualEncoderConfig

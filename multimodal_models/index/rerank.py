@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-DEFAULT_TOP = 10
-DEFAULT_SIMILARITY_WEIGHT = 20.0  # chosen on Shapes val (0 / 10 / 20 / 50: R@1 32.04 / 33.26 / 33.44 / 32.80)
+from .defaults import DEFAULT_SIMILARITY_WEIGHT, DEFAULT_TOP
 
 
 @dataclass

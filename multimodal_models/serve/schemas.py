@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..index.rerank import DEFAULT_SIMILARITY_WEIGHT as WEIGHT
+from ..index.defaults import DEFAULT_SIMILARITY_WEIGHT as WEIGHT
 
 # --- errors ---------------------------------------------------------------------------------
 
