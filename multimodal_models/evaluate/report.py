@@ -4,7 +4,6 @@ report and plots (accuracy per question type, recall@K curves, a grid of predict
 from __future__ import annotations
 
 import io
-import json
 import random
 import textwrap
 import time

@@ -22,7 +22,6 @@ from .language import (
     EXTREME_MARGIN,
     RELATIONS,
     Description,
-    describe,
     unique_descriptions,
     with_article,
 )
