@@ -382,3 +382,18 @@ def test_dialogue_accuracy_per_turn_and_per_form_of_question(tmp_path, monkeypat
     assert scores["perTurn"] == {"1": 100.0, "2": 50.0, "3": 0.0, "4": 100.0}
     assert scores["perQuestionType"] == {"exist": 100.0, "query_it": 0.0, "spatial_it": 50.0}
     assert scores["numPerQuestionType"] == {"exist": 2, "query_it": 1, "spatial_it": 2}
+
+
+def test_decoding_never_emits_the_image_placeholder():
+    """An undertrained model may rate <image> highest; a generated token cannot bring image embeddings, so
+    greedy, sampled, beam and batched decoding all rule it out (before, the next step failed)."""
+    model = tiny_vlm(seed=3)
+    with torch.no_grad():  # the head's bias toward the placeholder swamps every other token
+        model.decoder.lm_head.weight[model.config.image_token_id] += 50.0
+    image = IMAGES[0]
+    for options in ({}, {"do_sample": True, "seed": 0}, {"num_beams": 3}):
+        text = model.ask(image, "what colour is it?", max_new_tokens=6, **options)
+        assert "<image>" not in text
+    answers = model.answer_batch(["what colour is it?"] * 2, images=IMAGES[:2], max_new_tokens=6)
+    assert all("<image>" not in a for a in answers)
+    assert model.caption_batch(images=IMAGES[:2], num_beams=2, max_new_tokens=6)

@@ -350,7 +350,8 @@ class VisionLanguageModel(PretrainedModel):
         eye = torch.eye(longest, dtype=torch.bool, device=self.device)
         mask = (causal & valid[:, None, :]) | eye  # (B, T, T); pads attend to themselves only
         cache = self.decoder.new_cache(B, longest + max_new_tokens)
-        logits = self(ids, features=features, mask=mask[:, None], positions=positions, cache=cache).logits[:, -1]
+        logits = self.next_token_logits(self(ids, features=features, mask=mask[:, None], positions=positions,
+                                             cache=cache).logits)
         stop_ids = stop_ids if stop_ids is not None else self.chat_template().stop_ids()
         outputs: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -368,10 +369,18 @@ class VisionLanguageModel(PretrainedModel):
             if bool(done.all()):
                 break
             keys = torch.cat([keys, torch.ones(B, 1, dtype=torch.bool, device=self.device)], dim=1)
-            logits = self(tokens[:, None], mask=keys[:, None, None, :], positions=next_position[:, None],
-                          cache=cache).logits[:, -1]
+            logits = self.next_token_logits(self(tokens[:, None], mask=keys[:, None, None, :],
+                                                 positions=next_position[:, None], cache=cache).logits)
             next_position = next_position + 1
         return outputs
+
+    def next_token_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The last position's logits (B, V) of a decoding step, the <image> placeholder ruled out: it
+        stands for image embeddings, which a generated token cannot bring (an undertrained model may
+        still rate it highly)."""
+        last = logits[:, -1].clone()
+        last[:, self.config.image_token_id] = float("-inf")
+        return last
 
     def user_prompts(self, texts: list[str], images: list[Any] | None = None) -> list[list[int]]:
         """One user turn per text, each about one image (given when the prompt depends on it)."""
@@ -481,19 +490,19 @@ class VLMSession:
         self.cache = model.decoder.new_cache(ids.shape[0], length) if config.use_cache else None
 
     def prefill(self) -> torch.Tensor:
-        return self.model(self.ids, features=self.features, cache=self.cache).logits[:, -1]
+        return self.model.next_token_logits(self.model(self.ids, features=self.features, cache=self.cache).logits)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
         if self.cache is not None:
-            return self.model(tokens[:, None], cache=self.cache).logits[:, -1]
+            return self.model.next_token_logits(self.model(tokens[:, None], cache=self.cache).logits)
         # every row's images: those of the prompt it continues (one prompt: all the features, for each beam)
         features = self.features
         if features is not None and self.prompts == 1:
             features = features.repeat(self.ids.shape[0], 1, 1)
         elif features is not None:
             features = features.index_select(0, self.prompt_of)
-        return self.model(self.ids, features=features).logits[:, -1]
+        return self.model.next_token_logits(self.model(self.ids, features=features).logits)
 
     def reorder(self, index: torch.Tensor) -> None:
         self.ids = self.ids.index_select(0, index)
