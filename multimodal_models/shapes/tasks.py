@@ -63,10 +63,9 @@ class ShapesContrastiveTask(GeneratesShapes, ContrastiveTask):
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         super().__init__(config, train, evaluation, progress=progress)
-        self.objects = self.eval_objects = None
+        self.objects = None
         if getattr(self.model, "object_head", None) is not None:  # dense supervision of the patch tokens
             self.objects = ObjectGrid.for_model(self.model, scenes_of(train))
-            self.eval_objects = scenes_of(evaluation) is not None
 
     def configure_model(self, model_config):
         if model_config.object_head is not None and not model_config.object_head.attributes:
@@ -82,16 +81,12 @@ class ShapesContrastiveTask(GeneratesShapes, ContrastiveTask):
         return loss
 
     def retrieval_ceiling(self, split: SplitData) -> dict:
-        scenes = scenes_of(split)
-        if scenes is None or not all(r.image_id in scenes for r in split.captions):
-            return super().retrieval_ceiling(split)
-        return scene_ceiling(split.captions, scenes)
+        return scene_ceiling(split) or super().retrieval_ceiling(split)
 
     def evaluate(self, model, limit: int) -> dict:
         results = super().evaluate(model, limit)
-        if self.eval_objects:  # how well the patch tokens name the objects, per attribute
-            split = first_images(self.eval_split, limit)
-            ObjectHeadAccuracy().run(model, split, self._eval_store(split, model), results)
+        split = first_images(self.eval_split, limit)  # how well the patch tokens name the objects, per attribute
+        ObjectHeadAccuracy().run(model, split, self._eval_store(split, model), results)
         return results
 
 
