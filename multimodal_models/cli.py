@@ -169,17 +169,25 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from dataclasses import fields
+
+    from .data.splits import SplitFiles  # heavy: torch
     from .evaluate.harness import headline  # heavy: torch
-    from .evaluate.report import evaluate_model  # heavy: torch
+    from .evaluate.report import evaluate_model, evaluation_data  # heavy: torch
     from .shapes.evaluation import EXTRAS as SHAPES_EXTRAS  # heavy: torch
 
+    def flag(field: str) -> str:  # errors name the flag a SplitFiles field came from
+        return {"root": "--data", "eval_split": "--split"}.get(field, "--" + field.replace("_", "-"))
+
+    files = SplitFiles(**{f.name: getattr(args, f.name, None) for f in fields(SplitFiles)})
+    data = evaluation_data(args.data, args.split, files, name=flag)  # before the model loads: a typo fails at once
     reranker = None
     if args.rerank_with:
         from .index.rerank import Reranker  # heavy: torch
 
         reranker = Reranker(_load(args.rerank_with, "vlm", dtype=args.dtype), top=args.rerank_top,
                             similarity_weight=args.rerank_similarity_weight)
-    results = evaluate_model(_load(args.model, dtype=args.dtype), args.data, args.out, split=args.split, limit=args.limit,
+    results = evaluate_model(_load(args.model, dtype=args.dtype), data, args.out, limit=args.limit,
                              progress=not args.quiet, reranker=reranker,
                              extras=SHAPES_EXTRAS)  # each does nothing where the data has no scene graphs
     _print_json({"report": str(Path(args.out) / "report.md"), **headline(results)})
@@ -378,13 +386,31 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
 
-    ev = commands.add_parser("evaluate", help="run a model on a benchmark split; write metrics, a report and plots")
+    ev = commands.add_parser("evaluate", help="run a model on a benchmark split or annotation files; write metrics, "
+                                              "a report and plots")
     ev.add_argument("--model", default="shapes-vlm", help="shipped model name or saved model folder (default shapes-vlm)")
-    ev.add_argument("--data", required=True, help="dataset folder with dataset.json (e.g. from 'multimodal shapes generate')")
-    ev.add_argument("--split", default="test", help="split to evaluate (default test)")
+    ev.add_argument("--data", default=None, metavar="DIR",
+                    help="dataset folder with dataset.json (e.g. from 'multimodal shapes generate')")
+    ev.add_argument("--split", default=None, help="split of --data to evaluate (default test)")
     ev.add_argument("--out", required=True, type=Path, help="report folder to write")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    given = ev.add_argument_group(
+        "annotation files", "evaluate these instead of a --data split, or with it (each replaces the split's file of "
+                            "its kind); any combination")
+    given.add_argument("--images", metavar="DIR", help="image folder the files refer into (default: each file's folder)")
+    given.add_argument("--table", metavar="FILE",
+                       help="JSONL or CSV rows of image, question, answer[s] (VQA) or of image, caption")
+    given.add_argument("--vqa-questions", metavar="FILE", help="VQA v2 questions JSON (with --vqa-annotations)")
+    given.add_argument("--vqa-annotations", metavar="FILE", help="VQA v2 annotations JSON")
+    given.add_argument("--captions", metavar="FILE", help="COCO captions JSON (captions_val2014.json layout)")
+    given.add_argument("--karpathy", metavar="FILE", help="Karpathy split JSON (COCO, Flickr30k), instead of --captions")
+    given.add_argument("--karpathy-split", metavar="NAME", help="the split of --karpathy to evaluate (e.g. test)")
+    given.add_argument("--dialogues", metavar="FILE",
+                       help="LLaVA conversations JSON/JSONL; image paths in it are relative to the folder above "
+                            "--images (default: the file's folder)")
+    given.add_argument("--mmmu", metavar="PATH", help="MMMU parquet file, or a folder of them (multiple choice)")
+    given.add_argument("--scenes", metavar="FILE", help="Shapes scene graphs of the images (grounded caption scores)")
     rerank_options(ev, "a dual encoder's text→image retrieval is also scored")
     dtype_option(ev)
     ev.set_defaults(func=cmd_evaluate)

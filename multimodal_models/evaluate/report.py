@@ -1,5 +1,11 @@
 """`multimodal evaluate`: run a model on a benchmark split, write metrics.json, a Markdown
-report and plots (accuracy per question type, recall@K curves, a grid of predictions)."""
+report and plots (accuracy per question type, recall@K curves, a grid of predictions).
+
+The data is a dataset folder's split, annotation files in any format the readers of
+`multimodal_models.data.formats` read (a JSONL/CSV table, a VQA v2 pair, COCO captions, a
+Karpathy split, LLaVA conversations, MMMU parquet), or both; the report has the same form
+whichever way the data came.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,15 @@ import io
 import random
 import textwrap
 import time
+from collections.abc import Callable
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import MultimodalError
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..data.images import load_image
-from ..data.splits import DataConfig, ImageStore, load_split
+from ..data.splits import DataConfig, ImageStore, SplitFiles, load_split, split_files
 from .harness import (
     EvaluationExtra,
     evaluate_captions,
@@ -24,18 +33,32 @@ from .harness import (
 )
 from .metrics.caption import java_available
 
+# What to evaluate: a dataset folder (its `split`), a DataConfig (its eval split), or a split's files.
+EvaluationData = str | Path | DataConfig | SplitFiles
+# The SplitFiles fields that hold records to evaluate; `images` and `scenes` only help read them.
+RECORD_FIELDS = ("table", "vqa_questions", "vqa_annotations", "captions", "karpathy", "dialogues", "mmmu")
+FOLDER_FIELDS = ("images",)  # the others are files, except mmmu, which may be either
+NOT_PATHS = ("karpathy_split",)
 
-def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "test", limit: int | None = None,
+
+def evaluate_model(model, data: EvaluationData, out: str | Path, *, split: str | None = None, limit: int | None = None,
                    progress: bool = True, reranker=None, extras: tuple[EvaluationExtra, ...] = ()) -> dict[str, Any]:
-    """Run `model` on every task of the split that it can do, then the extras; write metrics.json,
-    report.md and plots to `out`. reranker (index.rerank.Reranker): for a dual encoder, also
-    text->image retrieval with a multimodal LM rescoring each caption's top images."""
+    """Run `model` on every task of the data that it can do, then the extras; write metrics.json,
+    report.md and plots to `out`. data: a dataset folder with dataset.json (its `split`, default
+    test), a DataConfig (its eval split; `split` overrides the name) or a SplitFiles of annotation
+    files. reranker (index.rerank.Reranker): for a dual encoder, also text->image retrieval with a
+    multimodal LM rescoring each caption's top images."""
     out = Path(out)
-    split_data = first_images(load_split(DataConfig(root=str(data), eval_split=split), "eval"), limit)
+    config = as_data_config(data, split)
+    files = check_data(config)
+    split_data = first_images(load_split(config, "eval"), limit)
     sources = [r.image for r in split_data.captions] + [r.image for r in split_data.vqa]
     sources += [s for r in split_data.conversations for s in r.images]
     store = ImageStore(sources, model.image_processor, progress=progress, desc="images")
-    results: dict[str, Any] = {"model_type": model.model_type, "data": str(data), "split": split}
+    results: dict[str, Any] = {"model_type": model.model_type, "data": describe_data(config),
+                               # the folder's split; files alone have none, unless a Karpathy file names one
+                               "split": config.eval_split if config.root else files.karpathy_split,
+                               "files": {k: v for k, v in asdict(files).items() if v is not None}}
     start = time.perf_counter()
     if hasattr(model, "answer_batch") and split_data.vqa:
         results["vqa"] = evaluate_vqa(model, split_data.vqa, store, progress=progress)
@@ -59,6 +82,105 @@ def evaluate_model(model, data: str | Path, out: str | Path, *, split: str = "te
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_report(results, split_data, store, out, extras)
     return results
+
+
+# --- what to evaluate ------------------------------------------------------------------
+
+
+def _python_name(field: str) -> str:
+    """How a Python caller names a field in error messages: as the dataclasses do."""
+    return {"root": "DataConfig.root", "eval_split": "split"}.get(field, f"SplitFiles.{field}")
+
+
+def evaluation_data(folder: str | Path | None = None, split: str | None = None, files: SplitFiles | None = None, *,
+                    name: Callable[[str], str] = _python_name) -> DataConfig:
+    """The DataConfig to evaluate: a dataset folder's split (default test), annotation files, or both
+    (a file given here replaces the folder's file of the same kind). Checked at once, so that a wrong
+    path fails before a model is loaded; `name` maps "root", "eval_split" and the SplitFiles fields
+    to what the caller calls them in errors (the command line: its flags)."""
+    if split is not None and folder is None:
+        raise MultimodalError(f"{name('eval_split')} picks a split of {name('root')}; give {name('root')} DIR too, "
+                              "or leave it out with annotation files")
+    files = files or SplitFiles()
+    if folder is not None:  # the folder's manifest paths are joined to it, so given paths must not be
+        files = SplitFiles(**{k: (v if v is None or k in NOT_PATHS else str(Path(v).absolute()))
+                              for k, v in asdict(files).items()})
+    if folder is not None:  # a folder named here is there for its splits
+        _require_manifest(folder, name)
+    config = DataConfig(root=str(folder) if folder is not None else None, eval_split=split or "test", eval=files)
+    check_data(config, name=name)
+    return config
+
+
+def as_data_config(data: EvaluationData, split: str | None = None) -> DataConfig:
+    """`evaluate_model`'s data as a DataConfig."""
+    if isinstance(data, DataConfig):
+        return replace(data, eval_split=split) if split is not None else data
+    if isinstance(data, SplitFiles):
+        return evaluation_data(None, split, data)
+    return evaluation_data(data, split)
+
+
+def check_data(config: DataConfig, *, name: Callable[[str], str] = _python_name) -> SplitFiles:
+    """The files of the config's eval split, after checking that there is something to evaluate,
+    that every path exists and that the files pair up; errors name the field (`name`) and path."""
+    explicit = config.eval or SplitFiles()
+    if config.root is None and not any(getattr(explicit, f) for f in RECORD_FIELDS):
+        flags = ", ".join(name(f) for f in RECORD_FIELDS)
+        raise MultimodalError(f"nothing to evaluate: give {name('root')} DIR (a dataset folder with dataset.json) "
+                              f"or annotation files ({flags})")
+    if config.root is not None and not any(getattr(explicit, f) for f in RECORD_FIELDS):
+        _require_manifest(config.root, name)  # else a root may be just the folder the given paths are relative to
+    files = split_files(config, "eval")
+
+    def origin(field: str) -> str:  # an explicit file by its flag; otherwise dataset.json named it
+        if getattr(explicit, field) is not None:
+            return name(field)
+        return f"{config.root}/dataset.json (split {config.eval_split!r}, {field!r})"
+
+    for field in (f.name for f in fields(SplitFiles)):
+        path = getattr(files, field)
+        if path is None or field in NOT_PATHS:
+            continue
+        if field in FOLDER_FIELDS:
+            _check_folder(path, origin(field))
+        elif not Path(path).exists():
+            raise MultimodalError(f"{origin(field)} {path}: no such file")
+    _check_pairs(files, origin, name)
+    return files
+
+
+def _require_manifest(folder: str | Path, name: Callable[[str], str]) -> None:
+    _check_folder(folder, name("root"))
+    if not (Path(folder) / "dataset.json").is_file():
+        raise MultimodalError(f"{name('root')} {folder}: no dataset.json in it; give the annotation files themselves "
+                              f"with {name('images')} DIR instead")
+
+
+def _check_folder(path: str | Path, what: str) -> None:
+    if not Path(path).is_dir():
+        raise MultimodalError(f"{what} {path}: no such folder")
+
+
+def _check_pairs(files: SplitFiles, origin: Callable[[str], str], name: Callable[[str], str]) -> None:
+    """Files that only mean something together: a VQA pair, a Karpathy file and its split name."""
+    if files.vqa_annotations and not files.vqa_questions:
+        raise MultimodalError(f"{origin('vqa_annotations')} needs {name('vqa_questions')} FILE: "
+                              "the questions its annotations answer")
+    if files.vqa_questions and not files.vqa_annotations:
+        raise MultimodalError(f"{origin('vqa_questions')} needs {name('vqa_annotations')} FILE: "
+                              "the answers to score against")
+    if files.karpathy_split and not files.karpathy:
+        raise MultimodalError(f"{origin('karpathy_split')} names a split of {name('karpathy')} FILE; give it too")
+    if files.karpathy and files.captions:  # the reader would take the captions and drop the Karpathy file
+        raise MultimodalError(f"{origin('captions')} and {origin('karpathy')} both give the captions; keep one")
+
+
+def describe_data(config: DataConfig) -> str:
+    """The data as the report's title names it: the folder, and the files given beside it."""
+    given = [v for k, v in asdict(config.eval or SplitFiles()).items()
+             if v is not None and k not in FOLDER_FIELDS + NOT_PATHS]
+    return " + ".join(([config.root] if config.root else []) + given)
 
 
 def _without_predictions(value):
@@ -90,7 +212,8 @@ def write_report(results: dict, split_data, store: ImageStore, out: Path, extras
 
 
 def markdown_report(metrics: dict, plots: list[str], extras: tuple[EvaluationExtra, ...] = ()) -> str:
-    lines = [f"# Evaluation: {metrics['model_type']} on {metrics['data']} ({metrics['split']})", ""]
+    split = f" ({metrics['split']})" if metrics.get("split") else ""  # annotation files alone have no split name
+    lines = [f"# Evaluation: {metrics['model_type']} on {metrics['data']}{split}", ""]
     if "vqa" in metrics:
         v = metrics["vqa"]
         lines += ["## VQA (official VQA v2 accuracy)", "", f"Overall: **{v['overall']}** on {v['num_questions']} questions", "",
