@@ -241,7 +241,7 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         raise ValueError(f"batch_size / accumulate = {micro_batch} must be divisible by the {dist.world} processes")
     bar = tqdm(total=t.steps, initial=start, desc=f"train {config.task}", disable=not (progress and dist.is_main),
                dynamic_ncols=True)
-    window = {"loss": 0.0, "examples": 0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+    window = {"loss": 0.0, "examples": 0, "images": 0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
     trained_this_run = 0
     final_eval: dict | None = None
     step = start
@@ -260,6 +260,7 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
             step_loss += float(loss.detach())
             window["examples"] += batch.get("examples", micro_batch) * dist.world
             window["tokens"] += batch.get("tokens", 0) * dist.world
+            window["images"] += batch.get("images", 0) * dist.world
         if scaler:
             scaler.unscale_(optimizer)
         if t.grad_clip > 0:
@@ -283,9 +284,11 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
             record = {"step": done, "loss": round(window["loss"] / window["steps"], 5),
                       "lr": scheduler.get_last_lr()[0], "examples_per_s": round(window["examples"] / elapsed, 2),
                       "tokens_per_s": round(window["tokens"] / elapsed, 1)}
+            if window["images"]:  # a task whose examples share images (VQA grouped by image) says how many
+                record["images_per_s"] = round(window["images"] / elapsed, 2)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
-            window = {"loss": 0.0, "examples": 0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+            window = {"loss": 0.0, "examples": 0, "images": 0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
         evaluate_now = done % t.eval_every == 0 or done == t.steps
         stopping = t.stop_after is not None and trained_this_run >= t.stop_after
         if evaluate_now and dist.is_main:

@@ -151,10 +151,18 @@ class ContrastiveTask(_ImageTask):
 @dataclass
 class VQAOptions:
     min_answer_count: int = 1  # answers given fewer times in the training data are not among the classes
+    # Examples are images: a step takes train.batch_size images with their questions, each image encoded
+    # once for all of them. False: examples are questions, each with its own copy of its image.
+    group_by_image: bool = True
+    questions_per_image: int | None = None  # grouped: at most this many of an image's questions per step
 
 
 class VQATask(_ImageTask):
-    """VQA as classification over the training answers (the fusion classifier)."""
+    """VQA as classification over the training answers (the fusion classifier).
+
+    By default an example is an image with its questions: the batch holds each image once and
+    `image_index` says which image each question asks about, so the encoder runs once per image
+    (Shapes has 12 questions per image: the encoder's share of a step falls twelvefold)."""
 
     name = "vqa"
     Options = VQAOptions
@@ -170,14 +178,19 @@ class VQATask(_ImageTask):
         model_config.text.vocab_size = self.tokenizer.vocab_size
         model_config.answers = answers
         self.model = FusionClassifier(model_config)
-        self._attach(self.model, model_config.vision.image_size)
+        self._attach(self.model, model_config.image_size)
         self.answer_index = {a: i for i, a in enumerate(answers)}
         self.records = train.vqa
         self.store = ImageStore([r.image for r in self.records], self.model.image_processor,
                                 preload=config.data.preload_images, progress=progress, desc="train images")
+        self.record_targets = torch.stack([self.targets(r) for r in self.records])  # built once, not per step
+        self.record_image = [self.store.position(r.image) for r in self.records]
+        self.groups: list[list[int]] = [[] for _ in range(len(self.store))]  # image position -> its records
+        for i, position in enumerate(self.record_image):
+            self.groups[position].append(i)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.groups) if self.options.group_by_image else len(self.records)
 
     def targets(self, record) -> torch.Tensor:
         """The share of human answers that gave each answer (VQA's soft labels, normalised)."""
@@ -188,14 +201,30 @@ class VQATask(_ImageTask):
         return target / target.sum().clamp(min=1)
 
     def make_batch(self, indices: list[int], rng: random.Random) -> dict:
-        records = [self.records[i] for i in indices]
-        ids, mask = tokenize(self.tokenizer, [r.question for r in records], self.model.config.text.max_length)
-        pixels = self.store.batch([self.store.position(r.image) for r in records])
-        targets = torch.stack([self.targets(r) for r in records])
-        return {"pixels": pixels, "ids": ids, "mask": mask, "targets": targets, "examples": len(records)}
+        if not self.options.group_by_image:
+            chosen = indices
+            positions = [self.record_image[i] for i in chosen]
+            image_index = None
+        else:  # indices are images: each once in the batch, with (a sample of) its questions
+            positions, chosen, rows = indices, [], []
+            limit = self.options.questions_per_image
+            for row, position in enumerate(positions):
+                group = self.groups[position]
+                if limit is not None and len(group) > limit:
+                    group = rng.sample(group, limit)
+                chosen += group
+                rows += [row] * len(group)
+            image_index = torch.tensor(rows, dtype=torch.long)
+        ids, mask = tokenize(self.tokenizer, [self.records[i].question for i in chosen], self.model.config.text.max_length)
+        batch = {"pixels": self.store.batch(positions), "ids": ids, "mask": mask,
+                 "targets": self.record_targets[torch.tensor(chosen, dtype=torch.long)], "examples": len(chosen),
+                 "images": len(positions)}
+        if image_index is not None:
+            batch["image_index"] = image_index
+        return batch
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        logits = model(batch["pixels"], batch["ids"], batch["mask"]).float()
+        logits = model(batch["pixels"], batch["ids"], batch["mask"], image_index=batch.get("image_index")).float()
         return -(batch["targets"] * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
     def evaluate(self, model, limit: int) -> dict:
