@@ -283,6 +283,21 @@ def cmd_experiment_fusion(args) -> None:
                                       eval_samples=args.eval_samples, progress=not args.quiet))
 
 
+def cmd_experiment_data_efficiency(args) -> None:
+    from .experiments.data_efficiency import run_data_efficiency  # heavy: torch
+
+    _print_json(run_data_efficiency(args.config, args.out, fractions=_fractions(args.fractions), tower=args.tower,
+                                    vlm=args.vlm, steps=args.steps, test_split=args.test_split,
+                                    eval_samples=args.eval_samples, progress=not args.quiet))
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--fractions: expected shares separated by commas, such as 0.01,0.1,1, got {text!r}") from None
+
+
 # --- parser ---------------------------------------------------------------------------
 
 
@@ -500,6 +515,21 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--eval-samples", type=int, default=300, help="test images per split to evaluate (default 300)")
     fu.add_argument("--quiet", action="store_true", help="no progress bars")
     fu.set_defaults(func=cmd_experiment_fusion)
+    de = ex_commands.add_parser("data-efficiency",
+                                help="VQA accuracy against training data: 1%% to 100%% of the images, from scratch, "
+                                     "from a pretrained tower, LoRA on a VLM")
+    de.add_argument("--config", required=True, help="the recipe: a run config of the vqa task (e.g. configs/shapes-vqa.yaml)")
+    de.add_argument("--out", required=True, type=Path, help="report folder (rerun: finished runs are skipped)")
+    de.add_argument("--fractions", default="0.01,0.03,0.1,0.3,1",
+                    help="shares of the training images, comma-separated (default 0.01,0.03,0.1,0.3,1)")
+    de.add_argument("--tower", default=None,
+                    help="also train from this dual encoder's vision tower (shapes-clip, a saved folder or a HF id)")
+    de.add_argument("--vlm", default=None, help="also fine-tune this VLM with LoRA (rank 8) on the same questions")
+    de.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the config's)")
+    de.add_argument("--test-split", default="test", help="split of the data set's dataset.json to score on (default test)")
+    de.add_argument("--eval-samples", type=int, default=300, help="test images to score, all their questions (default 300; 0: all)")
+    de.add_argument("--quiet", action="store_true", help="no progress bars")
+    de.set_defaults(func=cmd_experiment_data_efficiency)
 
     demo = commands.add_parser("demo", help="the main job: a Shapes collection, indexed and served with the web page")
     demo.add_argument("--out", default="demo_output", help="folder for everything the demo writes (default demo_output)")

@@ -48,6 +48,9 @@ class DataConfig:
     train: SplitFiles | None = None  # explicit files instead of (or on top of) dataset.json
     eval: SplitFiles | None = None
     preload_images: bool = True  # decode and resize every image once, keep them in memory as uint8
+    # the share of the training split's images to train on, each with all its records; chosen by a hash
+    # of the image's name, so smaller shares are inside larger ones, the same on every machine
+    train_fraction: float = 1.0
 
 
 @dataclass
@@ -91,6 +94,7 @@ def split_files(data: DataConfig, which: str) -> SplitFiles:
 
 
 def load_split(data: DataConfig, which: str) -> SplitData:
+    check_train_fraction(data.train_fraction)
     files = split_files(data, which)
     images = Path(files.images) if files.images else None
     split = SplitData(name=which, files=files)
@@ -114,7 +118,56 @@ def load_split(data: DataConfig, which: str) -> SplitData:
         split.multiple_choice = formats.read_mmmu(files.mmmu)
     if split.is_empty():
         raise ValueError(f"the {which} split has no captions, questions or conversations: check data in the config")
+    if which == "train" and data.train_fraction < 1:  # the eval split is always whole
+        split = keep_share(split, data.train_fraction, images=images)
     return split
+
+
+def check_train_fraction(fraction: float) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"data.train_fraction: expected a share in (0, 1], got {fraction!r}")
+
+
+def keep_share(split: SplitData, fraction: float, *, images: Path | None = None) -> SplitData:
+    """The part of a split about `fraction` of its images (at least one), with every record about them.
+
+    An image is kept when a hash of its name, as a number in [0, 1), is below `fraction`: its own
+    name decides, not the other images, so a smaller share is inside every larger one, and the
+    name is taken relative to the split's image folder (`images`), not from the absolute path, so
+    the same data set gives the same images wherever it lies (bytes: their content). A record
+    about several images is kept when all of them are; one about no image (a text-only chat) is
+    kept: it is no image-text pair."""
+    sources = [r.image for r in split.captions] + [r.image for r in split.vqa]
+    sources += [s for r in split.conversations for s in r.images] + [s for r in split.multiple_choice for s in r.images]
+    draws = {image_key(s): _draw(s, images) for s in sources}
+    keep = {key for key, (draw, _) in draws.items() if draw < fraction}
+    if not keep and draws:  # a share too small for this split: its first image in the hash order
+        keep = {min(draws, key=draws.__getitem__)}
+
+    def kept(record_images) -> bool:
+        return all(image_key(s) in keep for s in record_images)
+
+    return SplitData(
+        name=split.name,
+        captions=[r for r in split.captions if kept((r.image,))],
+        vqa=[r for r in split.vqa if kept((r.image,))],
+        conversations=[r for r in split.conversations if kept(r.images)],
+        multiple_choice=[r for r in split.multiple_choice if kept(r.images)],
+        files=split.files,
+    )
+
+
+def _draw(source: ImageSource, images: Path | None) -> tuple[float, str]:
+    """An image's number in [0, 1) for keep_share, from its portable name (ties: the name itself).
+
+    Images outside the split's image folder are named by their folder and file name."""
+    name = image_key(source)
+    if not isinstance(source, bytes):
+        path = Path(source)
+        inside = images is not None and path.is_relative_to(images)
+        name = path.relative_to(images).as_posix() if inside else Path(*path.parts[-2:]).as_posix()
+    digest = hashlib.sha1(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64, name
 
 
 def image_key(source: ImageSource) -> str:
