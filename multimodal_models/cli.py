@@ -279,8 +279,8 @@ def cmd_serve(args) -> None:
 def cmd_experiment_fusion(args) -> None:
     from .experiments.fusion import run_fusion_experiment  # heavy: torch
 
-    _print_json(run_fusion_experiment(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
-                                      eval_samples=args.eval_samples, progress=not args.quiet))
+    _print_json(run_fusion_experiment(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                      eval_samples=args.eval_samples, models=args.models, progress=not args.quiet))
 
 
 def cmd_experiment_data_efficiency(args) -> None:
@@ -506,12 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = commands.add_parser("experiment", help="experiments that compare architectures")
     ex_commands = ex.add_subparsers(dest="experiment_command", required=True, metavar="NAME")
-    fu = ex_commands.add_parser("fusion", help="early vs middle vs late fusion vs native LM, same data and budget")
+    fu = ex_commands.add_parser("fusion", help="early / middle / late / FiLM / relation fusion vs native LM, "
+                                               "same data and budget")
     fu.add_argument("--data", required=True, help="dataset folder with dataset.json")
-    fu.add_argument("--out", required=True, type=Path, help="report folder")
+    fu.add_argument("--out", required=True, type=Path, help="report folder (a rerun keeps the models already scored)")
     fu.add_argument("--steps", type=int, default=600, help="optimizer steps per model (default 600)")
-    fu.add_argument("--batch-size", type=int, default=16,
-                    help="images per step, all their questions included (default 16: about 35 minutes on 2 cores)")
+    fu.add_argument("--batch-size", type=int, default=32, help="images per step, all their questions included (default 32)")
+    fu.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 0.002)")
+    fu.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                    help="only these models, e.g. 'FiLM' 'middle fusion' (default: all)")
     fu.add_argument("--eval-samples", type=int, default=300, help="test images per split to evaluate (default 300)")
     fu.add_argument("--quiet", action="store_true", help="no progress bars")
     fu.set_defaults(func=cmd_experiment_fusion)

@@ -12,6 +12,7 @@ from multimodal_models.data.preprocess import ImageProcessor
 from multimodal_models.data.tokenizer import WordTokenizer
 from multimodal_models.errors import DataFormatError
 from multimodal_models.models.classifier import FusionClassifier, FusionClassifierConfig
+from multimodal_models.models.cnn import CNNConfig
 from multimodal_models.models.inputs import tokenize
 from multimodal_models.models.fusion import FusionConfig
 from multimodal_models.models.pretrained import config_from_dict, config_to_dict
@@ -28,6 +29,8 @@ FUSIONS = {
     "late-concat": FusionConfig(kind="late", width=32, late_mode="concat"),
     "late-product": FusionConfig(kind="late", width=32, late_mode="product"),
     "late-gated": FusionConfig(kind="late", width=32, late_mode="gated"),
+    "film": FusionConfig(kind="film", width=16, depth=2),
+    "relation": FusionConfig(kind="relation", width=32, depth=2, token_pool=2),
 }
 
 
@@ -168,3 +171,35 @@ def test_learns_a_question_that_needs_both_inputs(fusion):
         pairs = [(p, a) for p, a, q in zip(predicted, answers, questions) if q == question]
         accuracy = sum(p == a for p, a in pairs) / len(pairs)
         assert accuracy >= 0.9, f"{question!r}: {accuracy:.0%} right on fresh inputs"
+
+
+@pytest.mark.parametrize("fusion", ["middle", "film", "relation"])
+def test_questions_about_one_image_encode_it_once(fusion):
+    """image_index gives each question its image: the logits equal those of one copy of the image per question."""
+    model = tiny_model(fusion)
+    pixels = model.image_processor(brightness_images([True, False]))
+    ids, mask = tokenize(TOKENIZER, QUESTIONS + QUESTIONS[:1], 16)
+    index = torch.tensor([0, 0, 1, 1])
+    torch.testing.assert_close(model(pixels, ids, mask, image_index=index), model(pixels[index], ids, mask))
+    with pytest.raises(ValueError, match="image_index"):
+        model(pixels, ids, mask)
+
+
+def test_the_cnn_encoder_gives_a_grid_of_tokens():
+    config = FusionClassifierConfig(encoder="cnn", cnn=CNNConfig(image_size=32, channels=(8, 16, 16), strides=(1, 2, 2)),
+                                    text=TextEncoderConfig(vocab_size=TOKENIZER.vocab_size, max_length=16, width=32,
+                                                           depth=1, heads=2),
+                                    fusion=FusionConfig(kind="film", width=16, depth=1), hidden=32)
+    model = FusionClassifier(config).eval()
+    assert config.image_size == 32 and config.grid == 8 and model.grid == 8
+    pixels = ImageProcessor(size={"height": 32, "width": 32})(brightness_images([True, False]))
+    image = model.encode_image(pixels)
+    assert image.tokens.shape == (2, 64, 16 + 2)  # the CNN's channels and (x, y)
+    ids, mask = tokenize(TOKENIZER, QUESTIONS[:2], 16)
+    assert model(pixels, ids, mask).shape == (2, 2)
+    for bad, match in [({"strides": (1, 2)}, "strides"), ({"strides": (1, 2, 3)}, "strides"),
+                       ({"image_size": 30}, "multiple"), ({"norm": "layer"}, "norm")]:
+        with pytest.raises(ValueError, match=match):
+            CNNConfig(**{"image_size": 32, "channels": (8, 16, 16), "strides": (1, 2, 2), **bad}).validate()
+    with pytest.raises(ValueError, match="encoder"):
+        FusionClassifierConfig(encoder="rnn").validate()

@@ -121,13 +121,22 @@ def test_fusion_experiment_writes_a_table_and_a_plot(tiny_shapes, tmp_path, caps
     out = tmp_path / "fusion"
     assert main(["experiment", "fusion", "--data", str(tiny_shapes), "--out", str(out), "--steps", "2",
                  "--batch-size", "2", "--eval-samples", "4", "--quiet"]) == 0
-    rows = json.loads((out / "results.json").read_text())
-    assert [r["model"] for r in rows] == ["early fusion", "middle fusion", "late fusion", "native LM"]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [r["model"] for r in rows] == ["early fusion", "middle fusion", "late fusion", "FiLM", "relation", "native LM"]
     for row in rows:
         assert row["parameters"] > 0 and row["latency_ms"] > 0
         assert set(row["test"]) == {"overall", "perQuestionType"} and "test_compositional" in row
+    assert set(results["blind"]) == {"test", "test_compositional"}
     assert (out / "accuracy_per_question_type.png").is_file()
-    assert "| native LM |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| native LM |" in report and "| blind (question only) |" in report and "| **best** |" in report
+    # a rerun with the same settings trains nothing again; other settings start over
+    stamp = (out / "results.json").stat().st_mtime_ns
+    assert main(["experiment", "fusion", "--data", str(tiny_shapes), "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--eval-samples", "4", "--quiet", "--models", "FiLM"]) == 0
+    assert (out / "results.json").stat().st_mtime_ns == stamp
+    assert "| early fusion |" not in (out / "report.md").read_text()
 
 
 def test_unknown_model_names_say_what_exists(tmp_path):

@@ -10,9 +10,14 @@ import torch
 from multimodal_models.models.fusion import (
     CrossAttentionFusion,
     EarlyFusion,
+    FiLMFusion,
     FusionConfig,
     LateFusion,
+    RelationFusion,
     build_fusion,
+    grid_coordinates,
+    pool_grid,
+    with_coordinates,
 )
 from multimodal_models.models.losses import ContrastiveLoss, SigmoidLoss, clip_loss, siglip_loss
 from multimodal_models.models.text import TextOutput
@@ -116,20 +121,29 @@ FUSIONS = [
     FusionConfig(kind="late", width=32, late_mode="concat"),
     FusionConfig(kind="late", width=32, late_mode="product"),
     FusionConfig(kind="late", width=32, late_mode="gated"),
+    FusionConfig(kind="film", width=32, depth=2),
+    FusionConfig(kind="relation", width=32, depth=3),
 ]
-IDS = ["early", "middle", "late-concat", "late-product", "late-gated"]
+IDS = ["early", "middle", "late-concat", "late-product", "late-gated", "film", "relation"]
+GRID = 2  # the FiLM fusion reads the last GRID**2 of the N tokens as a grid
 
 
 @pytest.fixture(params=FUSIONS, ids=IDS)
 def fusion(request):
     torch.manual_seed(0)
-    return build_fusion(request.param, IMAGE_DIM, TEXT_DIM).eval()
+    return build_fusion(request.param, IMAGE_DIM, TEXT_DIM, grid=GRID).eval()
 
 
 def test_build_fusion_types():
     assert isinstance(build_fusion(FUSIONS[0], IMAGE_DIM, TEXT_DIM), EarlyFusion)
     assert isinstance(build_fusion(FUSIONS[1], IMAGE_DIM, TEXT_DIM), CrossAttentionFusion)
     assert isinstance(build_fusion(FUSIONS[2], IMAGE_DIM, TEXT_DIM), LateFusion)
+    assert isinstance(build_fusion(FUSIONS[5], IMAGE_DIM, TEXT_DIM, grid=GRID), FiLMFusion)
+    assert isinstance(build_fusion(FUSIONS[6], IMAGE_DIM, TEXT_DIM), RelationFusion)
+    with pytest.raises(ValueError, match="grid"):
+        build_fusion(FUSIONS[5], IMAGE_DIM, TEXT_DIM)
+    with pytest.raises(ValueError, match="token_pool"):
+        build_fusion(FusionConfig(token_pool=0), IMAGE_DIM, TEXT_DIM)
     with pytest.raises(ValueError, match="kind"):
         build_fusion(FusionConfig(kind="sideways"), IMAGE_DIM, TEXT_DIM)
     with pytest.raises(ValueError, match="late_mode"):
@@ -175,3 +189,53 @@ def test_fusions_backpropagate_to_both_inputs(fusion):
         return sum(float(t.grad.abs().sum()) for t in tensors if t.grad is not None)
 
     assert grad_norm(*image) > 0 and grad_norm(*text) > 0
+
+
+def test_relation_fusion_is_g_over_every_ordered_pair_with_the_question():
+    """The factorised first layer of g gives what concatenating [o_i; o_j; q] per pair gives."""
+    torch.manual_seed(0)
+    fusion = RelationFusion(IMAGE_DIM, TEXT_DIM, width=16, depth=3).eval()
+    image, text, mask = _inputs()
+    first = torch.cat([fusion.left.weight, fusion.right.weight, fusion.question.weight], dim=1)  # (C, 2D + Dt)
+    expected = []
+    for b in range(B):
+        pairs = [torch.cat([image.tokens[b, i], image.tokens[b, j], text.pooled[b]]) for i in range(N) for j in range(N)]
+        hidden = fusion.g(torch.stack(pairs) @ first.T + fusion.left.bias)  # g's ReLU and later layers
+        expected.append(fusion.f(hidden.mean(dim=0)))
+    torch.testing.assert_close(fusion(image, text, mask), torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_film_gammas_and_betas_come_from_the_question_only():
+    """With the question's (gamma, beta) forced to (1, 0) the output is that of the same blocks without
+    FiLM: the question acts through them and nothing else."""
+    torch.manual_seed(0)
+    fusion = build_fusion(FusionConfig(kind="film", width=8, depth=2), IMAGE_DIM, TEXT_DIM, grid=GRID).eval()
+    image, text, mask = _inputs()
+    with torch.no_grad():
+        fusion.film.weight.zero_()
+        fusion.film.bias.zero_()
+    one = fusion(image, text, mask)
+    other = fusion(image, TextOutput(text.tokens, torch.randn_like(text.pooled)), mask)
+    torch.testing.assert_close(one, other)
+    x = fusion.stem(image.tokens[:, -GRID * GRID:].transpose(1, 2).reshape(B, IMAGE_DIM, GRID, GRID))
+    for block in fusion.blocks:
+        x = x + torch.relu(block.norm(block.conv2(torch.relu(block.conv1(x)))))
+    torch.testing.assert_close(one, fusion.head(x).amax(dim=(2, 3)))
+
+
+def test_coordinates_and_grid_pooling():
+    coords = grid_coordinates(2)
+    torch.testing.assert_close(coords, torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]))
+    tokens = torch.arange(2 * 16 * 3, dtype=torch.float32).view(2, 16, 3)
+    out = with_coordinates(tokens, 4)
+    assert out.shape == (2, 16, 5) and torch.equal(out[..., :3], tokens)
+    assert out[0, 1, 3] > out[0, 0, 3] and out[0, 4, 4] > out[0, 0, 4]  # x grows along a row, y down the rows
+    with_class = with_coordinates(torch.zeros(1, 17, 3), 4)
+    assert torch.equal(with_class[0, 0, 3:], torch.zeros(2))  # a class token sits nowhere
+    with pytest.raises(ValueError, match="grid"):
+        with_coordinates(torch.zeros(1, 15, 3), 4)
+    pooled, grid = pool_grid(tokens, 4, 2)
+    assert grid == 2 and pooled.shape == (2, 4, 3)
+    assert torch.equal(pooled[0, 0], tokens[0, 5])  # the max of cells 0, 1, 4, 5 (values grow with the index)
+    with pytest.raises(ValueError, match="token_pool"):
+        pool_grid(tokens, 4, 3)

@@ -155,6 +155,8 @@ class VQAOptions:
     # once for all of them. False: examples are questions, each with its own copy of its image.
     group_by_image: bool = True
     questions_per_image: int | None = None  # grouped: at most this many of an image's questions per step
+    vision_from: str | None = None  # start the encoder from this dual encoder's vision tower (e.g. shapes-clip)
+    freeze_vision: bool = False  # keep the (pretrained) encoder as it is
 
 
 class VQATask(_ImageTask):
@@ -177,8 +179,17 @@ class VQATask(_ImageTask):
         model_config: FusionClassifierConfig = config_from_dict(FusionClassifierConfig, config.model, source="model")
         model_config.text.vocab_size = self.tokenizer.vocab_size
         model_config.answers = answers
+        tower = self._tower(model_config) if self.options.vision_from else None
         self.model = FusionClassifier(model_config)
         self._attach(self.model, model_config.image_size)
+        if tower is not None:  # the tower's weights, and the pixels it was trained on
+            self.model.vision.load_state_dict(tower.vision.state_dict())
+            self.model.image_processor = tower.image_processor
+        if self.options.freeze_vision:
+            if tower is None:
+                raise ValueError("task_options.freeze_vision keeps the encoder fixed, so it needs a trained one: "
+                                 "set task_options.vision_from")
+            self.model.vision.requires_grad_(False)
         self.answer_index = {a: i for i, a in enumerate(answers)}
         self.records = train.vqa
         self.store = ImageStore([r.image for r in self.records], self.model.image_processor,
@@ -191,6 +202,16 @@ class VQATask(_ImageTask):
 
     def __len__(self) -> int:
         return len(self.groups) if self.options.group_by_image else len(self.records)
+
+    def _tower(self, model_config: FusionClassifierConfig):
+        """The dual encoder task_options.vision_from names; model_config takes its ViT's config."""
+        tower = load(self.options.vision_from, expect="dual_encoder", needed_by="task_options.vision_from of the vqa task")
+        if model_config.encoder != "vit" and "encoder" in self.config.model:
+            raise ValueError(f"model.encoder is {model_config.encoder!r} but task_options.vision_from gives a ViT: "
+                             "leave model.encoder out")
+        model_config.encoder = "vit"
+        model_config.vision = tower.vision.config
+        return tower
 
     def targets(self, record) -> torch.Tensor:
         """The share of human answers that gave each answer (VQA's soft labels, normalised)."""

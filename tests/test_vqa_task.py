@@ -1,0 +1,62 @@
+"""The VQA task: images encoded once for all their questions, and an encoder started from a dual encoder's tower."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from multimodal_models.loading import load
+from multimodal_models.training.config import config_from_raw
+from multimodal_models.training.loop import build_task, train
+
+from .conftest import tiny_config
+
+
+def vqa_task(tiny_shapes, tmp_path, **options):
+    raw = tiny_config("vqa", tiny_shapes, tmp_path / "run")
+    raw["task_options"] = options
+    return build_task(config_from_raw(raw), progress=False)
+
+
+def test_a_grouped_batch_holds_each_image_once_with_all_its_questions(tiny_shapes, tmp_path):
+    grouped = vqa_task(tiny_shapes, tmp_path)
+    flat = vqa_task(tiny_shapes, tmp_path, group_by_image=False)
+    assert len(grouped) == len(grouped.store) < len(flat) == len(flat.records)
+    batch = grouped.make_batch([0, 3], random.Random(0))
+    questions = grouped.groups[0] + grouped.groups[3]
+    assert batch["pixels"].shape[0] == batch["images"] == 2
+    assert batch["examples"] == len(questions) == batch["ids"].shape[0]
+    assert batch["image_index"].tolist() == [0] * len(grouped.groups[0]) + [1] * len(grouped.groups[3])
+    # the same questions as separate examples, each with its own copy of its image: the same loss
+    same = flat.make_batch(questions, random.Random(0))
+    assert same["pixels"].shape[0] == len(questions) and "image_index" not in same
+    model = grouped.model.eval()
+    torch.testing.assert_close(grouped.loss(model, batch), flat.loss(model, same))
+    # a sample of each image's questions, chosen by the step's random generator
+    capped = vqa_task(tiny_shapes, tmp_path, questions_per_image=2)
+    batch = capped.make_batch([0, 1, 2], random.Random(0))
+    assert batch["examples"] == 6 and batch["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(batch["ids"], capped.make_batch([0, 1, 2], random.Random(0))["ids"])
+
+
+def test_the_encoder_starts_from_a_dual_encoders_tower(tiny_shapes, tmp_path):
+    train(config_from_raw(tiny_config("contrastive", tiny_shapes, tmp_path / "clip", steps=2, eval_every=2)),
+          progress=False)
+    tower = load(tmp_path / "clip" / "model")
+    task = vqa_task(tiny_shapes, tmp_path, vision_from=str(tmp_path / "clip" / "model"), freeze_vision=True)
+    model = task.model
+    assert model.config.encoder == "vit" and model.config.vision == tower.vision.config
+    for name, value in tower.vision.state_dict().items():
+        assert torch.equal(model.vision.state_dict()[name], value), name
+    assert model.image_processor == tower.image_processor  # the pixels the tower learned from
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    assert all(p.requires_grad for p in model.fusion.parameters())
+    with pytest.raises(ValueError, match="freeze_vision"):
+        vqa_task(tiny_shapes, tmp_path, freeze_vision=True)
+    raw = tiny_config("vqa", tiny_shapes, tmp_path / "run")
+    raw["model"] = {**raw["model"], "encoder": "cnn"}
+    raw["task_options"] = {"vision_from": str(tmp_path / "clip" / "model")}
+    with pytest.raises(ValueError, match="model.encoder"):
+        build_task(config_from_raw(raw), progress=False)
