@@ -13,8 +13,8 @@ tower run on every batch, and the logits of every position (not only of those th
 trained token). The two kinds of step alternate, on the same batches. The FLOPs of one
 training step (forward + backward) are counted with torch.utils.flop_counter on a real batch.
 
---vqa: for each generic recipe of the fusion classifier (`RECIPES`: the CNN encoder with each
-fusion, and the ViT middle fusion as the fusion experiment configured it before the CNN) two
+--vqa: for each generic recipe of the fusion classifier (`RECIPES`: the fusion experiment's
+CNN encoder with each fusion, and its ViT middle fusion as configured before the CNN) two
 kinds of step alternate on the same batches of `--batch-images` training images:
 
   per_question  the reference, the step as the vqa task took it before: each question an
@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from multimodal_models.experiments.fusion import MODELS as FUSION_MODELS
 from multimodal_models.experiments.fusion import vqa_only
 from multimodal_models.models.layers import count_parameters
 from multimodal_models.shapes.generate import ShapesConfig, generate
@@ -63,22 +64,15 @@ from multimodal_models.training.loop import autocast_context, build_task, make_o
 
 CPU = torch.device("cpu")
 
-# The generic VQA recipes. TEXT and VIT are the fusion experiment's shapes before the CNN
-# (experiments/fusion.py: TEXT, VISION), copied so that the reference stays what it was.
+# The generic VQA recipes: the fusion experiment's classifiers (experiments/fusion.py: one CNN
+# encoder, one question encoder, each fusion), and the ViT middle fusion as that experiment had
+# it before the CNN (VIT, TEXT), copied here so that this reference stays what it was.
 TEXT = {"max_length": 32, "width": 128, "depth": 2, "heads": 4, "causal": False, "pool": "mean"}
 VIT = {"image_size": 64, "patch_size": 8, "width": 128, "depth": 3, "heads": 4, "stem": "conv", "pool": "mean",
        "class_token": False}
-CNN = {"image_size": 64}  # models/cnn.py's defaults: 5 stages, (32, 64, 64, 128, 128) channels, an 8 x 8 grid
-RECIPES = {
-    "cnn-early": {"encoder": "cnn", "cnn": CNN, "text": TEXT, "fusion": {"kind": "early", "width": 128, "depth": 3, "heads": 4}},
-    "cnn-middle": {"encoder": "cnn", "cnn": CNN, "text": TEXT, "fusion": {"kind": "middle", "width": 128, "depth": 3, "heads": 4}},
-    "cnn-late": {"encoder": "cnn", "cnn": CNN, "text": TEXT, "fusion": {"kind": "late", "width": 256, "late_mode": "gated"}},
-    "cnn-film": {"encoder": "cnn", "cnn": CNN, "text": TEXT, "fusion": {"kind": "film", "width": 128, "depth": 4}},
-    "cnn-relation": {"encoder": "cnn", "cnn": CNN, "text": TEXT,
-                     "fusion": {"kind": "relation", "width": 256, "depth": 4, "token_pool": 2}},
-    "vit-middle": {"encoder": "vit", "vision": VIT, "text": TEXT,  # as configured before: no coordinates
-                   "fusion": {"kind": "middle", "width": 128, "depth": 3, "heads": 4, "coordinates": False}},
-}
+RECIPES = {f"cnn-{model['fusion']['kind']}": model for task, model in FUSION_MODELS.values() if task == "vqa"}
+RECIPES["vit-middle"] = {"encoder": "vit", "vision": VIT, "text": TEXT,  # no coordinates then
+                         "fusion": {"kind": "middle", "width": 128, "depth": 3, "heads": 4, "coordinates": False}}
 # kind of step -> (group_by_image, precision)
 STEP_KINDS = {"per_question": (False, "bf16"), "grouped": (True, "fp32")}
 EXTRA_KIND = {"grouped_bf16": (True, "bf16")}
