@@ -60,3 +60,19 @@ def test_the_encoder_starts_from_a_dual_encoders_tower(tiny_shapes, tmp_path):
     raw["task_options"] = {"vision_from": str(tmp_path / "clip" / "model")}
     with pytest.raises(ValueError, match="model.encoder"):
         build_task(config_from_raw(raw), progress=False)
+
+
+def test_a_config_that_names_only_the_data_gets_a_recipe_chosen_from_it(tiny_shapes, tmp_path, capsys):
+    raw = {"task": "vqa", "data": {"root": str(tiny_shapes)}, "train": {"steps": 2, "eval_samples": 4},
+           "output": str(tmp_path / "run")}
+    summary = train(config_from_raw(raw), progress=True)
+    said = capsys.readouterr().out
+    assert "a recipe for 48 images" in said and "64 px" in said and "film fusion" in said and "8 x 8 grid" in said
+    assert "steps" not in said.split("train:")[1]  # the config gave them
+    model = load(summary["model"])
+    assert model.config.encoder == "cnn" and model.config.image_size == 64 and model.config.grid == 8
+    written = (tmp_path / "run" / "config.yaml").read_text()  # the run's config says what was chosen
+    assert "encoder: cnn" in written and "batch_size: 32" in written and "steps: 2" in written
+    raw = {"task": "contrastive", "data": {"root": str(tiny_shapes)}}
+    with pytest.raises(ValueError, match="model"):
+        config_from_raw(raw)

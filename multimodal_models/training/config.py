@@ -111,15 +111,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def config_from_raw(raw: dict, *, source: str = "config") -> RunConfig:
-    for key in ("task", "data", "model"):
+    for key in ("task", "data"):
         if key not in raw:
             raise DataFormatError(source, f"missing '{key}'", field=key)
     if raw["task"] not in registry.TASKS:
         raise DataFormatError(source, f"unknown task {raw['task']!r}; expected one of {list(registry.TASKS)}",
                               field="task")
+    task_class = registry.task_class(raw["task"])
+    chooses = getattr(task_class, "chooses_from_data", False)  # e.g. the vqa task: a recipe for the data
+    if "model" not in raw and not chooses:
+        raise DataFormatError(source, "missing 'model'", field="model")
     options = raw.get("task_options") or {}
-    config: RunConfig = config_from_dict(RunConfig, {**raw, "task_options": None}, source=source)
-    config.task_options = config_from_dict(registry.task_class(config.task).Options, options,
+    config: RunConfig = config_from_dict(RunConfig, {"model": {}, **raw, "task_options": None}, source=source)
+    # the train settings the file gives: a task that chooses a recipe from the data fills in the others
+    config.given_train = frozenset(raw.get("train") or {})
+    config.task_options = config_from_dict(task_class.Options, options,
                                            source=f"{source}: task_options")
     if config.save_dtype not in ("float32", "float16", "bfloat16"):
         raise DataFormatError(source, f"save_dtype must be float32, float16 or bfloat16, got {config.save_dtype!r}")

@@ -8,6 +8,7 @@ its `Options` dataclass. The native LM's task is in vlm_task.py.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from ..models.dual_encoder import DualEncoder, DualEncoderOutput
 from ..models.inputs import tokenize
 from ..models.pretrained import config_from_dict
 from .config import task_options
+from .defaults import vqa_recipe
 
 
 @dataclass
@@ -151,6 +153,7 @@ class ContrastiveTask(_ImageTask):
 @dataclass
 class VQAOptions:
     min_answer_count: int = 1  # answers given fewer times in the training data are not among the classes
+    max_answers: int = 3129  # at most the most frequent answers (VQA v2's convention: 3,129 answers)
     # Examples are images: a step takes train.batch_size images with their questions, each image encoded
     # once for all of them. False: examples are questions, each with its own copy of its image.
     group_by_image: bool = True
@@ -168,6 +171,7 @@ class VQATask(_ImageTask):
 
     name = "vqa"
     Options = VQAOptions
+    chooses_from_data = True  # a config without `model` gets a recipe chosen from the data (defaults.py)
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
         super().__init__(config, train, evaluation, progress=progress)
@@ -175,7 +179,9 @@ class VQATask(_ImageTask):
             raise ValueError("the vqa task needs questions in the training data (VQA v2 files or a table)")
         min_count = self.options.min_answer_count
         counts = Counter(a for r in train.vqa for a in (r.answers or (r.answer,)) if a)
-        answers = tuple(sorted(a for a, n in counts.items() if n >= min_count))
+        answers = tuple(sorted(a for a, n in counts.most_common(self.options.max_answers) if n >= min_count))
+        if not config.model:  # the config names only the data: the recipe is chosen from it
+            self._choose_recipe(config, train, len(answers), progress=progress)
         model_config: FusionClassifierConfig = config_from_dict(FusionClassifierConfig, config.model, source="model")
         model_config.text.vocab_size = self.tokenizer.vocab_size
         model_config.answers = answers
@@ -202,6 +208,27 @@ class VQATask(_ImageTask):
 
     def __len__(self) -> int:
         return len(self.groups) if self.options.group_by_image else len(self.records)
+
+    def _choose_recipe(self, config, train: SplitData, answers: int, *, progress: bool) -> None:
+        """Fill in the model, and the train settings the config does not give, from the data; say what was chosen."""
+        given = getattr(config, "given_train", frozenset(vars(config.train)))  # a config built in code gives all
+        model, schedule = vqa_recipe(train, lambda question: len(self.tokenizer.encode(question)),
+                                     steps=config.train.steps if "steps" in given else None,
+                                     batch_size=config.train.batch_size if "batch_size" in given else None)
+        if torch.cuda.is_available():
+            schedule.pop("precision")  # fp32 is what measured fastest on CPUs; on a GPU the config's bf16 is
+        config.model = model
+        chosen = {k: v for k, v in schedule.items() if k not in given}
+        for key, value in chosen.items():
+            setattr(config.train, key, value)
+        if progress:
+            images = len({r.image for r in train.vqa})
+            cnn, fusion = model["cnn"], model["fusion"]
+            print(f"vqa: a recipe for {images:,} images, {len(train.vqa):,} questions and {answers:,} answers "
+                  f"(config.model not given): {cnn['image_size']} px images, a CNN of {len(cnn['channels'])} stages "
+                  f"to a {cnn['image_size'] // math.prod(cnn['strides'])} x {cnn['image_size'] // math.prod(cnn['strides'])}"
+                  f" grid, {fusion['kind']} fusion, questions up to {model['text']['max_length']} tokens"
+                  + (f"; train: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) if chosen else ""), flush=True)
 
     def _tower(self, model_config: FusionClassifierConfig):
         """The dual encoder task_options.vision_from names; model_config takes its ViT's config."""
