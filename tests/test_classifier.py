@@ -193,7 +193,7 @@ def test_the_cnn_encoder_gives_a_grid_of_tokens():
     model = FusionClassifier(config).eval()
     assert config.image_size == 32 and config.grid == 8 and model.grid == 8
     pixels = ImageProcessor(size={"height": 32, "width": 32})(brightness_images([True, False]))
-    image = model.encode_image(pixels)
+    image = model.image_tokens(pixels)
     assert image.tokens.shape == (2, 64, 16 + 2)  # the CNN's channels and (x, y)
     ids, mask = tokenize(TOKENIZER, QUESTIONS[:2], 16)
     assert model(pixels, ids, mask).shape == (2, 2)

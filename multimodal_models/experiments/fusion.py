@@ -58,7 +58,8 @@ MODELS = {
     "middle fusion": _classifier({"kind": "middle", "width": 128, "depth": 3, "heads": 4}),
     "late fusion": _classifier({"kind": "late", "width": 256, "late_mode": "gated"}),
     "FiLM": _classifier({"kind": "film", "width": 64, "depth": 4}),
-    "relation": _classifier({"kind": "relation", "width": 256, "depth": 3, "token_pool": 2}),
+    # pairs of the 4 x 4 grid pooled from the 8 x 8 one: 256 pairs per question (64 x 64 would be 4,096)
+    "relation": _classifier({"kind": "relation", "width": 128, "depth": 3, "token_pool": 2}),
     "native LM": ("vlm", {"vision": VISION, "decoder": {"width": 128, "depth": 5, "heads": 4, "max_length": 96},
                           "pixel_shuffle": 2}),
 }
@@ -70,7 +71,7 @@ def vqa_only(root: str, split: str) -> SplitFiles:
                       vqa_annotations=manifest["vqa_annotations"])
 
 
-def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 600, batch_size: int = 32,
+def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 300, batch_size: int = 32,
                           lr: float = 2e-3, eval_samples: int = 300, models: list[str] | None = None,
                           progress: bool = True) -> dict:
     """Train and score each model of MODELS (or those named) for `steps` steps of `batch_size` images;

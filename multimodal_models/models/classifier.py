@@ -92,7 +92,7 @@ class FusionClassifier(PretrainedModel):
         self.head = AnswerHead(self.fusion.out_dim, config.hidden, len(config.answers))
         init_weights(self.head)
 
-    def encode_image(self, pixels: torch.Tensor) -> VisionOutput:
+    def image_tokens(self, pixels: torch.Tensor) -> VisionOutput:
         """pixels (I, 3, H, W) -> the image tokens the fusion reads: pooled k x k and with their
         coordinates where the fusion config says so."""
         image = self.vision(pixels)
@@ -112,7 +112,7 @@ class FusionClassifier(PretrainedModel):
         several questions is encoded once; None: question b asks about image b (I = B)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
-        image = self.encode_image(pixels)
+        image = self.image_tokens(pixels)
         if image_index is not None:
             image = VisionOutput(image.tokens[image_index], image.pooled[image_index])
         elif pixels.shape[0] != ids.shape[0]:
