@@ -3,11 +3,12 @@
     task: vqa
     data: {train: {table: questions.jsonl, images: photos/}, eval: {table: held_out.jsonl, images: photos/}}
 
-Whatever the config leaves out is chosen here from the training split, and said at the start
-of the run: the image size from the images' sizes, the question length from the questions, a
-small CNN encoder with FiLM fusion (the generic recipe that learned best in the fusion
-experiment; see docs/), and a schedule of about `EPOCHS` passes over the images within
-`MAX_STEPS`. Anything the config gives wins, key by key.
+A config without `model` gets one chosen here from the training split, said at the start of
+the run: the image size from the images' sizes, the question length from the questions, a small
+CNN encoder with FiLM fusion (the generic recipe that learned best in the fusion experiment; see
+docs/generic-recipes.md). The train settings the config does not give follow: a schedule of
+about `EPOCHS` passes over the images within `MAX_STEPS`. A config that gives `model` gives all of
+it (the run's config.yaml, written at the start, shows the chosen one to start from).
 """
 
 from __future__ import annotations
