@@ -24,6 +24,7 @@ TASKS: dict[str, str] = {
     "vqa": "multimodal_models.training.tasks:VQATask",
     "vlm": "multimodal_models.training.vlm_task:VLMTask",
     "shapes-contrastive": "multimodal_models.shapes.tasks:ShapesContrastiveTask",
+    "shapes-vqa": "multimodal_models.shapes.tasks:ShapesVQATask",
     "shapes-vlm": "multimodal_models.shapes.tasks:ShapesVLMTask",
 }
 

@@ -76,3 +76,13 @@ def test_a_config_that_names_only_the_data_gets_a_recipe_chosen_from_it(tiny_sha
     raw = {"task": "contrastive", "data": {"root": str(tiny_shapes)}}
     with pytest.raises(ValueError, match="model"):
         config_from_raw(raw)
+
+
+def test_the_shapes_vqa_task_makes_its_data_and_reads_nothing_else_of_the_world(tmp_path, capsys):
+    """configs/shapes-vqa.yaml on a fresh clone: the data is generated first, then the general vqa task trains."""
+    raw = {"task": "shapes-vqa", "data": {"root": str(tmp_path / "shapes")},
+           "task_options": {"generate": {"seed": 3, "train": 12, "val": 4, "test": 4, "test_compositional": 4}},
+           "train": {"steps": 2, "eval_samples": 4}, "output": str(tmp_path / "run")}
+    summary = train(config_from_raw(raw), progress=False)
+    assert (tmp_path / "shapes" / "dataset.json").is_file()
+    assert load(summary["model"]).config.encoder == "cnn"

@@ -21,7 +21,7 @@ import torch
 
 from ..data.splits import SplitData
 from ..training.config import task_options
-from ..training.tasks import ContrastiveOptions, ContrastiveTask, contrastive_loss
+from ..training.tasks import ContrastiveOptions, ContrastiveTask, VQAOptions, VQATask, contrastive_loss
 from ..evaluate.harness import first_images
 from ..training.vlm_task import VLMOptions, VLMTask, next_token_loss
 from .evaluation import CaptionClaims, ObjectHeadAccuracy, scene_ceiling, scenes_of
@@ -44,6 +44,23 @@ class GeneratesShapes:
         if not (root / "dataset.json").is_file():
             print(f"generating the Shapes world into {root} ...")
             generate(settings, root)
+
+
+# --- the generic VQA recipe on Shapes -------------------------------------------------------
+
+
+@dataclass
+class ShapesVQAOptions(VQAOptions):
+    generate: ShapesConfig | None = None  # generate the data into data.root when it is missing
+
+
+class ShapesVQATask(GeneratesShapes, VQATask):
+    """The general `vqa` task on the Shapes world: the data is generated first when it is missing,
+    and nothing else of the world is read (no scene graphs, no grounding): images, questions and
+    answers only, as a user's table would give them."""
+
+    name = "shapes-vqa"
+    Options = ShapesVQAOptions
 
 
 # --- the dual encoder ------------------------------------------------------------------------

@@ -171,6 +171,7 @@ class VQATask(_ImageTask):
 
     name = "vqa"
     Options = VQAOptions
+    model_class = FusionClassifier
     chooses_from_data = True  # a config without `model` gets a recipe chosen from the data (defaults.py)
 
     def __init__(self, config, train: SplitData, evaluation: SplitData, *, progress: bool = True):
