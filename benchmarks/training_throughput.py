@@ -57,7 +57,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from multimodal_models.experiments.fusion import MODELS as FUSION_MODELS
 from multimodal_models.experiments.fusion import vqa_only
+from multimodal_models import registry
 from multimodal_models.models.layers import count_parameters
+from multimodal_models.training.tasks import VQATask
 from multimodal_models.shapes.generate import ShapesConfig, generate
 from multimodal_models.training.config import DataConfig, RunConfig, load_config
 from multimodal_models.training.loop import autocast_context, build_task, make_optimizer
@@ -187,7 +189,7 @@ def vqa_recipes(args, data: Path, tmp: str) -> dict[str, RunConfig]:
 
     if args.config:
         config = load_config(args.config)
-        if config.task != "vqa":
+        if not issubclass(registry.task_class(config.task), VQATask):  # vqa, or a task built on it (shapes-vqa)
             raise SystemExit(f"--vqa measures run configs of the vqa task; {args.config} is of the {config.task} task")
         return {Path(args.config).stem: on_data(config)}
     names = args.recipes.split(",") if args.recipes else list(RECIPES)

@@ -189,7 +189,7 @@ def test_the_cnn_encoder_gives_a_grid_of_tokens():
     config = FusionClassifierConfig(encoder="cnn", cnn=CNNConfig(image_size=32, channels=(8, 16, 16), strides=(1, 2, 2)),
                                     text=TextEncoderConfig(vocab_size=TOKENIZER.vocab_size, max_length=16, width=32,
                                                            depth=1, heads=2),
-                                    fusion=FusionConfig(kind="film", width=16, depth=1), hidden=32)
+                                    fusion=FusionConfig(kind="film", width=16, depth=1, coordinates=True), hidden=32)
     model = FusionClassifier(config).eval()
     assert config.image_size == 32 and config.grid == 8 and model.grid == 8
     pixels = ImageProcessor(size={"height": 32, "width": 32})(brightness_images([True, False]))
@@ -203,3 +203,5 @@ def test_the_cnn_encoder_gives_a_grid_of_tokens():
             CNNConfig(**{"image_size": 32, "channels": (8, 16, 16), "strides": (1, 2, 2), **bad}).validate()
     with pytest.raises(ValueError, match="encoder"):
         FusionClassifierConfig(encoder="rnn").validate()
+    with pytest.raises(ValueError, match="token_pool"):  # 8 x 8 cells do not pool 3 x 3
+        FusionClassifierConfig(encoder="cnn", cnn=config.cnn, fusion=FusionConfig(token_pool=3)).validate()

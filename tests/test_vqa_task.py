@@ -55,6 +55,11 @@ def test_the_encoder_starts_from_a_dual_encoders_tower(tiny_shapes, tmp_path):
     assert all(p.requires_grad for p in model.fusion.parameters())
     with pytest.raises(ValueError, match="freeze_vision"):
         vqa_task(tiny_shapes, tmp_path, freeze_vision=True)
+    # a config that names only the data takes the tower for its encoder and the rest of the recipe
+    only_data = {"task": "vqa", "data": {"root": str(tiny_shapes)}, "output": str(tmp_path / "recipe"),
+                 "task_options": {"vision_from": str(tmp_path / "clip" / "model")}}
+    chosen = build_task(config_from_raw(only_data), progress=False).model.config
+    assert chosen.encoder == "vit" and chosen.vision == tower.vision.config and chosen.fusion.kind == "film"
     raw = tiny_config("vqa", tiny_shapes, tmp_path / "run")
     raw["model"] = {**raw["model"], "encoder": "cnn"}
     raw["task_options"] = {"vision_from": str(tmp_path / "clip" / "model")}

@@ -157,6 +157,8 @@ def budgeted(recipe: RunConfig, steps: int) -> RunConfig:
     if steps != settings.steps and settings.warmup >= steps:  # a shortened budget: keep some steps after warm-up
         settings.warmup = max(1, steps // 10)
     settings.steps, settings.stop_after = steps, None  # stop_after would leave the run without a model
+    # the budget is given: a task that chooses a schedule from the data must keep it
+    config.given_train = getattr(recipe, "given_train", frozenset(vars(settings))) | {"steps"}
     return config
 
 

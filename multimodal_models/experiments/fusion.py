@@ -50,7 +50,7 @@ TEXT = {"max_length": 32, "width": 128, "depth": 2, "heads": 4, "causal": False,
 
 
 def _classifier(fusion: dict) -> tuple[str, dict]:
-    return "vqa", {"encoder": "cnn", "cnn": CNN, "text": TEXT, "fusion": fusion}
+    return "vqa", {"encoder": "cnn", "cnn": CNN, "text": TEXT, "fusion": {**fusion, "coordinates": True}}
 
 
 MODELS = {
@@ -83,8 +83,7 @@ def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 300
     if unknown:
         raise ValueError(f"unknown models {unknown}; the experiment has {list(MODELS)}")
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_samples": eval_samples}
-    done = _finished_rows(out / "results.json", settings)
-    rows = [r for r in done if r["model"] in names]
+    rows = _finished_rows(out / "results.json", settings)  # every model's, those not named this time too
     for name in tqdm(names, desc="fusion experiment", disable=not progress):
         if any(r["model"] == name for r in rows):
             continue
@@ -114,7 +113,7 @@ def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 300
         atomic_write_json(out / "results.json", {"settings": settings, "blind": _blind(data, eval_samples), "rows": rows},
                           indent=2)
     results = json.loads((out / "results.json").read_text())
-    rows = [r for r in results["rows"] if r["model"] in names]
+    rows = sorted((r for r in results["rows"] if r["model"] in names), key=lambda r: list(MODELS).index(r["model"]))
     atomic_write_text(out / "report.md", _table(rows, results["blind"], settings))
     _plot(rows, results["blind"], out / "accuracy_per_question_type.png")
     return {"report": str(out / "report.md"),
@@ -127,7 +126,9 @@ def _finished_rows(path: Path, settings: dict) -> list[dict]:
     if not path.is_file():
         return []
     results = json.loads(path.read_text())
-    return results.get("rows", []) if results.get("settings") == settings else []
+    if not isinstance(results, dict) or results.get("settings") != settings:  # another budget, or an older layout
+        return []
+    return results.get("rows", [])
 
 
 def _test_split(data: str, split: str, limit: int) -> SplitData:

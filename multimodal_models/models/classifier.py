@@ -55,6 +55,9 @@ class FusionClassifierConfig:
     def validate(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; expected one of {ENCODERS}")
+        if self.grid % self.fusion.token_pool:
+            raise ValueError(f"model.fusion.token_pool {self.fusion.token_pool} does not divide the encoder's grid of "
+                             f"{self.grid} x {self.grid}")
         if not self.answers:
             raise ValueError("the answer vocabulary is empty; give at least one answer")
         duplicates = sorted(a for a, n in Counter(self.answers).items() if n > 1)

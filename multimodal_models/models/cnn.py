@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layers import init_weights
 from .vision import VisionOutput
 
 CNN_NORMS = ("batch", "none")
@@ -66,11 +67,7 @@ class ConvEncoder(nn.Module):
             layers.append(nn.ReLU(inplace=True))
             channels = out
         self.layers = nn.Sequential(*layers)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_weights(self)  # He initialisation for the convolutions
 
     def forward(self, pixels: torch.Tensor) -> VisionOutput:
         """pixels (B, 3, H, W), preprocessed -> tokens (B, grid * grid, C), pooled (B, C)."""

@@ -49,7 +49,7 @@ class FusionConfig:
     mlp_ratio: float = 4.0
     late_mode: str = "concat"  # late fusion only: "concat" | "product" | "gated"
     dropout: float = 0.0
-    coordinates: bool = True  # append each image token's (x, y) to it before the fusion
+    coordinates: bool = False  # append each image token's (x, y) to it before the fusion (the generic recipes do)
     token_pool: int = 1  # max-pool the image's grid k x k first (a relation fusion's pairs grow as tokens**2)
 
     def validate(self) -> None:

@@ -44,7 +44,8 @@ def image_side(sources: Iterable[ImageSource]) -> int:
 
 
 def cnn_for(image_size: int) -> dict:
-    """A full-resolution first stage, then stride-2 stages down to an 8 x 8 grid, then one more stage."""
+    """A full-resolution first stage, then stride-2 stages down to a grid of 8 to 15 cells a side (8 x 8 at
+    32, 64 or 128 px; 12 x 12 at 48 or 96 px), then one more stage."""
     halvings = max(0, int(math.log2(image_size // 8)))
     channels = [32] + [64] * (halvings + 1)
     strides = [1] + [2] * halvings + [1]
@@ -64,18 +65,10 @@ def vqa_recipe(split: SplitData, tokenize_length: Callable[[str], int], *, steps
         "encoder": "cnn",
         "cnn": cnn_for(size),
         "text": {"max_length": max_length, "width": 128, "depth": 2, "heads": 4, "causal": False, "pool": "mean"},
-        "fusion": {"kind": "film", "width": 64, "depth": 4},
+        "fusion": {"kind": "film", "width": 64, "depth": 4, "coordinates": True},
     }
     batch = batch_size or min(BATCH_IMAGES, len(images))
     steps = steps or min(MAX_STEPS, max(MIN_STEPS, round(EPOCHS * len(images) / batch)))
     train = {"steps": steps, "batch_size": batch, "lr": 2e-3, "warmup": max(1, min(100, steps // 10)),
              "eval_every": max(1, steps // 4), "save_every": max(1, steps // 8), "precision": "fp32"}
     return model, train
-
-
-def fill(given: dict, chosen: dict) -> dict:
-    """`chosen` with every key of `given` put over it, nested dicts key by key."""
-    out = dict(chosen)
-    for key, value in given.items():
-        out[key] = fill(value, chosen[key]) if isinstance(value, dict) and isinstance(chosen.get(key), dict) else value
-    return out

@@ -181,13 +181,17 @@ class VQATask(_ImageTask):
         min_count = self.options.min_answer_count
         counts = Counter(a for r in train.vqa for a in (r.answers or (r.answer,)) if a)
         answers = tuple(sorted(a for a, n in counts.most_common(self.options.max_answers) if n >= min_count))
+        if not answers:
+            raise ValueError(f"no answer is given at least task_options.min_answer_count = {min_count} times among "
+                             f"the task_options.max_answers = {self.options.max_answers} most frequent ones")
         if not config.model:  # the config names only the data: the recipe is chosen from it
             self._choose_recipe(config, train, len(answers), progress=progress)
-        model_config: FusionClassifierConfig = config_from_dict(FusionClassifierConfig, config.model, source="model")
+        model_config: FusionClassifierConfig = config_from_dict(self.model_class.config_class, config.model,
+                                                                source="model")
         model_config.text.vocab_size = self.tokenizer.vocab_size
         model_config.answers = answers
         tower = self._tower(model_config) if self.options.vision_from else None
-        self.model = FusionClassifier(model_config)
+        self.model = self.model_class(model_config)
         self._attach(self.model, model_config.image_size)
         if tower is not None:  # the tower's weights, and the pixels it was trained on
             self.model.vision.load_state_dict(tower.vision.state_dict())
@@ -201,7 +205,6 @@ class VQATask(_ImageTask):
         self.records = train.vqa
         self.store = ImageStore([r.image for r in self.records], self.model.image_processor,
                                 preload=config.data.preload_images, progress=progress, desc="train images")
-        self.record_targets = torch.stack([self.targets(r) for r in self.records])  # built once, not per step
         self.record_image = [self.store.position(r.image) for r in self.records]
         self.groups: list[list[int]] = [[] for _ in range(len(self.store))]  # image position -> its records
         for i, position in enumerate(self.record_image):
@@ -218,17 +221,23 @@ class VQATask(_ImageTask):
                                      batch_size=config.train.batch_size if "batch_size" in given else None)
         if torch.cuda.is_available():
             schedule.pop("precision")  # fp32 is what measured fastest on CPUs; on a GPU the config's bf16 is
+        if self.options.vision_from:  # the encoder is the tower's
+            del model["encoder"], model["cnn"]
         config.model = model
         chosen = {k: v for k, v in schedule.items() if k not in given}
         for key, value in chosen.items():
             setattr(config.train, key, value)
         if progress:
             images = len({r.image for r in train.vqa})
-            cnn, fusion = model["cnn"], model["fusion"]
+            if "cnn" in model:
+                cnn = model["cnn"]
+                grid = cnn["image_size"] // math.prod(cnn["strides"])
+                encoder = f"{cnn['image_size']} px images, a CNN of {len(cnn['channels'])} stages to a {grid} x {grid} grid"
+            else:
+                encoder = f"the vision tower of {self.options.vision_from}"
             print(f"vqa: a recipe for {images:,} images, {len(train.vqa):,} questions and {answers:,} answers "
-                  f"(config.model not given): {cnn['image_size']} px images, a CNN of {len(cnn['channels'])} stages "
-                  f"to a {cnn['image_size'] // math.prod(cnn['strides'])} x {cnn['image_size'] // math.prod(cnn['strides'])}"
-                  f" grid, {fusion['kind']} fusion, questions up to {model['text']['max_length']} tokens"
+                  f"(config.model not given): {encoder}, {model['fusion']['kind']} fusion, questions up to "
+                  f"{model['text']['max_length']} tokens"
                   + (f"; train: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) if chosen else ""), flush=True)
 
     def _tower(self, model_config: FusionClassifierConfig):
@@ -266,7 +275,7 @@ class VQATask(_ImageTask):
             image_index = torch.tensor(rows, dtype=torch.long)
         ids, mask = tokenize(self.tokenizer, [self.records[i].question for i in chosen], self.model.config.text.max_length)
         batch = {"pixels": self.store.batch(positions), "ids": ids, "mask": mask,
-                 "targets": self.record_targets[torch.tensor(chosen, dtype=torch.long)], "examples": len(chosen),
+                 "targets": torch.stack([self.targets(self.records[i]) for i in chosen]), "examples": len(chosen),
                  "images": len(positions)}
         if image_index is not None:
             batch["image_index"] = image_index
