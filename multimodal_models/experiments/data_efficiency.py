@@ -32,11 +32,10 @@ from tqdm import tqdm
 from .. import registry
 from ..data.splits import DataConfig, ImageStore, SplitData, SplitFiles, image_key, load_split, split_files
 from ..evaluate.harness import evaluate_vqa, first_images
-from ..evaluate.metrics.vqa import vqa_accuracy
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..loading import load
 from ..models.lora import LoRAConfig
-from ..shapes.stats import BlindBaseline
+from ..shapes.baselines import blind_scores
 from ..training.config import RunConfig, dump_config, load_config, task_options
 from ..training.loop import train
 from ..training.vlm_task import VLMOptions
@@ -236,10 +235,7 @@ def share_of(data: DataConfig, fraction: float, test: SplitData) -> dict:
 
 def blind(questions: list, test: SplitData) -> float:
     """VQA accuracy of answering from the question alone, with priors from these training questions."""
-    baseline = BlindBaseline((r.question, r.question_type, r.answer or (r.answers[0] if r.answers else ""))
-                             for r in questions)
-    predictions = {r.question_id: baseline.predict(r.question, r.question_type) for r in test.vqa}
-    return vqa_accuracy(predictions, test.vqa)["overall"]
+    return blind_scores(questions, test.vqa)["overall"]
 
 
 # --- the report ---------------------------------------------------------------------------

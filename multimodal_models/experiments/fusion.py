@@ -35,11 +35,10 @@ from tqdm import tqdm
 
 from ..data.splits import ImageStore, SplitData, load_split
 from ..evaluate.harness import evaluate_vqa, first_images
-from ..evaluate.metrics.vqa import vqa_accuracy
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..loading import load
 from ..models.layers import count_parameters
-from ..shapes.baselines import BlindBaseline
+from ..shapes.baselines import blind_scores
 from ..training.config import DataConfig, OptimConfig, RunConfig, SplitFiles
 from ..training.loop import train
 
@@ -138,15 +137,7 @@ def _test_split(data: str, split: str, limit: int) -> SplitData:
 def _blind(data: str, limit: int) -> dict:
     """The question-only baseline, fitted on the training questions, on the same test questions."""
     questions = load_split(DataConfig(root=data, train=vqa_only(data, "train")), "train").vqa
-    baseline = BlindBaseline((r.question, r.question_type, r.answer or (r.answers[0] if r.answers else ""))
-                             for r in questions)
-    scores = {}
-    for split in ("test", "test_compositional"):
-        records = _test_split(data, split, limit).vqa
-        predictions = {r.question_id: baseline.predict(r.question, r.question_type) for r in records}
-        accuracy = vqa_accuracy(predictions, records)
-        scores[split] = {"overall": accuracy["overall"], "perQuestionType": accuracy["perQuestionType"]}
-    return scores
+    return {split: blind_scores(questions, _test_split(data, split, limit).vqa) for split in ("test", "test_compositional")}
 
 
 def _score(model, data: str, split: str, limit: int) -> dict:

@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..data import formats
+from ..data.records import VQARecord
+from ..evaluate.metrics.vqa import vqa_accuracy
 from .generate import load_manifest
 from .stats import BlindBaseline, majority
 from ..io import atomic_write_json
@@ -31,6 +33,15 @@ def blind_vqa_predictions(data: str | Path, split: str, out: str | Path) -> Path
     predictions = [{"question_id": r.question_id, "answer": baseline.predict(r.question, r.question_type)} for r in target]
     atomic_write_json(out, predictions)
     return Path(out)
+
+
+def blind_scores(train: list[VQARecord], test: list[VQARecord]) -> dict:
+    """VQA accuracy, overall and per question type, of answering the test questions from their text alone,
+    with priors fitted on these training questions."""
+    baseline = BlindBaseline((r.question, r.question_type, r.answer or (r.answers[0] if r.answers else ""))
+                             for r in train)
+    accuracy = vqa_accuracy({r.question_id: baseline.predict(r.question, r.question_type) for r in test}, test)
+    return {"overall": accuracy["overall"], "perQuestionType": accuracy["perQuestionType"]}
 
 
 def frequent_caption_predictions(data: str | Path, split: str, out: str | Path) -> Path:
