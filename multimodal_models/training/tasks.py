@@ -238,7 +238,7 @@ class VQATask(_ImageTask):
             print(f"vqa: a recipe for {images:,} images, {len(train.vqa):,} questions and {answers:,} answers "
                   f"(config.model not given): {encoder}, {model['fusion']['kind']} fusion, questions up to "
                   f"{model['text']['max_length']} tokens"
-                  + (f"; train: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) if chosen else ""), flush=True)
+                  + ("; train: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) if chosen else ""), flush=True)
 
     def _tower(self, model_config: FusionClassifierConfig):
         """The dual encoder task_options.vision_from names; model_config takes its ViT's config."""
