@@ -56,7 +56,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from multimodal_models.experiments.fusion import MODELS as FUSION_MODELS
-from multimodal_models.experiments.fusion import vqa_only
+from multimodal_models.experiments.questions import split_questions
 from multimodal_models import registry
 from multimodal_models.models.layers import count_parameters
 from multimodal_models.training.tasks import VQATask
@@ -181,7 +181,7 @@ def measure_config(args, data: Path, tmp: str) -> dict:
 def vqa_recipes(args, data: Path, tmp: str) -> dict[str, RunConfig]:
     """name -> run config of the vqa task on `data`: the generic recipes, or the one --config gives."""
     def on_data(config: RunConfig) -> RunConfig:
-        config.data = DataConfig(root=str(data), train=vqa_only(str(data), "train"), eval=vqa_only(str(data), "val"),
+        config.data = DataConfig(root=str(data), train=split_questions(str(data), "train"), eval=split_questions(str(data), "val"),
                                  train_split="train", eval_split="val")
         config.train = dataclasses.replace(config.train, batch_size=args.batch_images, threads=args.threads)
         config.output = f"{tmp}/run"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -41,3 +42,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = None) -> None:
     text = json.dumps(obj, indent=indent, ensure_ascii=False, separators=(",", ": ") if indent else (",", ":"))
     atomic_write_text(path, text + "\n")
+
+
+def atomic_write_figure(path: str | Path, fig, *, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG, laid out tight; the figure is closed."""
+    import matplotlib.pyplot as plt  # optional: only the code that draws plots needs matplotlib
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -3,7 +3,6 @@ data-efficiency experiment built on it: its outputs, its counts and its resumpti
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +15,6 @@ from multimodal_models.data.splits import DataConfig, image_key, load_split
 from multimodal_models.experiments import data_efficiency
 from multimodal_models.training.config import config_from_raw, load_config
 from multimodal_models.training.loop import train
-from multimodal_models.training.tasks import VQAOptions
 
 from .conftest import tiny_config
 
@@ -70,27 +68,25 @@ def test_train_fraction_is_read_from_a_config(tiny_shapes, tmp_path):
 # --- the experiment -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tower(tiny_shapes, tmp_path_factory) -> Path:
-    """A tiny dual encoder after two steps: a tower to start from is all the experiment needs."""
-    root = tmp_path_factory.mktemp("tower")
-    train(config_from_raw(tiny_config("contrastive", tiny_shapes, root / "run", steps=2, eval_every=2, save_every=2)),
+def trained(task: str, data: Path, root: Path, steps: int) -> Path:
+    """The saved model of a tiny run of `task`: something to start from is all the experiment needs."""
+    train(config_from_raw(tiny_config(task, data, root / "run", steps=steps, eval_every=steps, save_every=steps)),
           progress=False)
     return root / "run" / "model"
+
+
+@pytest.fixture(scope="module")
+def tower(tiny_shapes, tmp_path_factory) -> Path:
+    return trained("contrastive", tiny_shapes, tmp_path_factory.mktemp("tower"), steps=2)
 
 
 @pytest.fixture(scope="module")
 def vlm(tiny_shapes, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("vlm")
-    train(config_from_raw(tiny_config("vlm", tiny_shapes, root / "run", steps=1, eval_every=1, save_every=1)),
-          progress=False)
-    return root / "run" / "model"
+    return trained("vlm", tiny_shapes, tmp_path_factory.mktemp("vlm"), steps=1)
 
 
 def test_the_experiment_writes_its_table_and_plot_and_a_rerun_skips_finished_runs(tiny_shapes, tower, vlm, tmp_path,
                                                                                     monkeypatch, capsys):
-    if "vision_from" not in {f.name for f in dataclasses.fields(VQAOptions)}:
-        pytest.skip("the vqa task has no task_options.vision_from yet: the pretrained-tower variant cannot run")
     config = tmp_path / "vqa.yaml"
     config.write_text(yaml.safe_dump(tiny_config("vqa", tiny_shapes, tmp_path / "unused", eval_samples=2)))
     out = tmp_path / "report"

@@ -9,7 +9,6 @@ whichever way the data came.
 
 from __future__ import annotations
 
-import io
 import random
 import textwrap
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MultimodalError
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_write_figure, atomic_write_json, atomic_write_text
 from ..data.images import load_image
 from ..data.splits import DataConfig, ImageStore, SplitFiles, load_split, split_files
 from .harness import (
@@ -259,13 +258,7 @@ def markdown_report(metrics: dict, plots: list[str], extras: tuple[EvaluationExt
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_figure(path, fig)
     return path
 
 

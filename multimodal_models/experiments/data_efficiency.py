@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import io
 import json
 import shutil
 import time
@@ -30,12 +29,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import registry
-from ..data.splits import DataConfig, ImageStore, SplitData, SplitFiles, image_key, load_split, split_files
-from ..evaluate.harness import evaluate_vqa, first_images
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..data.splits import DataConfig, SplitData, image_key, load_split
+from ..io import atomic_write_figure, atomic_write_json, atomic_write_text
 from ..loading import load
 from ..models.lora import LoRAConfig
 from ..shapes.baselines import blind_scores
+from .questions import questions_only, scored_questions, vqa_scores
 from ..training.config import RunConfig, dump_config, load_config, task_options
 from ..training.loop import train
 from ..training.vlm_task import VLMOptions
@@ -142,13 +141,6 @@ def lora_vlm(recipe: RunConfig, vlm: str) -> RunConfig:
     return config
 
 
-def questions_only(data: DataConfig, which: str) -> SplitFiles:
-    """The question files of a split (paths resolved), without its captions or dialogues."""
-    files = split_files(data, which)
-    return SplitFiles(images=files.images, vqa_questions=files.vqa_questions, vqa_annotations=files.vqa_annotations,
-                      table=files.table)
-
-
 def budgeted(recipe: RunConfig, steps: int) -> RunConfig:
     """The recipe run to the end of `steps` steps (the budget every run gets)."""
     config = copy.deepcopy(recipe)
@@ -169,14 +161,7 @@ def train_and_score(run: Run, test: SplitData, *, progress: bool) -> dict:
     seconds = time.perf_counter() - start
     model = load(Path(summary["model"]))
     return {**run.key, "train_seconds": round(seconds, 1), "best_validation": summary.get("best"),
-            "model": summary["model"], "test": score(model, test)}
-
-
-def score(model, test: SplitData) -> dict:
-    """VQA accuracy on the test questions, as the fusion experiment scores its models."""
-    store = ImageStore([r.image for r in test.vqa], model.image_processor, progress=False)
-    scores = evaluate_vqa(model, test.vqa, store)
-    return {"overall": scores["overall"], "perQuestionType": scores["perQuestionType"]}
+            "model": summary["model"], "test": vqa_scores(model, test)}
 
 
 def previous_runs(path: Path) -> dict[str, dict]:
@@ -214,13 +199,7 @@ def load_test(data: DataConfig, split: str, limit: int) -> SplitData:
     """The questions about the first `limit` images of the test split (`split` in the recipe's dataset.json)."""
     if not data.root:
         raise ValueError("the recipe's data.root must be a data set folder whose dataset.json names the test split")
-    files = questions_only(DataConfig(root=data.root, eval_split=split), "eval")
-    if not (files.vqa_questions or files.table):
-        raise ValueError(f"the {split} split of {data.root} has no questions to score")
-    test = first_images(load_split(DataConfig(eval=files), "eval"), limit)
-    if not test.vqa:
-        raise ValueError(f"the {split} split of {data.root} has no questions to score")
-    return test
+    return scored_questions(data.root, split, limit)
 
 
 def share_of(data: DataConfig, fraction: float, test: SplitData) -> dict:
@@ -298,8 +277,4 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title(f"accuracy against data, {results['steps']} steps per run")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_figure(path, fig)

@@ -23,7 +23,6 @@ inference latency.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import shutil
 import statistics
@@ -33,14 +32,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..data.splits import ImageStore, SplitData, load_split
-from ..evaluate.harness import evaluate_vqa, first_images
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..data.splits import ImageStore, load_split
+from ..io import atomic_write_figure, atomic_write_json, atomic_write_text
 from ..loading import load
 from ..models.layers import count_parameters
 from ..shapes.baselines import blind_scores
-from ..training.config import DataConfig, OptimConfig, RunConfig, SplitFiles
+from ..training.config import DataConfig, OptimConfig, RunConfig
 from ..training.loop import train
+from .questions import scored_questions, split_questions, vqa_scores
 
 CNN = {"image_size": 64, "channels": [32, 64, 64, 64, 64], "strides": [1, 2, 2, 2, 1]}
 VISION = {"image_size": 64, "patch_size": 8, "width": 128, "depth": 3, "heads": 4, "stem": "conv", "pool": "mean",
@@ -62,12 +61,6 @@ MODELS = {
     "native LM": ("vlm", {"vision": VISION, "decoder": {"width": 128, "depth": 5, "heads": 4, "max_length": 96},
                           "pixel_shuffle": 2}),
 }
-
-
-def vqa_only(root: str, split: str) -> SplitFiles:
-    manifest = json.loads((Path(root) / "dataset.json").read_text())["splits"][split]
-    return SplitFiles(images=manifest["images"], vqa_questions=manifest["vqa_questions"],
-                      vqa_annotations=manifest["vqa_annotations"])
 
 
 def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 300, batch_size: int = 32,
@@ -92,7 +85,7 @@ def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 300
             shutil.rmtree(run_dir)
         config = RunConfig(
             task=task,
-            data=DataConfig(root=data, train=vqa_only(data, "train"), eval=vqa_only(data, "val"), train_split="train",
+            data=DataConfig(root=data, train=split_questions(data, "train"), eval=split_questions(data, "val"), train_split="train",
                             eval_split="val"),
             model=copy.deepcopy(model),
             train=OptimConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10), eval_every=steps,
@@ -106,7 +99,7 @@ def run_fusion_experiment(data: str | Path, out: str | Path, *, steps: int = 300
         row = {"model": name, "task": task, "parameters": count_parameters(trained), "train_seconds": round(seconds, 1),
                **settings}
         for split in ("test", "test_compositional"):
-            row[split] = _score(trained, data, split, eval_samples)
+            row[split] = vqa_scores(trained, scored_questions(data, split, eval_samples))
         row["latency_ms"] = _latency(trained, data)
         rows.append(row)
         atomic_write_json(out / "results.json", {"settings": settings, "blind": _blind(data, eval_samples), "rows": rows},
@@ -130,27 +123,16 @@ def _finished_rows(path: Path, settings: dict) -> list[dict]:
     return results.get("rows", [])
 
 
-def _test_split(data: str, split: str, limit: int) -> SplitData:
-    return first_images(load_split(DataConfig(root=data, eval=vqa_only(data, split), eval_split=split), "eval"), limit)
-
-
 def _blind(data: str, limit: int) -> dict:
     """The question-only baseline, fitted on the training questions, on the same test questions."""
-    questions = load_split(DataConfig(root=data, train=vqa_only(data, "train")), "train").vqa
-    return {split: blind_scores(questions, _test_split(data, split, limit).vqa) for split in ("test", "test_compositional")}
-
-
-def _score(model, data: str, split: str, limit: int) -> dict:
-    split_data = _test_split(data, split, limit)
-    store = ImageStore([r.image for r in split_data.vqa], model.image_processor, progress=False)
-    scores = evaluate_vqa(model, split_data.vqa, store)
-    return {"overall": scores["overall"], "perQuestionType": scores["perQuestionType"]}
+    questions = load_split(DataConfig(train=split_questions(data, "train")), "train").vqa
+    return {split: blind_scores(questions, scored_questions(data, split, limit).vqa) for split in ("test", "test_compositional")}
 
 
 @torch.no_grad()
 def _latency(model, data: str, repeats: int = 30) -> float:
     """Median milliseconds to answer one question about one image (batch of one, one thread)."""
-    split_data = load_split(DataConfig(root=data, eval=vqa_only(data, "test"), eval_split="test"), "eval")
+    split_data = load_split(DataConfig(eval=split_questions(data, "test")), "eval")
     records = split_data.vqa[:repeats]
     store = ImageStore([r.image for r in records], model.image_processor, progress=False)
     threads = torch.get_num_threads()
@@ -211,8 +193,4 @@ def _plot(rows: list[dict], blind: dict, path: Path) -> None:
         ax.set_title(f"{split}")
         ax.legend(fontsize=7, ncol=3)
     axes[-1].set_xticks([i + 0.4 - width / 2 for i in range(len(types))], types, rotation=45, ha="right")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_figure(path, fig)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import random
 import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_figure
 from ..data import formats
 from ..data.images import load_image
 from .generate import load_manifest
@@ -45,9 +44,5 @@ def draw_preview(data: str | Path, out: str | Path, *, split: str = "val", count
         ax.text(0.0, -0.04, "\n".join("\n".join(textwrap.wrap(x, 44)) for x in lines), transform=ax.transAxes,
                 va="top", fontsize=7, family="monospace")
     fig.suptitle(f"Shapes benchmark: {split} split ({len(captions)} images)", fontsize=12)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out, buffer.getvalue())
+    atomic_write_figure(out, fig)
     return Path(out)

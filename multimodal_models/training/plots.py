@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_figure
 
 
 def training_curves(log_path: Path, out: Path) -> Path | None:
@@ -44,9 +43,5 @@ def training_curves(log_path: Path, out: Path) -> Path | None:
         ax.set_title("evaluation")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out, buffer.getvalue())
+    atomic_write_figure(out, fig)
     return out
