@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import registry
+from .devices import resolve_device, resolve_dtype
 from .errors import DataFormatError, WrongModelError
 from .pretrained import is_hf_checkpoint, load_hf
 from .pretrained.hub import looks_like_hub_id, resolve_checkpoint
@@ -57,9 +58,12 @@ def resolve(name_or_path: str | Path) -> Path:
     )
 
 
-def load(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+def load(name_or_path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          expect: str | None = None, needed_by: str = "this"):
     """Load a model, its tokenizer and its image preprocessing, ready to use (eval mode).
+
+    device: "cpu", "cuda", "cuda:N", "mps" or "auto" (the accelerator when there is one); a
+    device this machine lacks is refused with the list of those it has.
 
     dtype: "float32", "bfloat16" or "float16" (or a torch dtype) to cast the weights to; None
     keeps float32 (also for checkpoints stored in half precision, which are widened on load).
@@ -68,12 +72,13 @@ def load(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dt
     "shapes_vlm" also does); another kind raises
     WrongModelError saying that `needed_by` (e.g. "--embedder", "the vqa task") needs it.
     """
+    device = resolve_device(device)
     if dtype is None:
         model = _load(name_or_path, device)
     else:
         import torch
 
-        target = _torch_dtype(dtype)
+        target = resolve_dtype(dtype)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(target)  # modules are built, and checkpoint tensors cast, straight into `target`
         try:  # (torch's default dtype is process-wide: load from one thread at a time)
@@ -86,19 +91,7 @@ def load(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dt
     return model
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
-    return names[dtype]
-
-
-def _load(name_or_path: str | Path, device: str):
+def _load(name_or_path: str | Path, device: torch.device):
     folder = resolve(name_or_path)
     config_file = folder / "config.json"
     if not config_file.is_file():
