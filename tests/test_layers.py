@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "multimodal_models"
 
 # lower number = lower layer; a module may import its own layer and those below it
 LAYERS = {
-    "errors": 0, "io": 0, "registry": 0, "version": 0,
+    "errors": 0, "io": 0, "registry": 0, "version": 0, "devices": 0,
     "data": 1,
     "models": 2,
     "pretrained": 3, "loading": 3,
