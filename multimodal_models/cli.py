@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from .devices import add_device_arguments
 from .errors import MultimodalError
 from .index.defaults import DEFAULT_SIMILARITY_WEIGHT, DEFAULT_TOP
 from .serve.runner import add_arguments as serve_arguments
@@ -144,10 +145,11 @@ def cmd_demo(args) -> None:
 # --- models ---------------------------------------------------------------------------
 
 
-def _load(name: str, expected: str | None = None, dtype: str | None = None):
+def _load(name: str, args, expected: str | None = None):
+    """The model a command's --model (or another flag's value) names, on its --device in its --dtype."""
     from .loading import load  # heavy: torch
 
-    return load(name, dtype=dtype, expect=expected, needed_by="this command")
+    return load(name, device=args.device, dtype=args.dtype, expect=expected, needed_by="this command")
 
 
 def _generation_options(args) -> dict:
@@ -163,7 +165,8 @@ def cmd_train(args) -> None:
     from .training.config import load_config  # heavy: torch
     from .training.loop import train  # heavy: torch
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    config = load_config(args.config, overrides)
     summary = train(config, resume=args.resume, progress=not args.quiet)
     _print_json(summary)
 
@@ -185,22 +188,22 @@ def cmd_evaluate(args) -> None:
     if args.rerank_with:
         from .index.rerank import Reranker  # heavy: torch
 
-        reranker = Reranker(_load(args.rerank_with, "vlm", dtype=args.dtype), top=args.rerank_top,
+        reranker = Reranker(_load(args.rerank_with, args, "vlm"), top=args.rerank_top,
                             similarity_weight=args.rerank_similarity_weight)
-    results = evaluate_model(_load(args.model, dtype=args.dtype), data, args.out, limit=args.limit,
+    results = evaluate_model(_load(args.model, args), data, args.out, limit=args.limit,
                              progress=not args.quiet, reranker=reranker,
                              extras=SHAPES_EXTRAS)  # each does nothing where the data has no scene graphs
     _print_json({"report": str(Path(args.out) / "report.md"), **headline(results)})
 
 
 def cmd_caption(args) -> None:
-    model = _load(args.model, "vlm", dtype=args.dtype)
+    model = _load(args.model, args, "vlm")
     for image in args.images:
         print(f"{image}\t{model.caption(str(image), **_generation_options(args))}")
 
 
 def cmd_ask(args) -> None:
-    model = _load(args.model, dtype=args.dtype)
+    model = _load(args.model, args)
     if model.model_type == "fusion_classifier":
         answer, confidence = model.answer(str(args.image), args.question)
         print(f"{answer}\t(confidence {confidence:.3f})")
@@ -213,7 +216,7 @@ def cmd_ask(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    model = _load(args.model, "vlm", dtype=args.dtype)
+    model = _load(args.model, args, "vlm")
     images = [str(p) for p in args.images]
     messages: list[dict] = []
     print(f"Chatting about {len(images)} image(s). An empty line or Ctrl-D ends.", file=sys.stderr)
@@ -236,7 +239,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_classify(args) -> None:
-    model = _load(args.model, "dual_encoder", dtype=args.dtype)
+    model = _load(args.model, args, "dual_encoder")
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if len(labels) < 2:
         raise MultimodalError("--labels needs at least two comma-separated labels")
@@ -247,7 +250,7 @@ def cmd_classify(args) -> None:
 def cmd_embed(args) -> None:
     import numpy as np
 
-    model = _load(args.model, "dual_encoder", dtype=args.dtype)
+    model = _load(args.model, args, "dual_encoder")
     if bool(args.images) == bool(args.texts):
         raise MultimodalError("give --images FILE... or --texts TEXT... (one of the two)")
     vectors = model.embed_images([str(p) for p in args.images]) if args.images else model.embed_texts(args.texts)
@@ -308,9 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"multimodal-models {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def dtype_option(p):
-        p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                       help="weights' dtype: bfloat16 halves the memory (default float32)")
+    device_options = add_device_arguments  # --device and --dtype, the same on every command that loads a model
 
     def rerank_options(p, what):
         p.add_argument("--rerank-with", default=None, metavar="VLM",
@@ -399,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
     tr.add_argument("--resume", action="store_true", help="continue the run in the config's output folder")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--device", default=None, metavar="DEVICE",
+                    help="where to train: cpu, cuda, cuda:N, mps or auto (default: the config's train.device, auto); "
+                         "under torchrun each process takes the GPU of its LOCAL_RANK")
     tr.set_defaults(func=cmd_train)
 
     ev = commands.add_parser("evaluate", help="run a model on a benchmark split or annotation files; write metrics, "
@@ -427,11 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--mmmu", metavar="PATH", help="MMMU parquet file, or a folder of them (multiple choice)")
     given.add_argument("--scenes", metavar="FILE", help="Shapes scene graphs of the images (grounded caption scores)")
     rerank_options(ev, "a dual encoder's text→image retrieval is also scored")
-    dtype_option(ev)
+    device_options(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     def generation_options(p):
-        dtype_option(p)
+        device_options(p)
         p.add_argument("--max-tokens", type=int, default=48, help="most tokens to generate (default 48)")
         p.add_argument("--beams", type=int, default=None,
                        help="beam search width (default: greedy, or for captions the model's caption_beams)")
@@ -462,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("image", type=Path, help="image file")
     cl.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'a red circle,a blue star'")
     cl.add_argument("--model", default="shapes-clip", help="model name or folder (default shapes-clip)")
-    dtype_option(cl)
+    device_options(cl)
     cl.set_defaults(func=cmd_classify)
 
     em = commands.add_parser("embed", help="embed images or texts with a dual encoder")
@@ -470,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--texts", nargs="*", default=[], help="texts")
     em.add_argument("--model", default="shapes-clip", help="model name or folder (default shapes-clip)")
     em.add_argument("--out", type=Path, default=None, help=".npy file for the vectors (default: JSON lines on stdout)")
-    dtype_option(em)
+    device_options(em)
     em.set_defaults(func=cmd_embed)
 
     ix = commands.add_parser("index", help="index a folder of images for search (incremental, resumable)")
@@ -486,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="from this many images up search is approximate (IVF), below it exact; kept by the index "
                          "(default 100000)")
     ix.add_argument("--quiet", action="store_true", help="no progress bar")
+    device_options(ix)
     ix.set_defaults(func=cmd_index)
 
     se = commands.add_parser("search", help="search an image index by text and/or by image")
@@ -498,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="approximate indexes: lists scanned per query; more is slower and finds more (default 32)")
     se.add_argument("--json", action="store_true", help='JSON lines {"rank", "path", "score", "file", "caption"}')
     rerank_options(se, "text queries are ranked")
+    device_options(se)
     se.set_defaults(func=cmd_search)
 
     sv = commands.add_parser("serve", help="serve the models over HTTP: OpenAI-compatible API, search, web page")

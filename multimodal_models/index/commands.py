@@ -19,13 +19,19 @@ def _model_name(name: str) -> str:
     return name if name in SHIPPED else str(Path(name).expanduser().resolve())
 
 
+def _dtype(args, index: ImageIndex) -> str | None:
+    """--dtype, else the dtype the index's vectors were embedded in (an index built in bfloat16
+    is searched in bfloat16: the weights, and so the model's fingerprint, are those)."""
+    return args.dtype or index.info.get("model_dtype")
+
+
 def run_index(args) -> None:
     if not args.folder.is_dir():
         raise FileNotFoundError(f"{args.folder} is not a folder")
     with ImageIndex.open(args.out or args.folder / DEFAULT_INDEX_DIRNAME, create=True) as index:
         name = args.model or index.info.get("model_name") or DEFAULT_DUAL_ENCODER
-        model = load(name, expect="dual_encoder")
-        captioner = load(args.caption_model, expect="vlm") if args.caption else None
+        model = load(name, expect="dual_encoder", device=args.device, dtype=_dtype(args, index))
+        captioner = load(args.caption_model, expect="vlm", device=args.device, dtype=args.dtype) if args.caption else None
         report = index.update(args.folder, model, model_name=_model_name(name), batch_size=args.batch_size,
                               captioner=captioner,
                               captioner_name=_model_name(args.caption_model) if captioner is not None else None,
@@ -45,11 +51,11 @@ def run_search(args) -> None:
         name = args.model or index.info.get("model_name")
         if name is None:
             raise MultimodalError(f"the index {index.path} is empty: no model has indexed anything yet")
-        model = load(name, expect="dual_encoder")
+        model = load(name, expect="dual_encoder", device=args.device, dtype=_dtype(args, index))
         if args.rerank_with:
             if args.query is None or args.image is not None:
                 raise MultimodalError("--rerank-with reranks text queries: give a text query and no --image")
-            reranker = Reranker(load(args.rerank_with, expect="vlm"), top=args.rerank_top,
+            reranker = Reranker(load(args.rerank_with, expect="vlm", device=args.device, dtype=args.dtype), top=args.rerank_top,
                                 similarity_weight=args.rerank_similarity_weight)
             hits = reranker.search(index, model, args.query, k=args.k)
         else:

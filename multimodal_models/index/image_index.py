@@ -114,6 +114,15 @@ def model_fingerprint(model: Any) -> str:
     return digest.hexdigest()[:32]
 
 
+def _dtype_name(model: Any) -> str | None:
+    """The dtype of a model's floating-point weights ("float32", "bfloat16", ...), None if it has none."""
+    parameters = getattr(model, "parameters", None)
+    for parameter in parameters() if callable(parameters) else ():
+        if parameter.is_floating_point():
+            return str(parameter.dtype).removeprefix("torch.")
+    return None
+
+
 def default_model_name(model: Any) -> str:
     return str(getattr(model, "name_or_path", None) or type(model).__name__)
 
@@ -359,9 +368,12 @@ class ImageIndex:
         info = self.info
         expected = info.get("model_fingerprint")
         if expected is not None and expected != fingerprint:
+            built_in, given_in = info.get("model_dtype"), _dtype_name(model)
+            hint = (f" It was embedded in {built_in} and this model is in {given_in}: pass --dtype {built_in}."
+                    if built_in and given_in and built_in != given_in else "")
             raise MultimodalError(
                 f"the index {self.path} was built with the model '{info.get('model_name')}' (fingerprint {expected}); "
-                f"'{default_model_name(model)}' (fingerprint {fingerprint}) embeds into a different space. "
+                f"'{default_model_name(model)}' (fingerprint {fingerprint}) embeds into a different space.{hint} "
                 f"Use the same model, or build a new index with another --out"
             )
 
@@ -472,7 +484,7 @@ class ImageIndex:
         with store.write_transaction(self._conn):
             info = store.read_info(self._conn)
             if "model_fingerprint" not in info:
-                store.set_info(self._conn, model_fingerprint=fingerprint, model_name=name,
+                store.set_info(self._conn, model_fingerprint=fingerprint, model_name=name, model_dtype=_dtype_name(model),
                                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             if threshold is not None:
                 store.set_info(self._conn, approximate_threshold=threshold)

@@ -47,6 +47,7 @@ class OptimConfig:
     save_every: int = 500
     stop_after: int | None = None  # end this run after so many steps (time-boxed runs; --resume continues)
     compile: bool = False  # torch.compile the model
+    device: str = "auto"  # cpu | cuda | cuda:N | mps | auto (under torchrun, CUDA processes take their LOCAL_RANK's GPU)
 
 
 @dataclass
@@ -129,6 +130,8 @@ def config_from_raw(raw: dict, *, source: str = "config") -> RunConfig:
                                            source=f"{source}: task_options")
     if config.save_dtype not in ("float32", "float16", "bfloat16"):
         raise DataFormatError(source, f"save_dtype must be float32, float16 or bfloat16, got {config.save_dtype!r}")
+    if not _is_device_name(config.train.device):
+        raise DataFormatError(source, f"train.device must be cpu, cuda, cuda:N, mps or auto, got {config.train.device!r}")
     if config.train.precision not in ("fp32", "bf16", "fp16"):
         raise DataFormatError(source, f"train.precision must be fp32, bf16 or fp16, got {config.train.precision!r}")
     if config.train.batch_size % config.train.accumulate:
@@ -146,3 +149,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _is_device_name(name) -> bool:
+    """A device name `--device` takes (whether this machine has it is checked when training starts)."""
+    kind, _, index = str(name).partition(":")
+    return kind in ("cpu", "mps", "auto") and not index or kind == "cuda" and (not index or index.isdigit())

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .. import registry
+from ..devices import resolve_device
 from ..data.splits import load_split
 from ..evaluate.harness import headline
 from ..models.pretrained import atomic_directory
@@ -66,10 +67,13 @@ class Distributed:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def device(self) -> torch.device:
-        if torch.cuda.is_available():
+    def device(self, requested: str = "auto") -> torch.device:
+        """The device this process trains on: `requested` (train.device), where under torchrun
+        a CUDA process takes the GPU of its LOCAL_RANK."""
+        device = resolve_device(requested)
+        if device.type == "cuda" and self.world > 1:
             return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
+        return device
 
 
 def build_task(config: RunConfig, *, progress: bool = True):
@@ -195,7 +199,7 @@ class JsonlLog:
 def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) a training run; returns a summary with the final evaluation."""
     dist = Distributed.from_environment()
-    device = dist.device()
+    device = dist.device(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     out = Path(config.output)
