@@ -1,9 +1,19 @@
 """Chat messages -> token ids, for the models trained here.
 
 Messages use the Hugging Face chat format: a list of {"role", "content"}, where content
-is a string or a list of typed parts ({"type": "text", "text": ...} and {"type": "image"},
-optionally with the image itself under "image"). A "<image>" marker inside a text string
-counts as an image part, as in LLaVA's conversation files.
+is a string or a list of typed parts. A "<image>" marker inside a text string counts as an
+image part, as in LLaVA's conversation files. An image part is any of the forms people send:
+
+    {"type": "image"}                          the next of the `images` given beside the messages
+    {"type": "image", "image": PIL | bytes | path | URL}
+    {"type": "image", "path": "photo.jpg"}     read with data.images.load_image
+    {"type": "image", "url": "https://..."}    (also data: URIs and file:// URLs)
+    {"type": "image", "base64": "iVBOR..."}    (or a data: URI)
+    {"type": "image_url", "image_url": {"url": ...}}   OpenAI's form (the url as above)
+
+Images named by an http(s) URL are fetched only inside `with remote_images():`: the library
+makes no network request of its own accord (as the server, which needs --allow-remote-images).
+`resolve_image_part` turns each form into {"type": "image", "image": ...}.
 
 The word-level template writes
 
@@ -21,15 +31,19 @@ tokens, and the whole string tokenized at once (as transformers' processors do).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from ..data.records import ConversationRecord
+from ..data.images import load_image
 from ..data.tokenizer import IMAGE, WordTokenizer
 
 ROLE_TOKENS = {"system": "<system>", "user": "<user>", "assistant": "<assistant>"}
@@ -41,6 +55,137 @@ class ChatEncoding:
     ids: list[int]
     targets: list[bool]  # True where the token is something the assistant said (trained on)
     images: list[Any] = field(default_factory=list)  # image parts, in order (None where not given inline)
+
+
+# -- image parts -------------------------------------------------------------------------------
+
+IMAGE_PART_TYPES = ("image", "image_url")
+IMAGE_SOURCE_KEYS = ("image", "path", "url", "base64")  # the keys of {"type": "image", ...} that carry an image
+REMOTE_TIMEOUT_S = 10.0
+MAX_REMOTE_IMAGE_BYTES = 20 * 1024 * 1024
+
+_URL_FETCHER: ContextVar[Callable[[str], bytes] | None] = ContextVar("remote_image_fetcher", default=None)
+
+
+def fetch_url(url: str, *, timeout: float = REMOTE_TIMEOUT_S, max_bytes: int = MAX_REMOTE_IMAGE_BYTES) -> bytes:
+    """The bytes at an http(s) URL: one GET (redirects followed), at most `max_bytes`, within `timeout` seconds."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "multimodal-models"}),
+                                    timeout=timeout) as response:
+            data = response.read(max_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ValueError(f"could not fetch the image at {url}: {getattr(exc, 'reason', exc)}") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"the image at {url} is larger than {max_bytes:,} bytes")
+    return data
+
+
+@contextmanager
+def remote_images(fetch: Callable[[str], bytes] | None = None) -> Iterator[None]:
+    """Inside this block, image parts naming an http(s) URL are fetched, by `fetch(url) -> bytes`
+    (default `fetch_url`: a plain GET, 10 s, at most 20 MB). Outside it they are refused::
+
+        with remote_images():
+            model.chat([{"role": "user", "content": [{"type": "image", "url": "https://..."},
+                                                     {"type": "text", "text": "What is this?"}]}])
+    """
+    token = _URL_FETCHER.set(fetch or fetch_url)
+    try:
+        yield
+    finally:
+        _URL_FETCHER.reset(token)
+
+
+def is_image_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
+
+
+def resolve_image_part(part: dict, *, where: str = "the image part") -> dict:
+    """Any form of image part -> {"type": "image", "image": the image, or None when the part names none}.
+
+    A path, file:// URL, data: URI or base64 string is read here with `load_image`; an http(s)
+    URL is fetched only inside `remote_images()`. Anything else under "image" (a PIL image,
+    bytes, a path) is kept for the image processor to load."""
+    if part.get("type") == "image_url":
+        given = part.get("image_url")
+        url = given.get("url") if isinstance(given, dict) else given
+        if not isinstance(url, str) or not url.strip():
+            raise ValueError(f"{where}: an image_url part needs {{'image_url': {{'url': ...}}}}, got {given!r}")
+        return {"type": "image", "image": _load_reference(url, where=f"{where}.image_url.url", key="url")}
+    sources = [key for key in IMAGE_SOURCE_KEYS if part.get(key) is not None]
+    if len(sources) > 1:
+        raise ValueError(f"{where}: an image part carries one image, this one has {' and '.join(sources)}")
+    if not sources:
+        return {"type": "image", "image": None}
+    key = sources[0]
+    value = part[key]
+    if key == "image" and not isinstance(value, str):
+        return {"type": "image", "image": value}  # PIL, bytes, a Path, a file object: load_image takes them
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}.{key} must be a non-empty string, got {value!r}")
+    if key == "path":
+        return {"type": "image", "image": load_image(value)}
+    if key == "base64":
+        return {"type": "image", "image": load_image(_base64_image(value, where=f"{where}.base64"),
+                                                    name=f"{where}.base64")}
+    if key == "image" and not _scheme(value) in ("http", "https", "data", "file"):
+        return {"type": "image", "image": value}  # a path, loaded by the image processor as before
+    return {"type": "image", "image": _load_reference(value, where=f"{where}.{key}", key=key)}
+
+
+def _scheme(reference: str) -> str:
+    head, colon, _ = reference.strip().partition(":")
+    return head.lower() if colon and len(head) > 1 else ""  # a drive letter (C:) is part of a path
+
+
+def _load_reference(reference: str, *, where: str, key: str):
+    """A URL (http(s), data:, file://) or a path -> a decoded image."""
+    from urllib.parse import unquote, urlsplit
+
+    reference = reference.strip()
+    scheme = _scheme(reference)
+    if scheme == "data":
+        return load_image(_base64_image(reference, where=where), name=where)
+    if scheme in ("http", "https"):
+        fetch = _URL_FETCHER.get()
+        if fetch is None:
+            raise ValueError(f"{where}: {reference} is a remote image, and images are fetched only inside "
+                             "`with multimodal_models.models.chat.remote_images():`; or pass the image itself "
+                             "({'type': 'image', 'image': PIL image or bytes})")
+        return load_image(fetch(reference), name=f"{where} ({reference})")
+    if scheme == "file":
+        parts = urlsplit(reference)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{where}: a file URL must name a local file (file:///path), not host {parts.netloc!r}")
+        return load_image(unquote(parts.path))
+    if scheme:
+        raise ValueError(f"{where}: unsupported URL scheme {scheme!r} (use a path, a file://, data: or http(s) URL)")
+    return load_image(reference)  # a local path (transformers reads one under "url" too)
+
+
+def _base64_image(text: str, *, where: str) -> bytes:
+    """The bytes of a base64 string or a base64 data: URI."""
+    if _scheme(text) == "data":
+        header, comma, text = text.partition(",")
+        if not comma or "base64" not in header.lower():
+            raise ValueError(f"{where}: only base64 data: URIs are read (data:image/png;base64,...)")
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{where}: not valid base64") from None
+    if not data:
+        raise ValueError(f"{where}: the image data is empty")
+    return data
+
+
+def _check_text_part(part: Any, index: int) -> None:
+    if not isinstance(part, dict) or part.get("type") != "text":
+        raise ValueError(f"messages[{index}].content parts must be {{'type': 'text'|'image'|'image_url', ...}}, "
+                         f"got {part!r}")
+
 
 
 def normalize_messages(messages: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -56,12 +201,11 @@ def normalize_messages(messages: list[dict]) -> list[tuple[str, list[dict]]]:
             raise ValueError(f"messages[{index}].role is {role!r}; expected one of {sorted(ROLE_TOKENS)}")
         content = message["content"]
         parts: list[dict] = []
-        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-            if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
-                raise ValueError(f"messages[{index}].content parts must be {{'type': 'text'|'image', ...}}, got {part!r}")
-            if part["type"] == "image":
-                parts.append(part)
+        for number, part in enumerate([{"type": "text", "text": content}] if isinstance(content, str) else content):
+            if is_image_part(part):
+                parts.append(resolve_image_part(part, where=f"messages[{index}].content[{number}]"))
                 continue
+            _check_text_part(part, index)
             pieces = str(part.get("text", "")).split(IMAGE)
             for k, piece in enumerate(pieces):
                 if k:
@@ -113,10 +257,12 @@ class WordChatTemplate:
 
 
 def attach_images(messages: list[dict], images: list[Any] | None) -> list[dict]:
-    """The messages with every image part holding its image: parts without one take the next of
-    `images` in order ("<image>" markers in string contents become image parts first).
+    """The messages with every image part as {"type": "image", "image": ...}: a part that names its
+    image (image, path, url, base64, image_url) has it read (`resolve_image_part`), a part without
+    one takes the next of `images` in order ("<image>" markers in string contents become image
+    parts first).
 
-    Raises when there are more image parts than images, or images left over.
+    Raises when there are more bare image parts than images, or images left over.
     """
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
@@ -132,11 +278,15 @@ def attach_images(messages: list[dict], images: list[Any] | None) -> list[dict]:
                 continue
             content = _split_image_markers(content)
         parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is None:
-                if not pending:
-                    raise ValueError("the messages have more image parts than images were given")
-                part = {**part, "image": pending.pop(0)}
+        for number, part in enumerate(content):
+            if is_image_part(part):
+                part = resolve_image_part(part, where=f"messages[{index}].content[{number}]")
+                if part["image"] is None:
+                    if not pending:
+                        raise ValueError(f"the messages have more image parts than images were given: "
+                                         f"messages[{index}].content[{number}] names no image (image, path, url, "
+                                         f"base64) and the {len(images or [])} given beside the messages are used up")
+                    part = {**part, "image": pending.pop(0)}
             parts.append(part)
         attached.append({**message, "content": parts})
     if pending:
@@ -261,12 +411,12 @@ class JinjaChatTemplate:
             if isinstance(content, str):  # multimodal templates read a list of typed parts
                 content = _split_image_markers(content) if IMAGE in content else [{"type": "text", "text": content}]
             parts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
-                    raise ValueError(f"messages[{index}].content parts must be {{'type': 'text'|'image', ...}}, "
-                                     f"got {part!r}")
-                if part["type"] == "image":
-                    images.append(part.get("image"))
+            for number, part in enumerate(content):
+                if is_image_part(part):
+                    part = resolve_image_part(part, where=f"messages[{index}].content[{number}]")
+                    images.append(part["image"])
+                else:
+                    _check_text_part(part, index)
                 parts.append({k: v for k, v in part.items() if v is not None})
             message = {k: v for k, v in message.items() if v is not None and k != "content"}
             chat.append(_template_value({**message, "content": parts}))
