@@ -76,6 +76,8 @@ def fetch_url(url: str, *, timeout: float = REMOTE_TIMEOUT_S, max_bytes: int = M
         with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "multimodal-models"}),
                                     timeout=timeout) as response:
             data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as exc:
+        raise ValueError(f"could not fetch the image at {url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise ValueError(f"could not fetch the image at {url}: {getattr(exc, 'reason', exc)}") from None
     if len(data) > max_bytes:
