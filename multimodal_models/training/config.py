@@ -47,6 +47,7 @@ class OptimConfig:
     save_every: int = 500
     stop_after: int | None = None  # end this run after so many steps (time-boxed runs; --resume continues)
     compile: bool = False  # torch.compile the model
+    tensorboard: bool | None = None  # TensorBoard logs in OUTPUT/tensorboard: None when it is installed, True needs it
     device: str = "auto"  # cpu | cuda | cuda:N | mps | auto (under torchrun, CUDA processes take their LOCAL_RANK's GPU)
 
 
@@ -102,13 +103,34 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DataFormatError(path, f"not valid YAML: {exc}") from None
-    raw = merge(raw, parse_overrides(overrides or []))
-    return config_from_raw(raw, source=str(path))
+    """A YAML config with command-line overrides (["train.steps=200", ...])."""
+    return as_config(path, parse_overrides(overrides or []))
+
+
+def as_config(config: RunConfig | dict | str | Path, overrides: dict | None = None) -> RunConfig:
+    """A run's config from a YAML file, a dict of the YAML's shape or a RunConfig, with
+    `overrides` merged in: {"train": {"steps": 200}}, or flat keys with "." or "__" between
+    levels ({"train.steps": 200}, {"train__steps": 200})."""
+    nested: dict = {}
+    for key, value in (overrides or {}).items():
+        nested = merge(nested, _nest(key.replace("__", ".").split("."), value))
+    if isinstance(config, RunConfig):
+        raw, source = config.to_dict(), "config"
+    elif isinstance(config, dict):
+        raw, source = copy.deepcopy(config), "config"
+    elif isinstance(config, (str, Path)):
+        path = Path(config)
+        try:
+            raw, source = yaml.safe_load(path.read_text()) or {}, str(path)
+        except yaml.YAMLError as exc:
+            raise DataFormatError(path, f"not valid YAML: {exc}") from None
+    else:
+        raise TypeError(f"config: expected a YAML path, a dict or a RunConfig, got {type(config).__name__}")
+    return config_from_raw(merge(raw, nested), source=source)
+
+
+def _nest(parts: list[str], value) -> dict:
+    return {parts[0]: _nest(parts[1:], value) if len(parts) > 1 else value}
 
 
 def config_from_raw(raw: dict, *, source: str = "config") -> RunConfig:
@@ -130,6 +152,9 @@ def config_from_raw(raw: dict, *, source: str = "config") -> RunConfig:
                                            source=f"{source}: task_options")
     if config.save_dtype not in ("float32", "float16", "bfloat16"):
         raise DataFormatError(source, f"save_dtype must be float32, float16 or bfloat16, got {config.save_dtype!r}")
+    if config.train.tensorboard not in (None, True, False):
+        raise DataFormatError(source, f"train.tensorboard must be true, false or null (when installed), got "
+                                      f"{config.train.tensorboard!r}")
     if not _is_device_name(config.train.device):
         raise DataFormatError(source, f"train.device must be cpu, cuda, cuda:N, mps or auto, got {config.train.device!r}")
     if config.train.precision not in ("fp32", "bf16", "fp16"):

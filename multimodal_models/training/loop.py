@@ -36,6 +36,7 @@ from ..devices import resolve_device
 from ..data.splits import load_split
 from ..evaluate.harness import headline
 from ..models.pretrained import atomic_directory
+from .callbacks import Callback, Callbacks, TensorBoardLogger, tensorboard_available
 from .config import RunConfig, dump_config
 from .plots import training_curves
 
@@ -196,8 +197,11 @@ class JsonlLog:
             f.write(json.dumps(record) + "\n")
 
 
-def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) a training run; returns a summary with the final evaluation."""
+def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
+          callbacks: list[Callback] | tuple = ()) -> dict:
+    """Run (or resume) a training run; returns a summary: output, steps_done, best (the
+    task's primary metric), model (the exported folder, once all steps are done), final_eval.
+    `callbacks` (training/callbacks.py) see the logs, evaluations and checkpoints as they come."""
     dist = Distributed.from_environment()
     device = dist.device(config.train.device)
     if config.train.threads:
@@ -234,6 +238,8 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(config))
     log = JsonlLog(out / "log.jsonl", keep_until_step=start if resume else None) if dist.is_main else None
+    hooks = Callbacks(list(callbacks) + _tensorboard(config, out)) if dist.is_main else Callbacks()
+    hooks.on_train_begin(config, start)
     runner = model
     if dist.world > 1:
         runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -291,6 +297,7 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
             if window["images"]:  # a task whose examples share images (VQA grouped by image) says how many
                 record["images_per_s"] = round(window["images"] / elapsed, 2)
             log.write(record)
+            hooks.on_log(done, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
             window = {"loss": 0.0, "examples": 0, "images": 0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
         evaluate_now = done % t.eval_every == 0 or done == t.steps
@@ -299,13 +306,16 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
             final_eval = _evaluate(task, model, t.eval_samples)
             flat = headline(final_eval)
             log.write({"step": done, "eval": flat})
+            hooks.on_evaluate(done, flat)
             score = task.primary_metric(flat)
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.2f}" for k, v in flat.items() if "/" not in k and v is not None))
             if best is None or score > best:
                 best = score
                 save_checkpoint(best_dir, model, optimizer, scheduler, scaler, done, best, _strip(final_eval))
+                hooks.on_save(done, best_dir)
         if dist.is_main and (evaluate_now or done % t.save_every == 0 or stopping):
             save_checkpoint(last_dir, model, optimizer, scheduler, scaler, done, best)
+            hooks.on_save(done, last_dir)
         dist.barrier()
         if stopping and done < t.steps:
             break
@@ -318,9 +328,18 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> 
             summary["model"] = str(out / "model")
         if final_eval is not None:
             summary["final_eval"] = _strip(final_eval)
+    hooks.on_train_end(summary)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _tensorboard(config: RunConfig, out: Path) -> list[Callback]:
+    """The TensorBoard logger train.tensorboard asks for (None: when the package is installed)."""
+    wanted = config.train.tensorboard
+    if wanted is False or (wanted is None and not tensorboard_available()):
+        return []
+    return [TensorBoardLogger(out / "tensorboard")]
 
 
 def _evaluate(task, model, limit: int) -> dict:
