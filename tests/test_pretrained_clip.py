@@ -344,9 +344,6 @@ def test_unreachable_hub_says_no_network(monkeypatch, tmp_path):
 
 
 def test_safetensors_reader_equals_the_library_and_names_a_broken_file(clip_checkpoint, tmp_path):
-    from safetensors.torch import load_file
-
-    from multimodal_models.errors import DataFormatError
     from multimodal_models.pretrained.checkpoint import read_safetensors
 
     weights = clip_checkpoint[0] / "model.safetensors"
@@ -356,8 +353,53 @@ def test_safetensors_reader_equals_the_library_and_names_a_broken_file(clip_chec
                for k in ours)
     broken = tmp_path / "model.safetensors"
     broken.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(DataFormatError, match="truncated or corrupt"):
+    with pytest.raises(DataFormatError, match="model.safetensors.*truncated or corrupt"):
         read_safetensors(broken)
     broken.write_bytes(b"\xff" * 64)
-    with pytest.raises(DataFormatError, match="not a safetensors file"):
+    with pytest.raises(DataFormatError, match="not a readable safetensors file"):
         read_safetensors(broken)
+
+
+def test_safetensors_reader_reads_every_dtype_floats_cast_to_the_default(tmp_path):
+    """F8 (E4M3, E5M2), F16, BF16 and F64 become the default float dtype (bfloat16 under
+    load(dtype="bfloat16")); integers, unsigned integers and booleans keep theirs."""
+    from multimodal_models.pretrained.checkpoint import read_safetensors
+
+    values = torch.tensor([[0.0, 1.0, 2.0], [-4.0, 0.5, 3.0]])
+    floats = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
+    integers = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
+                torch.uint64, torch.bool]
+    stored = {str(dtype): values.to(dtype) for dtype in floats}
+    stored.update({str(dtype): values.abs().to(dtype) for dtype in integers})
+    save_file(stored, str(tmp_path / "all.safetensors"))
+    tensors = read_safetensors(tmp_path / "all.safetensors")
+    assert tensors.keys() == stored.keys()
+    for dtype in floats:
+        assert tensors[str(dtype)].dtype == torch.float32 and torch.equal(tensors[str(dtype)], values)
+    for dtype in integers:
+        assert tensors[str(dtype)].dtype == dtype and torch.equal(tensors[str(dtype)], stored[str(dtype)])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        half = read_safetensors(tmp_path / "all.safetensors")
+    finally:
+        torch.set_default_dtype(previous)
+    assert {half[str(dtype)].dtype for dtype in floats} == {torch.bfloat16}
+    assert half["torch.uint16"].dtype == torch.uint16
+
+
+def test_sharded_checkpoints_load_and_a_missing_shard_is_named(clip_checkpoint, tmp_path):
+    folder, hf_model, *_ = clip_checkpoint
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folder, sharded)
+    (sharded / "model.safetensors").unlink()
+    hf_model.save_pretrained(sharded, max_shard_size="20KB")  # transformers writes the index and the shards
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    model, reference = multimodal_models.load(sharded), multimodal_models.load(folder)
+    for (name, ours), (_, theirs) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(ours, theirs), name
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=f"{shards[-1].name} not found: model.safetensors.index.json"):
+        multimodal_models.load(sharded)

@@ -447,5 +447,5 @@ def test_bfloat16_loading_halves_the_weights_and_keeps_rope_exact(llava):
     exact = next(m for m in model.modules() if type(m).__name__ == "RotaryEmbedding").inv_freq
     torch.testing.assert_close(rotary[0].inv_freq, exact, rtol=0, atol=0)
     assert isinstance(half.ask(random_image(45, 37, 1), "what is in the image?", max_new_tokens=4), str)
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="expected one of float32, bfloat16, float16"):
         multimodal_models.load(folder, dtype="int8")

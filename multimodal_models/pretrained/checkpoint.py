@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..data.hf_tokenizer import HFTokenizer
+from ..data.hf_tokenizer import HFTokenizer, read_json_object
 from ..data.preprocess import ImageProcessor
 from ..errors import DataFormatError
 from ..models.dual_encoder import DualEncoder, DualEncoderConfig
@@ -89,44 +89,27 @@ def _names(keys: list[str], limit: int = 12) -> str:
 # -- weights in -------------------------------------------------------------------------------
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one .safetensors file, floating ones cast to torch's default dtype as they
-    are read. Plain reads, one tensor at a time (no memory map): with `load(..., dtype="bfloat16")`
-    a float32 file never sits in memory whole next to the result."""
+    """The tensors of one .safetensors file, read one at a time with `safetensors.safe_open`, each
+    floating one (F64/F32/F16/BF16, the F8 formats) cast to torch's default dtype as it is read, so
+    that with `load(..., dtype="bfloat16")` a float32 file never sits in memory whole next to the
+    result. Integer and boolean tensors (I*, U*, BOOL) keep their dtype."""
     target = torch.get_default_dtype()
     tensors: dict[str, torch.Tensor] = {}
-    with open(path, "rb") as file:
-        size = path.stat().st_size
-        header_length = int.from_bytes(file.read(8), "little")
-        if not 2 <= header_length <= min(size - 8, 100 * 2**20):
-            raise DataFormatError(path, f"not a safetensors file (header length {header_length}, file size {size})")
-        try:
-            header = json.loads(file.read(header_length))
-        except ValueError as exc:
-            raise DataFormatError(path, f"the safetensors header is not valid JSON: {exc}") from None
-        start_of_data = 8 + header_length
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise DataFormatError(path, f"tensor {name}: unsupported dtype {info.get('dtype')!r}", field=name)
-            begin, end = info["data_offsets"]
-            count = math.prod(info["shape"])
-            if end - begin != count * dtype.itemsize or start_of_data + end > size:
-                raise DataFormatError(path, f"tensor {name}: its bytes do not match its shape {info['shape']} "
-                                            "(a truncated or corrupt file)", field=name)
-            buffer = bytearray(end - begin)
-            file.seek(start_of_data + begin)
-            file.readinto(buffer)
-            tensor = (torch.frombuffer(buffer, dtype=dtype) if count else torch.empty(0, dtype=dtype))
-            tensor = tensor.reshape(info["shape"])
-            tensors[name] = tensor.to(target) if tensor.is_floating_point() and dtype != target else tensor
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            for name in file.keys():
+                tensor = file.get_tensor(name)
+                if tensor.is_floating_point() and tensor.dtype != target:
+                    try:
+                        tensor = tensor.to(target)
+                    except RuntimeError:  # packed 4-bit floats (F4) and other quantised storage
+                        raise DataFormatError(path, f"tensor {name}: its dtype {tensor.dtype} cannot be cast to "
+                                                    f"{target} (a quantised checkpoint, which this package does "
+                                                    "not read)", field=name) from None
+                tensors[name] = tensor
+    except SafetensorError as exc:
+        raise DataFormatError(path, f"not a readable safetensors file (truncated or corrupt?): {exc}") from None
     return tensors
 
 
@@ -136,12 +119,17 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         return read_safetensors(single)
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        weight_map = (read_json_object(index) or {}).get("weight_map")
         if not isinstance(weight_map, dict):
             raise DataFormatError(index, "no 'weight_map' object", field="weight_map")
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"{folder / shard} not found: {index.name} names it as a shard")
             tensors.update(read_safetensors(folder / shard))
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise DataFormatError(index, f"names tensors that no shard holds: {_names(absent)}", field="weight_map")
         return tensors
     if (folder / "pytorch_model.bin").is_file():
         raise DataFormatError(folder / "pytorch_model.bin",
