@@ -208,6 +208,8 @@ def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
         message, code = "the request body is empty; send a JSON object", "invalid_json"
     elif kind == "missing":
         message, code = f"missing required field '{param}'", "missing_required_parameter"
+    elif kind == "extra_forbidden":
+        message, code = f"unrecognized request argument supplied: {param}", "unknown_parameter"
     elif kind in ("model_attributes_type", "dict_type", "model_type") and not param:
         message, code = "the request body must be a JSON object (Content-Type: application/json)", "invalid_json"
     else:
@@ -219,6 +221,51 @@ def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
     if others:  # other fields are wrong too (alternatives of one union field are not counted)
         message += f" (also wrong: {', '.join(sorted('.'.join(o) or 'body' for o in others))})"
     return APIError(400, message, param=param or None, code=code)
+
+
+def _refuse(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def check_chat_options(body: S.ChatCompletionRequest) -> None:
+    """Refuse (400, naming the field) every option of OpenAI's request this server cannot honour.
+    The fields honoured are read by the endpoint; those that change nothing about the answer
+    (user, metadata, prompt_cache_key, ...) pass; a field OpenAI does not have is unrecognized."""
+    for name in (body.model_extra or {}):
+        raise APIError(400, f"unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
+    if body.n is not None and body.n != 1:
+        raise _refuse("n", f"n={body.n}: this server returns one choice per request (n=1)")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise _refuse("response_format", f"response_format {{'type': '{body.response_format.type}'}} is not "
+                                         "supported: this server does not constrain the output to JSON. Omit it (or "
+                                         "use {'type': 'text'}) and ask for JSON in the prompt")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, name):
+            raise _refuse(name, f"{name} is not supported by this server (only 0)")
+    if body.logprobs or body.top_logprobs:
+        name = "logprobs" if body.logprobs else "top_logprobs"
+        raise _refuse(name, f"{name}: logprobs are not supported by this server")
+    if body.logit_bias:
+        raise _refuse("logit_bias", "logit_bias is not supported by this server")
+    if body.modalities is not None and body.modalities != ["text"]:
+        raise _refuse("modalities", f"modalities {body.modalities}: this server's output is text only (['text'])")
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise _refuse(name, f"{name} are not supported by this server (no tool or function calling)")
+    for name in ("tool_choice", "function_call"):
+        if getattr(body, name) not in (None, "none"):
+            raise _refuse(name, f"{name} is not supported by this server (no tool or function calling; only 'none')")
+    for name, what in (("audio", "audio output"), ("prediction", "predicted outputs"),
+                       ("reasoning_effort", "reasoning effort (the model does not reason first)"),
+                       ("verbosity", "verbosity"), ("web_search_options", "web search"),
+                       ("moderation", "moderation options (the server has its own output filter)")):
+        if getattr(body, name) is not None:
+            raise _refuse(name, f"{name}: {what} is not supported by this server")
+    if body.store:
+        raise _refuse("store", "store=true: this server stores no completions")
+    if body.service_tier not in (None, "auto", "default"):
+        raise _refuse("service_tier", f"service_tier {body.service_tier!r}: this server has one tier ('auto' or "
+                                      "'default')")
 
 
 def check_text(text: str, settings: Settings, *, param: str) -> str:
@@ -243,6 +290,28 @@ def decode_all(sources: list[tuple[Any, str]], settings: Settings) -> list:
 
 def image_url_of(part) -> str:
     return part.image_url if isinstance(part.image_url, str) else part.image_url.url
+
+
+async def image_part_source(part: S.ImagePart | S.ImageRefPart, settings: Settings, *,
+                            param: str) -> tuple[bytes | Path, str]:
+    """(the image's bytes or allowed path, the field that named it) of an image part in any form:
+    OpenAI's image_url, or transformers' url / path / base64 / image (by the server's rules for
+    each: paths inside --image-root, http(s) only with --allow-remote-images)."""
+    if isinstance(part, S.ImagePart):
+        return await image_refs.image_source(image_url_of(part), settings, param=param + ".image_url"), \
+            param + ".image_url"
+    given = [key for key in ("url", "path", "base64", "image") if getattr(part, key) is not None]
+    if len(given) != 1:
+        raise bad_request(f"{param}: an image part names its image by one of url, path, base64 or image"
+                          + (f"; this one has {' and '.join(given)}" if given else ""),
+                          param=param, code="invalid_image_url")
+    key = given[0]
+    value, field = getattr(part, key), f"{param}.{key}"
+    if key == "path":
+        return image_refs.local_path(value, settings, param=field), field
+    if key == "base64":
+        return image_refs.parse_base64(value, param=field), field
+    return await image_refs.image_source(value, settings, param=field), field
 
 
 def data_uri(png: bytes) -> str:
@@ -430,16 +499,7 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
     async def chat_completions(body: S.ChatCompletionRequest):
         """OpenAI's chat completions with images (`image_url` parts), streamed with `stream: true`."""
         served = engine.require("vlm", body.model, what="chat completions")
-        extra = body.model_extra or {}
-        for name in ("tools", "functions", "tool_choice", "function_call"):
-            if extra.get(name):
-                raise bad_request(f"{name} are not supported by this server", param=name, code="unsupported_parameter")
-        if extra.get("logprobs"):
-            raise bad_request("logprobs are not supported by this server", param="logprobs",
-                              code="unsupported_parameter")
-        if body.n is not None and body.n != 1:
-            raise bad_request(f"n={body.n}: this server returns one choice per request (n=1)", param="n",
-                              code="unsupported_parameter")
+        check_chat_options(body)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise bad_request(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
@@ -462,8 +522,7 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
                 else:
                     if role != "user":
                         raise bad_request(f"{param}: images may only be sent in user messages", param=param)
-                    sources.append((await image_refs.image_source(image_url_of(part), settings,
-                                                                  param=param + ".image_url"), param + ".image_url"))
+                    sources.append(await image_part_source(part, settings, param=param))
                     parts.append({"type": "image", "image": len(sources) - 1})
             messages.append({"role": role, "content": parts})
         if chars > settings.max_prompt_chars:
@@ -471,7 +530,7 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
                                 f"{settings.max_prompt_chars:,}", param="messages", code="prompt_too_long")
         check_images(len(sources), settings)
         options = GenerationOptions(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                    stop=tuple(stop), seed=body.seed)
+                                    top_k=body.top_k, stop=tuple(stop), seed=body.seed)
         deadline = time.monotonic() + settings.request_timeout_s
 
         def start() -> GenerationJob:

@@ -110,6 +110,7 @@ class GenerationOptions:
     max_tokens: int | None = None  # None: the server's default, cut to what the context leaves
     temperature: float | None = None  # None: the server's default; 0: greedy
     top_p: float | None = None
+    top_k: int | None = None  # None or 0: no top-k filter
     stop: tuple[str, ...] = ()
     seed: int | None = None
     num_beams: int = 1  # > 1: beam search when decoding greedily (captions: the model's caption_beams); not streamed
@@ -164,7 +165,8 @@ class GenerationJob:
             top_p = 1.0 if options.top_p is None else options.top_p
             sample = temperature > 0 and top_p > 0
             config = GenerationConfig(max_new_tokens=max_new, do_sample=sample, temperature=temperature if sample else 1.0,
-                                      top_p=top_p if sample else 1.0, stop=tuple(options.stop), seed=options.seed,
+                                      top_p=top_p if sample else 1.0, top_k=(options.top_k or 0) if sample else 0,
+                                      stop=tuple(options.stop), seed=options.seed,
                                       num_beams=1 if sample else options.num_beams)
             ids = torch.tensor([encoding.ids], device=model.device)
             pixels = model._pixels(encoding.images)  # the model's own preprocessing (tiles for Idefics3)

@@ -7,7 +7,7 @@ A request names an image as
     named); a relative path is looked up in each root in turn;
   - an http(s) URL — refused unless the server runs with --allow-remote-images (the server
     then makes outbound requests for its callers; bounded in size, time and redirects);
-  - the bytes of a multipart upload.
+  - the bytes of a multipart upload, or (chat's {"type": "image", "base64": ...}) a base64 string.
 Decoding goes through `data.images.load_image`: format whitelist, a pixel limit checked
 before decoding, EXIF orientation applied and all metadata (GPS included) dropped.
 """
@@ -51,6 +51,19 @@ def parse_data_uri(uri: str, *, param: str) -> bytes:
                           code="invalid_image") from None
     if not data:
         raise bad_request(f"{param}: the data: URI is empty", param=param, code="invalid_image")
+    return data
+
+
+def parse_base64(text: str, *, param: str) -> bytes:
+    """The bytes of a base64 string (or of a base64 data: URI)."""
+    if text.strip().lower().startswith("data:"):
+        return parse_data_uri(text.strip(), param=param)
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{param}: not valid base64", param=param, code="invalid_image") from None
+    if not data:
+        raise bad_request(f"{param}: the image data is empty", param=param, code="invalid_image")
     return data
 
 

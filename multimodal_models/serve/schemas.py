@@ -1,8 +1,10 @@
 """Request and response bodies (pydantic), which are also the OpenAPI schema at /openapi.json.
 
-The OpenAI-compatible ones follow OpenAI's field names and shapes; fields OpenAI has and
-this server ignores (presence_penalty, user, ...) are accepted and ignored, fields that
-would change the answer in a way it cannot honour (n > 1, tools, logprobs) are refused.
+The OpenAI-compatible ones follow OpenAI's field names and shapes. Every field of OpenAI's
+request is either honoured or refused with a 400 naming it (app.py `check_chat_options`):
+a field that changes nothing about the answer (user, metadata, prompt_cache_key, ...) is
+accepted, one asking for what this server cannot do (n > 1, tools, logprobs, JSON output)
+is refused, and a field OpenAI does not have is refused as unrecognized.
 """
 
 from __future__ import annotations
@@ -46,7 +48,17 @@ class ImagePart(BaseModel):
     image_url: ImageURL | str
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class ImageRefPart(BaseModel):
+    """transformers' form of an image part; exactly one of the fields names the image."""
+    type: Literal["image"]
+    url: str | None = Field(None, description="as image_url.url: a data: URI, an http(s) URL (with "
+                                              "--allow-remote-images), a file:// URL or path inside an --image-root")
+    path: str | None = Field(None, description="a file inside one of the server's --image-root folders")
+    base64: str | None = Field(None, description="the encoded image file in base64 (or a base64 data: URI)")
+    image: str | None = Field(None, description="as url (over HTTP an image can only be a reference)")
+
+
+ContentPart = Annotated[TextPart | ImagePart | ImageRefPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -57,12 +69,22 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(None, description="accepted; no obfuscation padding is added")
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+REFUSED = "refused (400) unless "
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """OpenAI's request, every field of it: honoured, accepted without effect, or refused."""
+    model_config = ConfigDict(extra="allow")  # other fields are refused by name (check_chat_options)
 
-    model: str | None = Field(None, description="the served VLM's id (GET /v1/models); default: that one")
+    model: str | None = Field(None, description="the served VLM's name (GET /v1/models); default: that one")
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -70,9 +92,38 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens (OpenAI's newer name)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 (the server's default) is greedy decoding")
     top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="extension (as vLLM's): sample from the k likeliest tokens "
+                                                      "(0: all)")
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the text ends before the first one")
-    n: int | None = Field(None, ge=1, description="only 1 is supported")
+    n: int | None = Field(None, ge=1, description=REFUSED + "1: one choice per request")
     seed: int | None = Field(None, description="makes sampling (temperature > 0) reproducible")
+    response_format: ResponseFormat | None = Field(None, description=REFUSED + "{'type': 'text'}: no constrained "
+                                                                               "JSON output")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description=REFUSED + "0")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description=REFUSED + "0")
+    logit_bias: dict[str, float] | None = Field(None, description=REFUSED + "empty")
+    logprobs: bool | None = Field(None, description=REFUSED + "false")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description=REFUSED + "0 (needs logprobs)")
+    modalities: list[str] | None = Field(None, description=REFUSED + "['text']")
+    tools: list[dict[str, Any]] | None = Field(None, description=REFUSED + "empty: no tool calling")
+    tool_choice: Any = Field(None, description=REFUSED + "'none'")
+    parallel_tool_calls: bool | None = Field(None, description="accepted; without tools it has no effect")
+    functions: list[dict[str, Any]] | None = Field(None, description=REFUSED + "empty (deprecated tools)")
+    function_call: Any = Field(None, description=REFUSED + "'none'")
+    audio: dict[str, Any] | None = Field(None, description=REFUSED + "null: text output only")
+    prediction: dict[str, Any] | None = Field(None, description=REFUSED + "null")
+    reasoning_effort: str | None = Field(None, description=REFUSED + "null: the model does not reason first")
+    verbosity: str | None = Field(None, description=REFUSED + "null")
+    web_search_options: dict[str, Any] | None = Field(None, description=REFUSED + "null")
+    moderation: Any = Field(None, description=REFUSED + "null (the server has its own --blocklist)")
+    store: bool | None = Field(None, description=REFUSED + "false: the server stores nothing")
+    service_tier: str | None = Field(None, description=REFUSED + "'auto' or 'default': there is one tier")
+    metadata: dict[str, str] | None = Field(None, description="accepted; kept nowhere (nothing is stored)")
+    user: str | None = Field(None, description="accepted; no effect on the answer")
+    safety_identifier: str | None = Field(None, description="accepted; no effect on the answer")
+    prompt_cache_key: str | None = Field(None, description="accepted; no effect on the answer")
+    prompt_cache_retention: str | None = Field(None, description="accepted; no effect on the answer")
+    prompt_cache_options: dict[str, Any] | None = Field(None, description="accepted; no effect on the answer")
 
 
 class Usage(BaseModel):
@@ -116,7 +167,7 @@ EmbeddingItem = Annotated[TextPart | EmbeddingImagePart, Field(discriminator="ty
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     input: str | list[str | EmbeddingItem | int | list[int]] = Field(
         description="a text, or a list of inputs. Extension: an image is a string holding a data:image/... URI, "
@@ -125,6 +176,7 @@ class EmbeddingRequest(BaseModel):
     model: str | None = Field(None, description="the served embedder's id; default: that one")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="must equal the model's dimension if given")
+    user: str | None = Field(None, description="accepted; no effect")
 
 
 class Embedding(BaseModel):
@@ -152,6 +204,8 @@ IMAGE_FIELD = "an image: data:image/...;base64,... URI, a path or file:// URL in
 
 
 class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     query: str | None = Field(None, description="text query")
     image: str | None = Field(None, description=IMAGE_FIELD + " (with a text query too: both embeddings are added)")
     k: int = Field(10, ge=1, description="number of results")
@@ -180,6 +234,8 @@ class SearchResponse(BaseModel):
 
 
 class CaptionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     image: str = Field(description=IMAGE_FIELD)
     prompt: str | None = Field(None, description="instruction (default: the model's captioning prompt)")
     max_tokens: int | None = Field(None, ge=1)
@@ -188,6 +244,8 @@ class CaptionRequest(BaseModel):
 
 
 class AnswerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     image: str = Field(description=IMAGE_FIELD)
     question: str
     max_tokens: int | None = Field(None, ge=1)
@@ -196,6 +254,8 @@ class AnswerRequest(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     image: str = Field(description=IMAGE_FIELD)
     labels: list[str] = Field(min_length=1, description="label names, e.g. ['a red circle', 'a blue star']")
     templates: list[str] | None = Field(None, description="prompt templates with '{}' for the label "
