@@ -324,9 +324,19 @@ def test_offline_hub_id_fails_with_one_clear_line(monkeypatch, tmp_path):
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("cannot download 'openai/clip-vit-base-patch32': HF_HUB_OFFLINE is set")
-    assert "huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR) and pass DIR." in message
+    assert "(hf download openai/clip-vit-base-patch32 --local-dir DIR) and pass DIR." in message  # hub >= 0.34's CLI
     with pytest.raises(HubDownloadError, match="cannot download 'mm-tests/no-such-model'"):
         multimodal_models.load("mm-tests/no-such-model")
+
+
+def test_the_hint_names_the_cli_the_installed_hub_ships(monkeypatch):
+    import huggingface_hub
+
+    from multimodal_models.pretrained.hub import hub_commands
+
+    assert hub_commands() == ("hf download", "hf auth login")  # huggingface_hub 2.x has no huggingface-cli
+    monkeypatch.setattr(huggingface_hub, "__version__", "0.30.2")
+    assert hub_commands() == ("huggingface-cli download", "huggingface-cli login")
 
 
 def test_unreachable_hub_says_no_network(monkeypatch, tmp_path):

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..errors import DataFormatError
-from . import clip, siglip
+from . import clip, idefics3, llava, siglip
 from .checkpoint import check_expressible, load_dual_encoder, ours_to_hf, write_hf_folder
 from .hub import HubDownloadError, resolve_checkpoint
 from ..models.templates import CLIP_IMAGENET_TEMPLATES, CLIP_IMAGENET_TEMPLATES_7
@@ -40,6 +40,23 @@ def is_hf_checkpoint(config: dict) -> bool:
     return hf_family(config) is not None
 
 
+def supported_layouts() -> dict[str, str]:
+    """Every Hugging Face layout this package reads: config.json "model_type" -> transformers' class."""
+    return {clip.MODEL_TYPE: clip.ARCHITECTURE, siglip.MODEL_TYPE: siglip.ARCHITECTURE,
+            llava.MODEL_TYPE: llava.ARCHITECTURE, **idefics3.ARCHITECTURES}
+
+
+def unsupported_layout(config_file: Path, config: dict, own_types: list[str] | None = None) -> DataFormatError:
+    """The error for a config.json that is none of the layouts this package reads, naming them all."""
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    what = f"model_type {model_type!r}" + (f" ({', '.join(map(str, architectures))})" if architectures else "")
+    layouts = ", ".join(f"{kind} ({name})" for kind, name in supported_layouts().items())
+    message = f"{what} is not a layout this package reads. Hugging Face layouts it reads: {layouts}"
+    if own_types:
+        message += f"; and the model types it saves: {', '.join(own_types)}"
+    return DataFormatError(config_file, message, field="model_type")
+
+
 def load_hf(name_or_path: str | os.PathLike, *, revision: str | None = None):
     """A CLIPModel / SiglipModel checkpoint (local folder or hub id) as our DualEncoder, eval mode,
     with its tokenizer (HFTokenizer) and image processor attached."""
@@ -48,10 +65,10 @@ def load_hf(name_or_path: str | os.PathLike, *, revision: str | None = None):
     hf_config = json.loads(config_file.read_text(encoding="utf-8"))
     family = hf_family(hf_config)
     if family is None:
-        known = sorted(m.ARCHITECTURE for m in FAMILIES.values())
-        raise DataFormatError(config_file, f"model_type {hf_config.get('model_type')!r} / architectures "
-                                           f"{hf_config.get('architectures')} is not a layout this package imports "
-                                           f"(it reads {known})", field="model_type")
+        if hf_config.get("model_type") in supported_layouts():  # a vision-language model: not a dual encoder
+            raise DataFormatError(config_file, f"is a {hf_config['model_type']} checkpoint, not a CLIPModel or "
+                                               "SiglipModel; load it with multimodal_models.load", field="model_type")
+        raise unsupported_layout(config_file, hf_config)
     return load_dual_encoder(folder, hf_config, family=family.ARCHITECTURE, table=family.KEY_MAP,
                              config_from_hf=family.config_from_hf)
 
@@ -69,4 +86,5 @@ def export_hf(model, directory: str | os.PathLike) -> Path:
 
 
 __all__ = ["CLIP_IMAGENET_TEMPLATES", "CLIP_IMAGENET_TEMPLATES_7", "FAMILIES", "HFTokenizer", "HubDownloadError",
-           "export_hf", "hf_family", "is_hf_checkpoint", "load_hf", "resolve_checkpoint"]
+           "export_hf", "hf_family", "is_hf_checkpoint", "load_hf", "resolve_checkpoint", "supported_layouts",
+           "unsupported_layout"]

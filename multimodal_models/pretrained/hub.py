@@ -22,6 +22,7 @@ ALLOW_PATTERNS = (
     "model.safetensors.index.json",
     "tokenizer.json",
     "tokenizer_config.json",
+    "spiece.model",  # SigLIP (v1) ships its tokenizer only as a SentencePiece model
     "special_tokens_map.json",
     "chat_template.jinja",
     "chat_template.json",
@@ -41,6 +42,20 @@ class HubDownloadError(MultimodalError, OSError):
 
 def looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not text.startswith((".", "~"))
+
+
+def hub_commands() -> tuple[str, str]:
+    """The download and login commands of the installed huggingface_hub's CLI: `hf download` and
+    `hf auth login` since 0.34 (huggingface-cli is deprecated there and gone from 1.0), else
+    huggingface-cli's."""
+    try:
+        from huggingface_hub import __version__
+    except ImportError:
+        __version__ = "1"
+    major, minor = (int(part) if part.isdigit() else 0 for part in (__version__.split(".") + ["0"])[:2])
+    if (major, minor) >= (0, 34):
+        return "hf download", "hf auth login"
+    return "huggingface-cli download", "huggingface-cli login"
 
 
 def offline_mode() -> bool:
@@ -83,7 +98,8 @@ def _download(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLik
             f"and pass the folder"
         ) from None
     offline = offline_mode()
-    fallback = f"Download it elsewhere (huggingface-cli download {repo_id} --local-dir DIR) and pass DIR."
+    download, login = hub_commands()
+    fallback = f"Download it elsewhere ({download} {repo_id} --local-dir DIR) and pass DIR."
     try:
         folder = snapshot_download(
             repo_id,
@@ -96,12 +112,12 @@ def _download(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLik
     except hub_errors.GatedRepoError:
         raise HubDownloadError(
             f"cannot download '{repo_id}': it is gated; accept its licence on huggingface.co and log in "
-            f"(huggingface-cli login). {fallback}"
+            f"({login}). {fallback}"
         ) from None
     except hub_errors.RepositoryNotFoundError:
         raise HubDownloadError(
             f"cannot download '{repo_id}': no such model on the Hugging Face hub (or it is private: "
-            f"huggingface-cli login). {fallback}"
+            f"{login}). {fallback}"
         ) from None
     except hub_errors.RevisionNotFoundError:
         raise HubDownloadError(f"cannot download '{repo_id}': it has no revision {revision!r}") from None
