@@ -15,12 +15,12 @@ import json
 import os
 from pathlib import Path
 
+from ..data.hf_tokenizer import HFTokenizer
 from ..errors import DataFormatError
+from ..models.templates import CLIP_IMAGENET_TEMPLATES, CLIP_IMAGENET_TEMPLATES_7
 from . import clip, idefics3, llava, siglip
 from .checkpoint import check_expressible, load_dual_encoder, ours_to_hf, write_hf_folder
 from .hub import HubDownloadError, resolve_checkpoint
-from ..models.templates import CLIP_IMAGENET_TEMPLATES, CLIP_IMAGENET_TEMPLATES_7
-from ..data.hf_tokenizer import HFTokenizer
 
 FAMILIES = {clip.MODEL_TYPE: clip, siglip.MODEL_TYPE: siglip}  # config.json "model_type" -> module
 _BY_ARCHITECTURE = {module.ARCHITECTURE: module for module in FAMILIES.values()}

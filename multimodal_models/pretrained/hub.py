@@ -90,8 +90,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
 
 def _download(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike | None) -> Path:
     try:
-        from huggingface_hub import snapshot_download
         from huggingface_hub import errors as hub_errors
+        from huggingface_hub import snapshot_download
     except ImportError:
         raise MissingDependencyError(
             f"downloading '{repo_id}' needs huggingface_hub (pip install huggingface_hub), or download it elsewhere "
