@@ -1,5 +1,9 @@
 """Captioning metrics give coco-caption's numbers (pycocoevalcap 1.2 is the reference).
 
+BLEU, ROUGE-L and CIDEr-D call pycocoevalcap's scorers; the parity tests below check our
+wrapping (ids, order, types, input checks) against the scorers called directly, and one test
+checks values worked out by hand from the definitions.
+
 Tests marked `java` run the jars bundled in pycocoevalcap. Without java they are skipped,
 except under CI=true, where a missing java is a failure (CI installs Java).
 """
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -152,6 +157,42 @@ def test_extra_references_are_ignored_including_for_cider_document_frequency(tok
     with_extras = our_scores(subset, references)  # references hold 24 images
     exact = our_scores(subset, {i: references[i] for i in subset})
     assert with_extras == exact
+
+
+def test_bleu_rouge_cider_equal_values_worked_out_by_hand():
+    """The definitions in caption.py's docstrings, applied by hand to two images: checks that
+    pycocoevalcap's scores come back on the right image ids, as plain floats."""
+    predictions = {"x": "a b c d", 2: "c e"}
+    references = {"x": ["a c e d f"], 2: ["c d"]}
+
+    # BLEU, image x: 3 of 4 words match (a c d), no bigram does; c = 4 < r = 5.
+    brevity_penalty = math.exp(1 - 5 / 4)
+    corpus, per_image = bleu(predictions, references)
+    assert per_image["x"][0] == pytest.approx(3 / 4 * brevity_penalty, abs=1e-9)
+    assert per_image["x"][1] == pytest.approx(0.0, abs=1e-6)  # (1e-15 / 3) ** (1/2) · BP
+    assert per_image[2][0] == pytest.approx(1 / 2, abs=1e-9)  # c of c e; c = r = 2
+    # corpus: 4 of 6 words match, c = 6, r = 7
+    assert corpus[0] == pytest.approx(4 / 6 * math.exp(1 - 7 / 6), abs=1e-9)
+
+    # ROUGE-L: F = (1 + b²) P R / (R + b² P), b = 1.2. x: LCS a c d = 3, P = 3/4, R = 3/5.
+    def f_measure(precision, recall):
+        return (1 + 1.44) * precision * recall / (recall + 1.44 * precision)
+
+    corpus, per_image = rouge_l(predictions, references)
+    assert per_image == {"x": pytest.approx(f_measure(3 / 4, 3 / 5), abs=1e-12), 2: pytest.approx(0.5, abs=1e-12)}
+    assert corpus == pytest.approx((f_measure(3 / 4, 3 / 5) + 0.5) / 2, abs=1e-12)
+    assert all(type(score) is float for score in [corpus, *per_image.values()])
+
+    # CIDEr-D: N = 2 images; c and d occur in both images' references, so idf(c) = idf(d) = 0,
+    # every other n-gram has idf log 2. x: unigram cosine = a's weight² / (|{a,b}| · |{a,e,f}|)
+    # = 1 / sqrt(2 · 3); no bigram in common; bigram lengths 3 and 4 give exp(-1 / 72).
+    # Image 2: c and d weigh 0, "c e" shares no bigram with "c d": 0.
+    corpus, per_image = cider_d(predictions, references)
+    expected_x = 10 * (1 / math.sqrt(6)) * math.exp(-1 / 72) / 4
+    assert per_image == {"x": pytest.approx(expected_x, abs=1e-12), 2: pytest.approx(0.0, abs=1e-12)}
+    assert corpus == pytest.approx(expected_x / 2, abs=1e-12)
+    # identical two-word captions: unigram and bigram cosines 1, no 3- or 4-grams: 10 · 2/4
+    assert cider_d({1: "a b", 2: "c d"}, {1: ["a b"], 2: ["c d"]})[1] == {1: 5.0, 2: 5.0}
 
 
 def test_bleu_n_other_than_4():
