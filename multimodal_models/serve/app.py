@@ -8,24 +8,26 @@ Endpoints (OpenAPI schema at /openapi.json, rendered at /docs; the web page at /
     POST /v1/caption            caption an image     (JSON with a data: URI, or a multipart upload)
     POST /v1/answer             answer a question about an image                  (same)
     POST /v1/classify           zero-shot classification over given labels       (same)
-    GET  /v1/models             the served models
+    GET  /v1/models             the served models (by --served-model-name when given)
     GET  /health                liveness and load
+    GET  /metrics               Prometheus metrics (observe.py)
 
-Models run in a thread pool (`Settings.workers`); the event loop only parses, checks and
-streams. Errors are OpenAI's error JSON (`errors.py`); the request checks that come before
-any endpoint are in `guards.py`; image references are resolved in `images.py`.
+Models run in a thread pool (`Settings.workers`) on `Settings.device`; the event loop only
+parses, checks and streams. Errors are OpenAI's error JSON (`errors.py`); the request checks
+that come before any endpoint are in `guards.py`; image references are resolved in
+`images.py`; request ids, metrics and the access log are in `observe.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import functools
 import json
 import logging
 import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,10 +38,11 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..data.images import encode_png, load_image
 from ..data.tokenizer import IMAGE
@@ -54,6 +57,7 @@ from . import schemas as S
 from .errors import APIError, bad_request, error_response
 from .generation import REFUSAL, GenerationJob, GenerationOptions, OutputFilter
 from .guards import RequestGuard
+from .observe import Metrics, RequestTracking, request_id
 from .settings import Settings
 
 log = logging.getLogger("multimodal_models.serve")
@@ -82,10 +86,20 @@ def model_id(name: str) -> str:
 @dataclass
 class ServedModel:
     model: Any
-    id: str
+    id: str  # the name the API reports (the first of --served-model-name when given)
     name: str  # as given (name or folder)
     kind: str  # "vlm" | "dual_encoder"
     created: int
+    aliases: tuple[str, ...] = ()  # --served-model-name: the only names requests may use (else id and name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names a request's `model` may give."""
+        return self.aliases or (self.id, self.name)
+
+    @property
+    def device(self) -> str:
+        return str(next(self.model.parameters()).device)
 
 
 class Engine:
@@ -99,6 +113,10 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
         self.filter = OutputFilter.from_settings(settings)
         self.active = 0  # requests holding a concurrency slot (RequestGuard)
+        served = [m for m in (vlm, embedder) if m is not None]
+        self.metrics = Metrics(in_progress=lambda: self.active, info={
+            "version": __version__, "vlm": vlm.id if vlm else "", "embedder": embedder.id if embedder else "",
+            "device": ",".join(sorted({m.device for m in served}))})
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -108,10 +126,19 @@ class Engine:
         return self._executor
 
     async def run(self, fn, *args, **kwargs):
-        """fn(*args) in a worker thread; errors in the user's input become 400s."""
+        """fn(*args) in a worker thread (in this request's context: its log lines carry its id);
+        errors in the user's input become 400s."""
         loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        queued = self.metrics.queued
+        queued.inc()
+
+        def call():
+            queued.dec()
+            return context.run(fn, *args, **kwargs)
+
         try:
-            return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+            return await loop.run_in_executor(self.executor, call)
         except APIError:
             raise
         except ImageLoadError as exc:
@@ -122,9 +149,9 @@ class Engine:
     def require(self, kind: str, requested: str | None, *, what: str) -> ServedModel:
         served = self.vlm if kind == "vlm" else self.embedder
         others = [m for m in (self.vlm, self.embedder) if m is not None and m is not served]
-        if requested is not None and served is not None and requested in (served.id, served.name):
+        if requested is not None and served is not None and requested in served.names:
             return served
-        if requested is not None and any(requested in (m.id, m.name) for m in others):
+        if requested is not None and any(requested in m.names for m in others):
             need = "a vision-language model (VLM)" if kind == "vlm" else "a dual encoder"
             have = f"; this server's is '{served.id}'" if served else ""
             raise APIError(400, f"model '{requested}' cannot do {what}: that needs {need}{have}", param="model",
@@ -138,6 +165,14 @@ class Engine:
                                 "(GET /v1/models lists them)", param="model", code="model_not_found")
         return served
 
+    def generate(self, served: ServedModel, messages: list[dict], options: GenerationOptions,
+                 deadline: float) -> GenerationJob:
+        """Start a generation (in a worker thread), counted in the metrics until it ends."""
+        job = GenerationJob.start(served.model, messages, options, self.settings, deadline,
+                                  on_end=lambda job: self.metrics.generation_ended(served.id, job.completion_tokens))
+        self.metrics.generation_started(served.id, job.prompt_tokens)
+        return job
+
     def close(self) -> None:
         """Stop the worker threads (at the server's shutdown); the index stays open for a restart."""
         executor, self._executor = self._executor, None
@@ -148,27 +183,32 @@ class Engine:
 # --- loading ------------------------------------------------------------------------------------
 
 
-def load_served(name: str, kind: str, dtype: str | None = None) -> ServedModel:
-    model = load(name, dtype=dtype, expect=kind, needed_by="--model" if kind == "vlm" else "--embedder")
-    return ServedModel(model, model_id(name), name, kind, int(time.time()))
+def load_served(name: str, kind: str, dtype: str | None = None, device: str = "auto",
+                aliases: tuple[str, ...] = ()) -> ServedModel:
+    model = load(name, device=device, dtype=dtype, expect=kind, needed_by="--model" if kind == "vlm" else "--embedder")
+    return ServedModel(model, aliases[0] if aliases else model_id(name), name, kind, int(time.time()), aliases)
 
 
-def _served(given, name: str | None, kind: str, dtype: str | None) -> ServedModel | None:
-    if given is not None:  # a model object passed in (tests, benchmarks): named after `name` if any
-        return ServedModel(given, model_id(name or kind), name or kind, kind, int(time.time()))
-    return load_served(name, kind, dtype) if name else None
+def _served(given, name: str | None, kind: str, settings: Settings) -> ServedModel | None:
+    aliases = settings.served_model_name if kind == "vlm" else settings.served_embedder_name
+    if given is not None:  # a model object passed in (tests, benchmarks): named after `name` if any, on its device
+        return ServedModel(given, aliases[0] if aliases else model_id(name or kind), name or kind, kind,
+                           int(time.time()), aliases)
+    return load_served(name, kind, settings.dtype, settings.device, aliases) if name else None
 
 
 def build_engine(settings: Settings, *, vlm=None, embedder=None) -> Engine:
-    """Load what the settings name (a model object passed in is used as is, for tests and benchmarks)."""
+    """Load what the settings name, on settings.device in settings.dtype (a model object passed in
+    is used as is, for tests and benchmarks). The index's queries are embedded by the embedder,
+    so on its device."""
     index = None
     embedder_name = settings.embedder
     if settings.index is not None:
         index = ImageIndex.open(settings.index)
     if embedder_name == "auto":  # the model that built the index, else the shipped one
         embedder_name = (index.info.get("model_name") if index is not None else None) or DEFAULT_DUAL_ENCODER
-    served_vlm = _served(vlm, settings.model, "vlm", settings.dtype)
-    served_embedder = _served(embedder, embedder_name, "dual_encoder", settings.dtype)
+    served_vlm = _served(vlm, settings.model, "vlm", settings)
+    served_embedder = _served(embedder, embedder_name, "dual_encoder", settings)
     if index is not None:
         if served_embedder is None:
             raise MultimodalError(f"--index {settings.index} needs the dual encoder that built it (--embedder)")
@@ -433,11 +473,14 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
     app.state.engine = engine
     app.state.settings = settings
     app.add_middleware(RequestGuard, settings=settings, state=engine)
+    app.add_middleware(RequestTracking, metrics=engine.metrics, route_of=functools.partial(route_of, app))
 
     # -- errors ---------------------------------------------------------------------------
 
     @app.exception_handler(APIError)
     async def _api_error(_request, exc: APIError):
+        if exc.status >= 500:
+            log.warning("%s (%s)", exc.message, exc.code)
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -481,14 +524,26 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
         return {"status": "ok", "models": {"vlm": engine.vlm.id if engine.vlm else None,
                                            "embedder": engine.embedder.id if engine.embedder else None},
                 "index": index, "busy": engine.active, "max_concurrent": settings.max_concurrent,
-                "auth": bool(settings.resolved_api_key())}
+                "auth": bool(settings.resolved_api_key()),
+                "devices": {"vlm": engine.vlm.device if engine.vlm else None,
+                            "embedder": engine.embedder.device if engine.embedder else None}}
+
+    @app.get("/metrics", tags=["server"], response_class=Response,
+             responses={200: {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics():
+        """Prometheus metrics: requests by route and status, latency histograms, tokens, queue depth,
+        generations in flight, errors by code (the API key is needed when one is set)."""
+        body, content_type = engine.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models", response_model=S.ModelList, responses=ERROR_RESPONSES, tags=["openai"])
     async def models():
-        """The served models, OpenAI's format (with `kind` added)."""
+        """The served models, OpenAI's format (with `kind` added); a model served under several names
+        (--served-model-name) is listed once per name."""
         return {"object": "list", "data": [
-            {"id": m.id, "object": "model", "created": m.created, "owned_by": "multimodal-models", "kind": m.kind}
-            for m in (engine.vlm, engine.embedder) if m is not None]}
+            {"id": name, "object": "model", "created": m.created, "owned_by": "multimodal-models", "kind": m.kind}
+            for m in (engine.vlm, engine.embedder) if m is not None for name in (m.aliases or (m.id,))]}
 
     # -- chat completions -------------------------------------------------------------------
 
@@ -539,10 +594,10 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
                 for part in message["content"]:
                     if part["type"] == "image":
                         part["image"] = decoded[part["image"]]
-            return GenerationJob.start(served.model, messages, options, settings, deadline)
+            return engine.generate(served, messages, options, deadline)
 
         job = await engine.run(start)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        completion_id = f"chatcmpl-{request_id()}"
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -678,7 +733,7 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
             image = image_refs.decode(source, settings, param="image")
             messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                                      {"type": "text", "text": prompt}]}]
-            return GenerationJob.start(served.model, messages, options, settings, deadline)
+            return engine.generate(served, messages, options, deadline)
 
         job = await engine.run(start)
         text = await finish(engine, job)
@@ -780,6 +835,8 @@ async def chat_stream(engine: Engine, job: GenerationJob, completion_id: str, cr
                 yield chunk({"content": piece})
         if job.finish_reason == "timeout":
             seconds = engine.settings.request_timeout_s
+            engine.metrics.error(200, "timeout")
+            log.warning("the stream was cut off at the time limit of %g seconds", seconds)
             yield sse({"error": {"message": f"the stream was cut off at the server's time limit of {seconds:g} seconds",
                                  "type": "timeout_error", "param": None, "code": "timeout"}})
         else:
@@ -793,6 +850,16 @@ async def chat_stream(engine: Engine, job: GenerationJob, completion_id: str, cr
     finally:
         if not job.done:  # the client went away: stop generating
             engine.executor.submit(job.close)
+
+
+def route_of(app: FastAPI, scope: dict) -> str:
+    """The route a request matches, as its path template ("/v1/chat/completions", "/static"), or
+    "other": the metrics' labels stay few whatever paths clients make up."""
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", "other")
+    return "other"
 
 
 # --- OpenAPI -------------------------------------------------------------------------------------

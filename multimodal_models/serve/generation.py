@@ -131,10 +131,11 @@ class GenerationJob:
     finish_reason: str | None = None  # "stop" | "length" | "content_filter" | "timeout" | "cancelled"
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancelled: bool = False
+    on_end: Callable[[GenerationJob], None] | None = None  # called once, when the job ends in any way
 
     @classmethod
     def start(cls, model, messages: list[dict], options: GenerationOptions, settings: Settings,
-              deadline: float) -> GenerationJob:
+              deadline: float, *, on_end: Callable[[GenerationJob], None] | None = None) -> GenerationJob:
         """Encode the prompt and the images (runs the vision tower): call from a worker thread.
         `messages` hold their images inline ({"type": "image", "image": PIL image})."""
         with torch.no_grad():
@@ -174,7 +175,7 @@ class GenerationJob:
             tokens = decode_tokens(session, config, template.stop_ids())
         return cls(model=model, settings=settings, prompt_tokens=prompt_tokens, max_new_tokens=max_new,
                    tokens=tokens, text=TextStream(model.tokenizer.decode, config.stop),
-                   filtered=FilteredStream(OutputFilter.from_settings(settings)), deadline=deadline)
+                   filtered=FilteredStream(OutputFilter.from_settings(settings)), deadline=deadline, on_end=on_end)
 
     @property
     def done(self) -> bool:
@@ -211,7 +212,13 @@ class GenerationJob:
                 reason = "content_filter"
         self.finish_reason = reason
         self.tokens.close()
+        self._ended()
         return out
+
+    def _ended(self) -> None:
+        if self.on_end is not None:
+            on_end, self.on_end = self.on_end, None
+            on_end(self)
 
     def run(self) -> str:
         """The whole answer (worker thread)."""
@@ -227,3 +234,4 @@ class GenerationJob:
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"
                 self.tokens.close()
+                self._ended()

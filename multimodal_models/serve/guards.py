@@ -5,7 +5,8 @@
 2. Origin: a state-changing request sent by a browser from another origin is refused (403);
    with no CORS headers the page could not read the answer anyway, but it would still
    spend the server's time.
-3. API key on /v1/* when one is set: `Authorization: Bearer KEY`, compared in constant time (401).
+3. API key on /v1/* and /metrics when one is set: `Authorization: Bearer KEY`, compared in
+   constant time (401).
 4. Body size: a declared Content-Length over the limit is refused before reading (413); a
    body that turns out longer while streaming in is cut off and answered 413 as well.
 5. Concurrency: POSTs to /v1/* beyond `max_concurrent` in progress get 429 with
@@ -68,7 +69,7 @@ class RequestGuard:
         if origin is not None and method not in SAFE_METHODS and urlsplit(origin).netloc.lower() != host.lower():
             return await _send_error(send, 403, f"cross-origin requests are not allowed (origin {origin!r})",
                                      code="cross_origin")
-        if self.api_key and path.startswith("/v1/"):
+        if self.api_key and (path.startswith("/v1/") or path == "/metrics"):
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):

@@ -7,10 +7,12 @@ settings they set; importing this module does not import FastAPI.
 from __future__ import annotations
 
 import argparse
+import copy
 import socket
 import sys
 from pathlib import Path
 
+from ..devices import add_device_arguments
 from ..errors import MultimodalError
 from .settings import API_KEY_ENV, Settings
 
@@ -23,8 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedder", default=d.embedder,
                         help="dual encoder for embeddings/search/classify: name or folder, 'none' to serve none "
                              "(default: the model that built --index, else shapes-clip)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="weights' dtype: bfloat16 halves the memory (default float32)")
+    add_device_arguments(parser)  # --device (default auto) and --dtype
+    parser.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
+                        help="the name(s) the API reports for --model (the first) and accepts in requests' 'model' "
+                             "(default: the model's name or folder name)")
+    parser.add_argument("--served-embedder-name", nargs="+", default=[], metavar="NAME",
+                        help="the same for --embedder")
     parser.add_argument("--index", default=None, help="image index for /v1/search (built by 'multimodal index')")
     parser.add_argument("--host", default=d.host,
                         help=f"address to listen on (default {d.host}: this machine only; any other address needs "
@@ -85,8 +91,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         else:
             blocklist = [w.strip() for w in args.blocklist.split(",") if w.strip()]
     return Settings(
-        model=_none(args.model), embedder=_none(args.embedder), dtype=args.dtype, index=args.index, host=args.host,
-        port=args.port,
+        model=_none(args.model), embedder=_none(args.embedder), dtype=args.dtype, device=args.device,
+        served_model_name=tuple(args.served_model_name), served_embedder_name=tuple(args.served_embedder_name),
+        index=args.index, host=args.host, port=args.port,
         api_key=args.api_key, allow_remote_images=args.allow_remote_images, image_roots=tuple(args.image_root),
         allowed_hosts=tuple(args.allowed_host), max_body_bytes=int(args.max_body_mb * 2**20),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_prompt_chars=args.max_prompt_chars,
@@ -121,6 +128,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def log_config() -> dict:
+    """uvicorn's logging set-up, with the request id in every line ("-" outside a request) and the
+    server's own access log (observe.py: it carries the id) in place of uvicorn's."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"request_id": {"()": "multimodal_models.serve.observe.RequestIdFilter"}}
+    config["formatters"]["default"]["fmt"] = "%(levelprefix)s [%(request_id)s] %(message)s"
+    config["handlers"]["default"]["filters"] = ["request_id"]
+    config["loggers"]["multimodal_models.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
 def run(settings: Settings) -> None:
     """Check the settings, load the models, bind, print the address, serve until Ctrl-C."""
     settings.check()  # before loading anything: an unsafe address is refused at once
@@ -133,12 +153,12 @@ def run(settings: Settings) -> None:
     torch.set_num_threads(settings.torch_threads)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", server_header=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, log_config=log_config(), access_log=False)
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
     url = url_of(settings.host, port)
     engine = app.state.engine
-    served = ", ".join(f"{m.kind} {m.id}" for m in (engine.vlm, engine.embedder) if m is not None)
+    served = ", ".join(f"{m.kind} {m.id} on {m.device}" for m in (engine.vlm, engine.embedder) if m is not None)
     print(f"multimodal serve: {url}/  (API docs: {url}/docs; serving {served}"
           f"{'; index of ' + str(len(engine.index)) + ' images' if engine.index is not None else ''}"
           f"{'; API key required' if settings.resolved_api_key() else ''})", flush=True)

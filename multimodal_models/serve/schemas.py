@@ -307,6 +307,7 @@ class Health(BaseModel):
     busy: int
     max_concurrent: int
     auth: bool
+    devices: dict[str, str | None] = Field(description="where each served model runs (cpu, cuda:0, mps)")
 
 
 def upload_form_schema(fields: dict[str, dict]) -> dict:

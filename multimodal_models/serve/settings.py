@@ -37,6 +37,11 @@ class Settings:
     # dual encoder for embeddings/search/classify; "auto": the index's own model, else shapes-clip; None: not served
     embedder: str | None = "auto"
     dtype: str | None = None  # weights' dtype: "bfloat16" halves the memory; None keeps float32
+    device: str = "auto"  # where the models run: cpu, cuda, cuda:N, mps, or auto (the accelerator if any)
+    # The names the API reports and accepts for the VLM (the first is reported; default: the
+    # model's folder name), and for the embedder
+    served_model_name: tuple[str, ...] = ()
+    served_embedder_name: tuple[str, ...] = ()
     index: str | None = None  # image index folder for /v1/search (built by `multimodal index`)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -73,6 +78,8 @@ class Settings:
         self.image_roots = tuple(str(r) for r in self.image_roots)
         self.blocklist = tuple(w.strip() for w in self.blocklist if w.strip())
         self.allowed_hosts = tuple(self.allowed_hosts)
+        self.served_model_name = tuple(self.served_model_name)
+        self.served_embedder_name = tuple(self.served_embedder_name)
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get(API_KEY_ENV) or None
@@ -99,6 +106,21 @@ class Settings:
                 raise MultimodalError(f"--image-root {root} is not a folder")
         if self.model is None and self.embedder is None:
             raise MultimodalError("nothing to serve: both the VLM and the embedder are disabled")
+        for flag, names in (("--served-model-name", self.served_model_name),
+                            ("--served-embedder-name", self.served_embedder_name)):
+            for name in names:
+                if not isinstance(name, str) or not name.strip() or name != name.strip():
+                    raise MultimodalError(f"{flag}: a model name must be a non-empty string without surrounding "
+                                          f"spaces, got {name!r}")
+        if set(self.served_model_name) & set(self.served_embedder_name):
+            raise MultimodalError("--served-model-name and --served-embedder-name share the name(s) "
+                                  f"{sorted(set(self.served_model_name) & set(self.served_embedder_name))}")
+        from ..devices import resolve_device  # heavy: torch
+
+        try:
+            resolve_device(self.device)
+        except ValueError as exc:
+            raise MultimodalError(str(exc)) from None
 
     def host_allowed(self, host_header: str) -> bool:
         """Is a request's Host header one we answer? Bound to loopback with no allowed_hosts set,
