@@ -74,9 +74,8 @@ def siglip_tokenizer():
                                                 unk_token="<unk>", add_eos_token=True, model_max_length=64)
 
 
-@pytest.fixture(scope="module")
-def clip_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
+def make_clip(folder):
+    """A tiny random CLIPModel with its tokenizer and image processor, each saved by transformers."""
     tokenizer = clip_tokenizer()
     ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                pad_token_id=tokenizer.pad_token_id)
@@ -92,10 +91,9 @@ def clip_checkpoint(tmp_path_factory):
     return folder, model, tokenizer, processor
 
 
-@pytest.fixture(scope="module")
-def siglip_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("siglip")
-    tokenizer = siglip_tokenizer()
+def make_siglip(folder, tokenizer=None):
+    """A tiny random SiglipModel with its tokenizer (default: a fast word-level one) and image processor."""
+    tokenizer = tokenizer if tokenizer is not None else siglip_tokenizer()
     config = transformers.SiglipConfig(
         text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=64, **TINY_TOWER,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None),
@@ -107,6 +105,16 @@ def siglip_checkpoint(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder, model, tokenizer, processor
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def siglip_checkpoint(tmp_path_factory):
+    return make_siglip(tmp_path_factory.mktemp("siglip"))
 
 
 def hf_text_inputs(family: str, tokenizer, texts) -> dict:

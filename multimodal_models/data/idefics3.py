@@ -26,9 +26,12 @@ import torch
 from PIL import Image
 
 from ..errors import DataFormatError
+from .hf_tokenizer import read_json_object
 from .images import load_image, to_rgb
 from .preprocess import RESAMPLE_NAMES, ImageProcessor
 
+PREPROCESSOR_FILE = "preprocessor_config.json"  # the image processor's settings (transformers 4.x, ours)
+PROCESSOR_FILE = "processor_config.json"  # the processor's; transformers 5 nests the image settings here
 FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_TOKEN = "<global-img>"
 MAX_IMAGE_SIZE = 4096  # transformers' cap on either edge after the first resize
@@ -198,7 +201,7 @@ class Idefics3ImageProcessor:
         return data
 
     def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / "preprocessor_config.json"
+        path = Path(directory) / PREPROCESSOR_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return path
@@ -223,13 +226,43 @@ def _is_single_image(images: Any) -> bool:
     return isinstance(images, (Image.Image, np.ndarray, str, bytes, bytearray, os.PathLike))
 
 
-def load_image_processor(directory: Path):
-    """The image processor of a folder: Idefics3's for Idefics3/SmolVLM configs, else ours (CLIP/SigLIP)."""
-    path = Path(directory) / "preprocessor_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
+def image_processor_config(directory: str | os.PathLike) -> tuple[dict, str] | None:
+    """A checkpoint's image-processor settings and where they are (for errors): preprocessor_config.json
+    (transformers 4.x, and the folders saved here), else the "image_processor" object of
+    processor_config.json (transformers 5 writes them only there); None when neither holds them."""
+    directory = Path(directory)
+    config = read_json_object(directory / PREPROCESSOR_FILE)
+    if config is not None:
+        return config, str(directory / PREPROCESSOR_FILE)
+    nested = (read_json_object(directory / PROCESSOR_FILE) or {}).get("image_processor")
+    if nested is None:
+        return None
+    if not isinstance(nested, dict):
+        raise DataFormatError(directory / PROCESSOR_FILE, f"expected an object, got {type(nested).__name__}",
+                              field="image_processor")
+    return nested, f"{directory / PROCESSOR_FILE} (its image_processor object)"
+
+
+def load_image_processor(directory: str | os.PathLike) -> Idefics3ImageProcessor | ImageProcessor | None:
+    """The image processor of a folder in either layout (`image_processor_config`): Idefics3's for
+    Idefics3/SmolVLM settings, else ours (CLIP/SigLIP); None when the folder has no image settings."""
+    found = image_processor_config(directory)
+    if found is None:
+        return None
+    config, source = found
     if str(config.get("image_processor_type", "")).startswith(("Idefics3", "SmolVLM")):
-        return Idefics3ImageProcessor.from_dict(config, source=str(path))
-    return ImageProcessor.from_pretrained(directory)
+        return Idefics3ImageProcessor.from_dict(config, source=source)
+    try:
+        return ImageProcessor.from_dict(config)
+    except DataFormatError as exc:  # from_dict names no file: name ours
+        detail = str(exc).split(": ", 1)[-1]
+        raise DataFormatError(source, detail, field=exc.field) from None
+
+
+def missing_image_processor(directory: str | os.PathLike) -> FileNotFoundError:
+    directory = Path(directory)
+    return FileNotFoundError(f"{directory / PREPROCESSOR_FILE} not found (nor an \"image_processor\" object in "
+                             f"{PROCESSOR_FILE}, where transformers 5 writes it): the image preprocessing is unknown")
 
 
 # -- configs and weights ------------------------------------------------------------------------

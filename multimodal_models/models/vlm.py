@@ -303,8 +303,7 @@ class VisionLanguageModel(PretrainedModel):
         if not HFTokenizer.saved_in(directory):
             return super().attach_preprocessing(directory)
         self.tokenizer = HFTokenizer.from_folder(directory)
-        if (directory / "preprocessor_config.json").is_file():
-            self.image_processor = load_image_processor(directory)
+        self.image_processor = load_image_processor(directory)
 
     def _pixels(self, images: list[Any]) -> torch.Tensor | None:
         if not images:

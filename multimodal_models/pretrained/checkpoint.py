@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..data.hf_tokenizer import HFTokenizer, read_json_object
+from ..data.idefics3 import image_processor_config, load_image_processor
 from ..data.preprocess import ImageProcessor
 from ..errors import DataFormatError
 from ..models.dual_encoder import DualEncoder, DualEncoderConfig
@@ -193,8 +194,12 @@ def load_dual_encoder(folder: Path, hf_config: dict, *, family: str, table,
 
         warnings.warn(f"{folder} has no tokenizer.json: the model can embed images, but texts need a tokenizer "
                       f"(set model.tokenizer)", stacklevel=3)
-    if (folder / "preprocessor_config.json").is_file():
-        model.image_processor = ImageProcessor.from_pretrained(folder)
+    image_processor = load_image_processor(folder)  # preprocessor_config.json, or processor_config.json's
+    if image_processor is not None:
+        if not isinstance(image_processor, ImageProcessor):
+            raise DataFormatError(image_processor_config(folder)[1], f"a {type(image_processor).__name__} where a "
+                                  f"{family} image processor was expected", field="image_processor_type")
+        model.image_processor = image_processor
     return model.eval()
 
 

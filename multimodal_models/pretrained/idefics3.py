@@ -39,7 +39,13 @@ from pathlib import Path
 
 import torch
 
-from ..data.idefics3 import Idefics3ImageProcessor, idefics3_image_text, load_image_processor  # noqa: F401 (used by tests and loaders)
+from ..data.idefics3 import (  # noqa: F401 (idefics3_image_text: used by tests)
+    Idefics3ImageProcessor,
+    idefics3_image_text,
+    image_processor_config,
+    load_image_processor,
+    missing_image_processor,
+)
 from ..errors import DataFormatError
 from ..models.vlm import VisionLanguageModel, VLMConfig
 from . import siglip
@@ -105,15 +111,15 @@ def load_idefics3(folder: str | os.PathLike, hf_config: dict | None = None) -> V
     optional = {"lm_head.weight"} if config.decoder.tie_embeddings else set()
     assign_weights(model, tensors, key_rows(config), source, optional=optional,
                    transforms={"model.vision_model.embeddings.position_embedding.weight": lambda t: t[:, order]})
-    processor_file = folder / "preprocessor_config.json"
-    if not processor_file.is_file():
-        raise FileNotFoundError(f"{processor_file} not found: the image preprocessing is unknown")
-    image_processor = load_image_processor(folder)
+    image_processor = load_image_processor(folder)  # preprocessor_config.json, or processor_config.json's
+    if image_processor is None:
+        raise missing_image_processor(folder)
+    source = image_processor_config(folder)[1]
     if not isinstance(image_processor, Idefics3ImageProcessor):
-        raise DataFormatError(processor_file, "expected an Idefics3ImageProcessor / SmolVLMImageProcessor config",
+        raise DataFormatError(source, "expected an Idefics3ImageProcessor / SmolVLMImageProcessor config",
                               field="image_processor_type")
     if image_processor.tile_size != config.vision.image_size:
-        raise DataFormatError(processor_file, f"tiles of {image_processor.tile_size} pixels but the vision tower "
+        raise DataFormatError(source, f"tiles of {image_processor.tile_size} pixels but the vision tower "
                               f"reads {config.vision.image_size}", field="max_image_size")
     attach_checkpoint_preprocessing(model, folder, image_processor=image_processor)
     processor = folder / "processor_config.json"

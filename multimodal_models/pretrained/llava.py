@@ -13,8 +13,9 @@ The LLaVA layout in our terms:
   top-level or the text config's tie_word_embeddings says so;
 - prompt: the checkpoint's chat template, each <image> expanded to tokens_per_image image
   tokens (processor_config.json's patch_size / num_additional_image_tokens / strategy must
-  agree); pixels: preprocessor_config.json read by our ImageProcessor (CLIPImageProcessor /
-  SiglipImageProcessor settings).
+  agree); pixels: the image processor's settings read by our ImageProcessor (CLIPImageProcessor /
+  SiglipImageProcessor), from preprocessor_config.json (transformers 4.x) or from the
+  "image_processor" object of processor_config.json (transformers 5 writes them only there).
 
 Key table (HF key as stored on the hub -> ours); transformers 5's in-memory names
 (model.language_model.*, model.vision_tower.*, lm_head.weight, vision_tower without
@@ -37,6 +38,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ..data.hf_tokenizer import HFTokenizer, read_json_object
+from ..data.idefics3 import image_processor_config, load_image_processor, missing_image_processor
 from ..data.preprocess import ImageProcessor
 from ..errors import DataFormatError
 from ..models.dual_encoder import DualEncoderConfig
@@ -230,16 +232,20 @@ def attach_checkpoint_preprocessing(model: VisionLanguageModel, folder: Path, im
         model.tokenizer.config["chat_template"] = template
     if image_processor is not None:
         model.image_processor = image_processor
-    elif (folder / "preprocessor_config.json").is_file():
-        model.image_processor = ImageProcessor.from_pretrained(folder)
-        height, width = model.image_processor.output_size(1000, 1000)
-        side = model.config.vision.image_size
-        if model.image_processor.do_center_crop or "height" in model.image_processor.size:
-            if (height, width) != (side, side):
-                raise DataFormatError(folder / "preprocessor_config.json", f"makes {height}x{width} pixels but the "
-                                      f"vision tower reads {side}x{side}")
-    else:
-        raise FileNotFoundError(f"{folder / 'preprocessor_config.json'} not found: the image preprocessing is unknown")
+        return
+    image_processor = load_image_processor(folder)  # preprocessor_config.json, or processor_config.json's
+    if image_processor is None:
+        raise missing_image_processor(folder)
+    source = image_processor_config(folder)[1]
+    if not isinstance(image_processor, ImageProcessor):
+        raise DataFormatError(source, f"a {type(image_processor).__name__} where a CLIP or SigLIP image processor "
+                                      "was expected", field="image_processor_type")
+    model.image_processor = image_processor
+    height, width = image_processor.output_size(1000, 1000)
+    side = model.config.vision.image_size
+    if image_processor.do_center_crop or "height" in image_processor.size:
+        if (height, width) != (side, side):
+            raise DataFormatError(source, f"makes {height}x{width} pixels but the vision tower reads {side}x{side}")
 
 
 def processor_chat_template(folder: Path) -> str | None:
