@@ -498,10 +498,7 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
             message, code = str(exc.detail), None
         return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request, exc: Exception):
-        log.exception("unexpected error", exc_info=exc)
-        return error_response(500, "internal server error (the server's log has the details)", code="internal_error")
+    # an unexpected exception becomes a 500 in observe.RequestTracking (logged there with the request id)
 
     # -- pages ----------------------------------------------------------------------------
 

@@ -7,7 +7,9 @@
   makes it the current id (`request_id()`: the chat completion's `id` is `chatcmpl-<id>`) and
   puts it in every log line written while the request runs (`RequestIdFilter`);
 - counts it in the metrics by route, method and status code, times it, counts error responses
-  by their OpenAI error code, and writes one access-log line (method, path, status, time).
+  by their OpenAI error code, and writes one access-log line (method, path, status, time);
+- turns an unexpected exception into OpenAI's 500 error JSON (the traceback goes to the log,
+  with the id; the response says only that the log has the details).
 
 `Metrics` holds the Prometheus metrics of one app in its own registry (`GET /metrics`):
 
@@ -32,6 +34,9 @@ from collections.abc import Callable
 from contextvars import ContextVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from .errors import error_body
+from .guards import SECURITY_HEADERS
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -131,8 +136,8 @@ class RequestTracking:
         rid = new_request_id(given)
         _REQUEST_ID.set(rid)  # each request runs in its own task, with its own copy of the context
         started = time.perf_counter()
-        status = 500
-        error_body: list[bytes] = []
+        status: int | None = None
+        body: list[bytes] = []  # of an error response, for its code
 
         async def tracked_send(message):
             nonlocal status
@@ -141,17 +146,27 @@ class RequestTracking:
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (REQUEST_ID_HEADER.encode(), rid.encode())]}
             elif message["type"] == "http.response.body" and status >= 400:
-                if sum(map(len, error_body)) < MAX_ERROR_BODY:
-                    error_body.append(message.get("body", b""))
+                if sum(map(len, body)) < MAX_ERROR_BODY:
+                    body.append(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, tracked_send)
+        except Exception:
+            log.exception("unexpected error")
+            if status is None:
+                content = json.dumps(error_body(500, "internal server error (the server's log has the details)",
+                                                code="internal_error")).encode()
+                await tracked_send({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
+                    *SECURITY_HEADERS]})
+                await tracked_send({"type": "http.response.body", "body": content})
         finally:
             seconds = time.perf_counter() - started
             route, method = self.route_of(scope), scope["method"]
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route, method).observe(seconds)
+            status = status or 500
             if status >= 400:
-                self.metrics.error(status, _error_code(b"".join(error_body)))
+                self.metrics.error(status, _error_code(b"".join(body)))
             log.info("%s %s %d %.0f ms", method, scope["path"], status, seconds * 1000)
