@@ -13,6 +13,9 @@ import torch
 from PIL import Image
 
 import multimodal_models
+from safetensors.torch import load_file, save_file
+
+from multimodal_models.errors import DataFormatError
 from multimodal_models.models.chat import JinjaChatTemplate
 from multimodal_models.models.generation import GenerationConfig, generate_tokens
 from multimodal_models.models.vlm import VisionLanguageModel, VLMSession
@@ -160,16 +163,17 @@ def make_idefics3(folder: Path, *, splitting: bool, model_type: str = "idefics3"
     return folder, model
 
 
-def make_idefics3_shuffled(folder: Path) -> tuple[Path, torch.nn.Module]:
-    """scale_factor 2 on a 4 x 4 grid: the pixel-shuffle connector (4 image tokens per tile)."""
+def make_idefics3_shuffled(folder: Path, *, tie: bool = True, text_tie: bool = True) -> tuple[Path, torch.nn.Module]:
+    """scale_factor 2 on a 4 x 4 grid: the pixel-shuffle connector (4 image tokens per tile). tie / text_tie:
+    the top-level and the text config's tie_word_embeddings."""
     vocab = write_tokenizer(folder, ["<|endoftext|>", "<|im_start|>"] + IDEFICS3_SPECIALS, bos="<|im_start|>",
                             eos="<end_of_utterance>", pad="<|endoftext|>", template=SMOLVLM_TEMPLATE)
     vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                   patch_size=8, initializer_range=0.2)
     text = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                vocab_size=vocab, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=True)
+                vocab_size=vocab, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=text_tie)
     config = transformers.Idefics3Config(vision_config=vision, text_config=text, image_token_id=3, scale_factor=2,
-                                         tie_word_embeddings=True)
+                                         tie_word_embeddings=tie)
     torch.manual_seed(1)
     model = transformers.Idefics3ForConditionalGeneration(config).eval()
     model.save_pretrained(folder)
@@ -376,6 +380,65 @@ def test_idefics3_pixel_shuffle_connector_and_smolvlm_layout(tmp_path):
     processor = hf_processor(folder, "idefics3")
     inputs = assert_same_forward(model, reference, images, processor)
     assert_same_greedy(model, reference, inputs, images)
+
+
+def test_weight_tying_follows_the_flags_transformers_reads_and_never_drops_a_stored_head(tmp_path):
+    images = [random_image(100, 60, 8)]
+
+    def load_both(folder: Path):
+        reference = transformers.Idefics3ForConditionalGeneration.from_pretrained(folder).eval()
+        return multimodal_models.load(folder), reference
+
+    # Idefics3: only the top-level flag ties; text_config's alone leaves the stored head in use
+    folder, _ = make_idefics3_shuffled(tmp_path / "text-only", tie=False, text_tie=True)
+    tensors = load_file(str(folder / "model.safetensors"))
+    assert "lm_head.weight" in tensors
+    model, reference = load_both(folder)
+    assert not model.config.decoder.tie_embeddings
+    assert model.decoder.lm_head.weight is not model.decoder.token_embedding.weight
+    assert_same_forward(model, reference, images, hf_processor(folder, "idefics3"))
+
+    # tied by the flag, yet a head stored beside the embeddings that differs from them: transformers uses it
+    folder, _ = make_idefics3_shuffled(tmp_path / "stored-head", tie=True, text_tie=False)
+    tensors = load_file(str(folder / "model.safetensors"))
+    assert "lm_head.weight" not in tensors  # transformers stores a tied head once
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.text_model.embed_tokens.weight"])
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="the stored lm_head.weight differs from model.text_model.embed_tokens"):
+        model, reference = load_both(folder)
+    assert not model.config.decoder.tie_embeddings
+    assert torch.equal(model.decoder.lm_head.weight, tensors["lm_head.weight"])
+    assert_same_forward(model, reference, images, hf_processor(folder, "idefics3"))
+    # the same head stored twice is just tied
+    tensors["lm_head.weight"] = tensors["model.text_model.embed_tokens.weight"].clone()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert multimodal_models.load(folder).config.decoder.tie_embeddings
+
+    # no head stored, and only text_config says to tie: transformers would make a random head; we refuse
+    folder, _ = make_idefics3_shuffled(tmp_path / "no-head", tie=False, text_tie=True)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DataFormatError, match="field 'tie_word_embeddings': there is no lm_head.weight"):
+        multimodal_models.load(folder)
+
+
+def test_llava_ties_by_the_text_config_flag_as_its_config_does(tmp_path):
+    """transformers' LlavaConfig takes text_config's tie_word_embeddings when the top-level one is false."""
+    folder, _ = make_llava(tmp_path / "llava", "llama-clip")
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"], config["text_config"]["tie_word_embeddings"] = False, True
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(folder / "model.safetensors"))
+    head = next(key for key in tensors if key.endswith("lm_head.weight"))
+    embeddings = next(key for key in tensors if key.endswith("embed_tokens.weight"))
+    tensors[head] = tensors[embeddings].clone()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    assert reference.lm_head.weight.data_ptr() == reference.model.language_model.embed_tokens.weight.data_ptr()
+    model = multimodal_models.load(folder)
+    assert model.config.decoder.tie_embeddings
+    assert_same_forward(model, reference, [random_image(45, 37, 1)], hf_processor(folder, "llava"))
 
 
 # -- the chat template -----------------------------------------------------------------------------

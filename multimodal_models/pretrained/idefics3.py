@@ -8,7 +8,9 @@ The layout in our terms:
 - connector: pixel shuffle by `scale_factor` (the same regrouping as our `pixel_shuffle`:
   each output token holds an s x s block of patches, row-major) then `modality_projection.proj`,
   a linear layer without bias (projector="linear", projector_bias=False);
-- language model: Llama (`llama`);
+- language model: Llama (`llama`); the lm_head is tied to the embeddings when the top-level
+  tie_word_embeddings says so (the flag transformers reads; text_config's is not), unless a stored
+  lm_head differs from the embeddings: then it is used, as transformers does;
 - images: `Idefics3ImageProcessor` below, equal to transformers' Idefics3ImageProcessor(Pil) for
   a single image: resize the longest edge to size["longest_edge"] (the other edge rounded up to
   even), then either (do_image_splitting) resize both edges up to multiples of
@@ -33,6 +35,7 @@ Key table (HF key -> ours):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -50,7 +53,7 @@ from ..errors import DataFormatError
 from ..models.vlm import VisionLanguageModel, VLMConfig
 from . import siglip
 from .checkpoint import read_weights
-from .llama import decoder_config, decoder_rows
+from .llama import decoder_config, decoder_rows, stored_head_tied
 from .llava import (attach_checkpoint_preprocessing, check_image_token_id, stop_token_ids, vision_config,
                     vision_rows)
 from .weights import assign_weights
@@ -76,7 +79,7 @@ def config_from_hf(hf: dict, folder: Path) -> VLMConfig:
     vision = {**VISION_DEFAULTS, **(hf.get("vision_config") or {}), "model_type": "siglip_vision_model",
               "vision_use_head": False}
     text = hf.get("text_config") or {"model_type": "llama", "rms_norm_eps": 1e-5}
-    tie = bool(hf.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings"))
+    tie = bool(hf.get("tie_word_embeddings"))  # transformers 5 reads the top-level flag only (not text_config's)
     return VLMConfig(
         vision=vision_config(vision, source),
         decoder=decoder_config(text, tie_embeddings=tie, source=str(source)),
@@ -104,9 +107,17 @@ def load_idefics3(folder: str | os.PathLike, hf_config: dict | None = None) -> V
     folder = Path(folder)
     hf = hf_config if hf_config is not None else json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config = config_from_hf(hf, folder)
-    model = VisionLanguageModel(config)
     source = folder / "model.safetensors"
     tensors = read_weights(folder)  # transformers stores these under the names it uses in memory
+    tie = stored_head_tied(config.decoder.tie_embeddings, tensors, "model.text_model.embed_tokens.weight",
+                           "lm_head.weight", source)
+    if not tie and "lm_head.weight" not in tensors and (hf.get("text_config") or {}).get("tie_word_embeddings"):
+        raise DataFormatError(folder / "config.json", "there is no lm_head.weight and the top-level "
+                              "tie_word_embeddings, the flag transformers reads for this model, is not true (only "
+                              "text_config's is); set it to true if the head is the token embeddings",
+                              field="tie_word_embeddings")
+    config = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, tie_embeddings=tie))
+    model = VisionLanguageModel(config)
     order = patch_position_ids(config.vision.grid)
     optional = {"lm_head.weight"} if config.decoder.tie_embeddings else set()
     assign_weights(model, tensors, key_rows(config), source, optional=optional,

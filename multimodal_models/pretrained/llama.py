@@ -20,6 +20,11 @@ the MLP unless Llama's `mlp_bias`.
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
+import torch
+
 from ..errors import DataFormatError
 from ..models.text import DecoderConfig
 
@@ -100,6 +105,20 @@ def decoder_config(text: dict, *, tie_embeddings: bool | None = None, source: st
         mlp_bias=mlp_bias,
         tie_embeddings=tie_embeddings,
     )
+
+
+def stored_head_tied(tie: bool, tensors: dict[str, torch.Tensor], embed_key: str, head_key: str,
+                     source: Path) -> bool:
+    """Whether the lm_head is the token embeddings, decided as transformers 5 decides it on loading:
+    the config's flag, except that a stored head that differs from the embeddings is used (untied,
+    with a warning) rather than dropped."""
+    if not tie or head_key not in tensors or embed_key not in tensors:
+        return tie
+    if torch.equal(tensors[head_key], tensors[embed_key]):
+        return True
+    warnings.warn(f"{source}: config.json ties the lm_head to the embeddings (tie_word_embeddings), but the stored "
+                  f"{head_key} differs from {embed_key}; the stored head is used, as transformers does", stacklevel=3)
+    return False
 
 
 def decoder_rows(config: DecoderConfig, hf_prefix: str, lm_head_key: str, ours: str = "decoder."

@@ -10,7 +10,8 @@ The LLaVA layout in our terms:
 - multi_modal_projector: linear_1 -> projector_hidden_act -> linear_2, biases when
   multimodal_projector_bias (our "mlp" projector, no pixel shuffle);
 - language model: Llama or Qwen2 (`llama`), lm_head tied to the embeddings when either the
-  top-level or the text config's tie_word_embeddings says so;
+  top-level or the text config's tie_word_embeddings says so (as transformers' LlavaConfig reads
+  them), unless a stored lm_head differs from the embeddings: then it is used, as transformers does;
 - prompt: the checkpoint's chat template, each <image> expanded to tokens_per_image image
   tokens (processor_config.json's patch_size / num_additional_image_tokens / strategy must
   agree); pixels: the image processor's settings read by our ImageProcessor (CLIPImageProcessor /
@@ -47,7 +48,8 @@ from ..models.vision import VisionConfig
 from ..models.vlm import VisionLanguageModel, VLMConfig
 from . import clip, siglip
 from .checkpoint import read_weights
-from .llama import HF_ACTIVATIONS, activation_name, decoder_config, decoder_rows, decoder_to_hf_config
+from .llama import (HF_ACTIVATIONS, activation_name, decoder_config, decoder_rows, decoder_to_hf_config,
+                    stored_head_tied)
 from .weights import assign_weights, expand_rows, export_tensors, rename_keys
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
@@ -125,6 +127,7 @@ def config_from_hf(hf: dict, folder: Path) -> VLMConfig:
     source = folder / "config.json"
     vision = hf.get("vision_config") or DEFAULT_VISION
     text = hf.get("text_config") or {"model_type": "llama"}
+    # transformers' LlavaConfig takes the text config's flag when the top-level one is false
     tie = bool(hf.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings"))
     vision_cfg = vision_config(vision, source)
     strategy = hf.get("vision_feature_select_strategy", "default")
@@ -180,10 +183,12 @@ def load_llava(folder: str | os.PathLike, hf_config: dict | None = None) -> Visi
     folder = Path(folder)
     hf = hf_config if hf_config is not None else json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config = config_from_hf(hf, folder)
-    model = VisionLanguageModel(config)
-    tensors = read_weights(folder)
     source = folder / "model.safetensors"
-    tensors = rename_keys(tensors, hub_key, source)
+    tensors = rename_keys(read_weights(folder), hub_key, source)
+    tie = stored_head_tied(config.decoder.tie_embeddings, tensors, "language_model.model.embed_tokens.weight",
+                           "language_model.lm_head.weight", source)
+    config = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, tie_embeddings=tie))
+    model = VisionLanguageModel(config)
     optional = {"vision_tower.vision_model.embeddings.position_ids"}
     if config.decoder.tie_embeddings:
         optional.add("language_model.lm_head.weight")
