@@ -109,7 +109,8 @@ def cmd_score_vqa(args) -> None:
 def cmd_score_mmmu(args) -> None:
     from .evaluate.scoring import score_mmmu_files  # heavy: numpy, PIL
 
-    _print_json(score_mmmu_files(args.predictions, args.data, seed=args.seed))
+    _print_json(score_mmmu_files(args.predictions, args.data, split=args.split, seed=args.seed,
+                                 allow_missing=args.allow_missing))
 
 
 def cmd_score_grounding(args) -> None:
@@ -182,6 +183,8 @@ def cmd_evaluate(args) -> None:
     def flag(field: str) -> str:  # errors name the flag a SplitFiles field came from
         return {"root": "--data", "eval_split": "--split"}.get(field, "--" + field.replace("_", "-"))
 
+    if args.karpathy and not args.karpathy_split:
+        args.karpathy_split = "test"  # a Karpathy file holds every split: evaluate the one papers report
     files = SplitFiles(**{f.name: getattr(args, f.name, None) for f in fields(SplitFiles)})
     data = evaluation_data(args.data, args.split, files, name=flag)  # before the model loads: a typo fails at once
     reranker = None
@@ -372,7 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     mmmu = score_commands.add_parser("mmmu", help="MMMU accuracy with the official answer extraction")
     mmmu.add_argument("--predictions", required=True, help='JSON {id: response} or JSONL {"id", "response"} lines')
-    mmmu.add_argument("--data", required=True, help="MMMU parquet file, or a folder of them")
+    mmmu.add_argument("--data", required=True,
+                      help="MMMU parquet file, or a folder as MMMU is published: one subject (MMMU/Art) or all of "
+                           "them (MMMU), each with dev-, validation- and test-*.parquet")
+    mmmu.add_argument("--split", default="validation",
+                      help="which files of a --data folder to score against: dev, validation or test (default "
+                           "validation; test answers are hidden)")
+    mmmu.add_argument("--allow-missing", action="store_true",
+                      help="score the records that have a response and count the others as \"missing\" "
+                           "(default: a record without a response is an error)")
     mmmu.add_argument("--seed", type=int, default=42, help="seed of the random fallback (official: 42)")
     mmmu.set_defaults(func=cmd_score_mmmu)
 
@@ -424,11 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--vqa-annotations", metavar="FILE", help="VQA v2 annotations JSON")
     given.add_argument("--captions", metavar="FILE", help="COCO captions JSON (captions_val2014.json layout)")
     given.add_argument("--karpathy", metavar="FILE", help="Karpathy split JSON (COCO, Flickr30k), instead of --captions")
-    given.add_argument("--karpathy-split", metavar="NAME", help="the split of --karpathy to evaluate (e.g. test)")
+    given.add_argument("--karpathy-split", metavar="NAME",
+                       help="the split of --karpathy to evaluate: train, val, test or restval (default test)")
     given.add_argument("--dialogues", metavar="FILE",
                        help="LLaVA conversations JSON/JSONL; image paths in it are relative to the folder above "
                             "--images (default: the file's folder)")
-    given.add_argument("--mmmu", metavar="PATH", help="MMMU parquet file, or a folder of them (multiple choice)")
+    given.add_argument("--mmmu", metavar="PATH",
+                       help="MMMU parquet file, or a folder as MMMU is published (one subject, or all), of which "
+                            "the validation files are read (multiple choice)")
     given.add_argument("--scenes", metavar="FILE", help="Shapes scene graphs of the images (grounded caption scores)")
     rerank_options(ev, "a dual encoder's text→image retrieval is also scored")
     device_options(ev)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -547,6 +548,37 @@ def test_mmmu_write_read_round_trip(tmp_path):
     schema = pq.read_schema(path)
     assert tuple(schema.names) == formats.MMMU_COLUMNS == tuple(pq.read_schema(MMMU_FILE).names)
     assert schema.field("image_1").type == pq.read_schema(MMMU_FILE).field("image_1").type
+
+
+def test_mmmu_folder_is_read_split_by_split_as_published(tmp_path):
+    """MMMU's hub layout: <Subject>/<split>-00000-of-00001.parquet, three splits per subject."""
+    records = read_mmmu(MMMU_DIR)
+    for subject in ("Art", "Math"):
+        for split in ("dev", "validation", "test"):
+            renamed = [replace(r, id=f"{split}_{subject}_{k}", answer="?" if split == "test" else r.answer)
+                       for k, r in enumerate(records, start=1)]
+            write_mmmu_parquet(tmp_path / subject / f"{split}-00000-of-00001.parquet", renamed)
+    write_mmmu_parquet(tmp_path / "Math" / "validation.parquet",
+                       [replace(r, id=f"val_Math_{k}") for k, r in enumerate(records, start=1)])
+
+    def ids(path, **split):
+        return [r.id for r in read_mmmu(path, **split)]
+
+    assert ids(tmp_path / "Art") == ["validation_Art_1", "validation_Art_2", "validation_Art_3"]
+    assert ids(tmp_path / "Art", split="dev") == ["dev_Art_1", "dev_Art_2", "dev_Art_3"]
+    assert [r.answer for r in read_mmmu(tmp_path / "Art", split="test")] == ["?", "?", "?"]
+    assert len(ids(tmp_path / "Art", split=None)) == 9  # every file
+    # the top folder: every subject's files of the split, in path order; "validation.parquet" counts too
+    assert ids(tmp_path) == [*(f"validation_Art_{k}" for k in (1, 2, 3)), *(f"validation_Math_{k}" for k in (1, 2, 3)),
+                             *(f"val_Math_{k}" for k in (1, 2, 3))]
+    # a file is read whatever the split
+    assert ids(tmp_path / "Art" / "test-00000-of-00001.parquet") == ["test_Art_1", "test_Art_2", "test_Art_3"]
+    with pytest.raises(FileNotFoundError) as info:
+        read_mmmu(tmp_path / "Art", split="train")
+    assert str(info.value) == (
+        f"{tmp_path / 'Art'}: no parquet files of split 'train' in this folder or below it (MMMU's layout: "
+        "<Subject>/<split>-00000-of-00001.parquet); the files here are of split(s) dev, test, validation"
+    )
 
 
 def test_mmmu_writer_reads_image_files_and_subject_falls_back_to_folder(tmp_path):

@@ -36,6 +36,7 @@ from multimodal_models.errors import DataFormatError
 from multimodal_models.evaluate.metrics.mmmu import (
     extract_choice,
     extract_open_answers,
+    gold_answers,
     mmmu_scores,
     open_answer_correct,
     read_mmmu_predictions,
@@ -221,13 +222,63 @@ def test_open_answer_rule():
     assert open_answer_correct("12", [12.0])
 
 
+@pytest.mark.parametrize(
+    "gold,response,correct",
+    [  # OFFICIAL: eval_open(gold, parse_open_response(response)), mmmu/utils/eval_utils.py @ aa9b70da
+        (["24/7", "3.429"], "The answer is 3.429", True),
+        (["24/7", "3.429"], "24/7", True),
+        (["24/7", "3.429"], "It is about 3.43.", True),
+        (["24/7", "3.429"], "The ratio is 24/8", False),
+        (["Tampa", "Florida"], "The city is Tampa.", True),
+        (["Tampa", "Florida"], "It is in Florida", True),
+        (["Tampa", "Florida"], "Orlando", False),
+        (["$MgS$", "MgS"], "The product is MgS", True),
+        (["$MgS$", "MgS"], "MgO", False),
+        ("['24/7', '3.429']", "The answer is 3.429", False),  # the parquet string taken as one answer
+        ("['Tampa', 'Florida']", "Tampa", False),
+    ],
+)
+def test_open_answer_with_a_list_of_accepted_answers(gold, response, correct):
+    assert open_answer_correct(gold, extract_open_answers(response)) is correct
+
+
+def test_gold_answers_reads_the_list_literals_mmmu_stores():
+    assert gold_answers("['24/7', '3.429']") == ["24/7", "3.429"]  # as validation_Math_15 stores it
+    assert gold_answers("['$MgS$', 'MgS']") == ["$MgS$", "MgS"]
+    assert gold_answers("B") == ["B"] and gold_answers("1,200") == ["1,200"]
+    assert gold_answers("[1, 2]") == ["[1, 2]"]  # not a list of strings: the text is the answer
+    assert gold_answers("[a, b") == ["[a, b"] and gold_answers("[]") == ["[]"]
+
+
+def test_records_with_answer_lists_are_scored_against_any_of_them():
+    records = [
+        MultipleChoiceRecord("validation_Math_15", "<image 1> Ratio?", (), "['24/7', '3.429']", question_type="open"),
+        MultipleChoiceRecord("validation_Geography_4", "<image 1> City?", (), "['Tampa', 'Florida']",
+                             question_type="open"),
+        MultipleChoiceRecord("validation_Art_1", "<image 1> Style?", ("x", "y", "z"), "['A', 'C']"),
+    ]
+    responses = {"validation_Math_15": "24/7", "validation_Geography_4": "Florida", "validation_Art_1": "(C)"}
+    scores = mmmu_scores(responses, records)
+    assert scores["correct"] == {"validation_Art_1": True, "validation_Geography_4": True, "validation_Math_15": True}
+    # eval_multi_choice(["A", "C"], "B") is False (OFFICIAL)
+    assert not mmmu_scores({**responses, "validation_Art_1": "(B)"}, records)["correct"]["validation_Art_1"]
+
+
+def test_hidden_test_answers_are_refused():
+    records = [MultipleChoiceRecord(f"test_Art_{k}", "<image 1> ?", ("x", "y"), "?") for k in (1, 2)]
+    with pytest.raises(ValueError, match=r"2 record\(s\) have no published answer \('\?'\): 'test_Art_1', "
+                                         r"'test_Art_2'; MMMU's test answers are hidden"):
+        mmmu_scores({"test_Art_1": "A", "test_Art_2": "B"}, records)
+
+
 def test_coverage_errors(records, responses):
     partial = dict(responses)
     del partial["validation_Math_5"]
     with pytest.raises(ValueError, match=r"no response for 1 record\(s\): 'validation_Math_5'"):
         mmmu_scores(partial, records)
     subset = mmmu_scores(partial, records, require_all=False)
-    assert subset["overall"] == {"acc": round(15 / 18, 3), "num": 18}
+    assert subset["overall"] == {"acc": round(15 / 18, 3), "num": 18} and subset["missing"] == 1
+    assert mmmu_scores(responses, records)["missing"] == 0
     with pytest.raises(ValueError, match=r"not in the records: 'validation_Music_1'"):
         mmmu_scores({**responses, "validation_Music_1": "A"}, records)
     with pytest.raises(ValueError, match="expected a string"):

@@ -33,9 +33,30 @@ def score_vqa_files(predictions: str | Path, questions: str | Path, annotations:
     return scores
 
 
-def score_mmmu_files(predictions: str | Path, data: str | Path, *, seed: int = 42) -> dict:
+def score_mmmu_files(
+    predictions: str | Path, data: str | Path, *, split: str | None = "validation", seed: int = 42,
+    allow_missing: bool = False,
+) -> dict:
+    """MMMU accuracy of a predictions file against MMMU parquet data: a file, or a folder in
+    MMMU's published layout (one folder per subject, or the top folder with all of them),
+    of which the files of `split` are read (see formats.read_mmmu).
+
+    Every record read needs a response, unless allow_missing: then the records without one
+    are left out and counted in "missing". The output also names the "split" read (None for
+    a file).
+    """
     responses = read_mmmu_predictions(predictions)
-    records = formats.read_mmmu(data)
-    scores = mmmu_scores(responses, records, seed=seed)
+    records = formats.read_mmmu(data, split=split)
+    split_read = split if Path(data).is_dir() else None
+    missing = [record.id for record in records if record.id not in responses]
+    if missing and not allow_missing:
+        shown = ", ".join(repr(i) for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        of_split = f" (split {split_read!r})" if split_read else ""
+        raise DataFormatError(
+            predictions,
+            f"no response for {len(missing)} of the {len(records)} record(s) of {data}{of_split}: {shown}; "
+            "pass --allow-missing (allow_missing=True) to score the answered ones and count the others as missing",
+        )
+    scores = mmmu_scores(responses, records, seed=seed, require_all=False)
     scores.pop("predictions", None)
-    return scores
+    return {**scores, "split": split_read}

@@ -40,25 +40,51 @@ _IMAGE_REFERENCE = re.compile(r"<image (\d+)>")
 _MMMU_IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
-def read_mmmu(path: PathLike) -> list[MultipleChoiceRecord]:
-    """Read MMMU parquet files (a file, or every *.parquet below a folder, sorted by path).
+def read_mmmu(path: PathLike, split: str | None = "validation") -> list[MultipleChoiceRecord]:
+    """Read MMMU parquet files: a file, or a folder laid out as MMMU is published.
+
+    A file is read whatever its name. A folder is read as MMMU's Hugging Face layout,
+    <Subject>/<split>-00000-of-00001.parquet with dev, validation and test in every subject
+    folder: the files of `split` below it (a subject folder, or the top folder with all
+    subjects), sorted by path. A file's split is its name up to the first "-" or "." (so
+    "validation.parquet" counts too). split=None reads every .parquet file below the folder.
 
     Columns: id, question, options (a Python list literal in a string), explanation,
     image_1..image_7 (struct {bytes, path} or null), img_type, answer, topic_difficulty,
-    question_type, subfield. Images are returned as their encoded bytes (or, for a struct
-    with only a path, as that path relative to the parquet file's folder). The subject
-    comes from the id ("validation_Art_Theory_3" -> "Art_Theory"), else from the folder
-    name (MMMU's layout is <Subject>/<split>-*.parquet). Every "<image k>" in the question
-    or options must have an image_k, and image columns must be filled without gaps.
+    question_type, subfield. The answer is kept as stored: an option letter, free text, a
+    list literal of accepted answers ("['24/7', '3.429']", see
+    evaluate.metrics.mmmu.gold_answers), or "?" in the test split, whose answers are hidden.
+    Images are returned as their encoded bytes (or, for a struct with only a path, as that
+    path relative to the parquet file's folder). The subject comes from the id
+    ("validation_Art_Theory_3" -> "Art_Theory"), else from the folder name. Every
+    "<image k>" in the question or options must have an image_k, and image columns must be
+    filled without gaps.
     """
     root = Path(path)
-    if root.is_dir():
-        files = sorted(root.rglob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"{root}: no .parquet files in this folder or below it")
-    else:
-        files = [root]
+    files = mmmu_split_files(root, split) if root.is_dir() else [root]
     return [record for file in files for record in _read_mmmu_file(file)]
+
+
+def split_of_file(file: Path) -> str:
+    """The split a parquet file's name gives: "validation-00000-of-00001.parquet" -> "validation"."""
+    return re.split(r"[-.]", file.name, maxsplit=1)[0]
+
+
+def mmmu_split_files(folder: Path, split: str | None) -> list[Path]:
+    """The .parquet files of `split` in `folder` or below it (every one for split=None), sorted."""
+    files = sorted(folder.rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .parquet files in this folder or below it")
+    if split is None:
+        return files
+    chosen = [file for file in files if split_of_file(file) == split]
+    if not chosen:
+        found = sorted({split_of_file(file) for file in files})
+        raise FileNotFoundError(
+            f"{folder}: no parquet files of split {split!r} in this folder or below it (MMMU's layout: "
+            f"<Subject>/<split>-00000-of-00001.parquet); the files here are of split(s) {', '.join(found)}"
+        )
+    return chosen
 
 
 def _read_mmmu_file(file: Path) -> list[MultipleChoiceRecord]:

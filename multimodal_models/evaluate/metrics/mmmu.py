@@ -1,12 +1,21 @@
 """MMMU scoring: the official answer extraction and accuracy.
 
-Reference: MMMU-Benchmark/MMMU, eval/eval_utils.py (parse_multi_choice_response,
-parse_open_response, eval_multi_choice, eval_open), the aggregation of
-eval/main_eval_only.py / eval/print_results.py, and the inference loop of
+Reference: MMMU-Benchmark/MMMU, mmmu/utils/eval_utils.py (earlier eval/eval_utils.py:
+parse_multi_choice_response, parse_open_response, eval_multi_choice, eval_open), the
+aggregation of mmmu/main_eval_only.py / print_results.py, and the inference loop of
 mmmu/run_llava.py (which seeds Python's `random` with 42 and parses multiple-choice
 answers subject by subject). This is an independent re-implementation;
 tests/test_mmmu_metric.py checks it against numbers produced by running that code on
-tests/fixtures/mmmu/.
+tests/fixtures/mmmu/ and on records written in the tests.
+
+Gold answers (`gold_answers`): a few open questions store a list of accepted answers as a
+Python list literal in the parquet "answer" string ("['24/7', '3.429']"; in the validation
+set validation_Math_15, validation_Geography_4, validation_Chemistry_30). The official
+evaluation (main_eval_only.py with mmmu/answer_dict_val.json, where these three are JSON
+lists) passes the list to eval_open / eval_multi_choice, and a response is right when it
+matches any of the answers; so does this module. (main_parse_and_eval.py, which takes the
+parquet string as it is, would score every response to them wrong.) An answer "?" is a
+hidden one (MMMU's test split): scoring it is refused.
 
 Multiple choice (`extract_choice`): strip each of , . ! ? ; : ' in turn from both ends of
 the response (one character class after the other, so ".,A,." keeps its commas) and pad
@@ -38,10 +47,11 @@ subject accuracies weighted by their sizes, as upstream computes it).
 
 from __future__ import annotations
 
+import ast
 import json
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from multimodal_models.data.records import MultipleChoiceRecord
@@ -49,6 +59,7 @@ from multimodal_models.errors import DataFormatError
 
 MULTIPLE_CHOICE = "multiple-choice"  # any other question_type is scored as an open question
 DEFAULT_SEED = 42  # the seed of the official inference/evaluation scripts
+HIDDEN_ANSWER = "?"  # the answer of every question of MMMU's test split, whose answers are not published
 
 # MMMU's six disciplines and their subjects, in the order upstream reports them.
 DOMAIN_SUBJECTS: dict[str, tuple[str, ...]] = {
@@ -179,10 +190,25 @@ def extract_open_answers(response: str) -> list[str | float]:
     return list(dict.fromkeys(normalised))
 
 
-def open_answer_correct(gold: str, predictions: Iterable[str | float]) -> bool:
-    """Official rule: a numeric gold must equal a predicted number; a textual gold must be
-    a substring of a predicted text."""
-    golds = normalize_open_answer(gold)
+def gold_answers(answer: str) -> list[str]:
+    """The accepted answers of a record: the strings of a list literal ("['24/7', '3.429']",
+    as MMMU stores the few questions with several right answers), else the answer itself."""
+    text = answer.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            parsed = None
+        if isinstance(parsed, list) and parsed and all(isinstance(item, str) for item in parsed):
+            return parsed
+    return [answer]
+
+
+def open_answer_correct(gold: str | Sequence[str], predictions: Iterable[str | float]) -> bool:
+    """Official rule (eval_open): a numeric gold must equal a predicted number; a textual gold
+    must be a substring of a predicted text. `gold` may be a list of accepted answers: then
+    any one of them matching is enough."""
+    golds = [value for answer in ([gold] if isinstance(gold, str) else gold) for value in normalize_open_answer(answer)]
     for pred in predictions:
         if isinstance(pred, str):
             if any(isinstance(g, str) and g in pred for g in golds):
@@ -232,6 +258,12 @@ def _scored_records(
     scored = [rec for rec in records if rec.id in responses]
     if not scored:
         raise ValueError("no record to score: the responses are empty")
+    hidden = [rec.id for rec in scored if rec.answer.strip() == HIDDEN_ANSWER]
+    if hidden:
+        raise ValueError(
+            f"{len(hidden)} record(s) have no published answer ({HIDDEN_ANSWER!r}): {_describe(hidden)}; MMMU's "
+            "test answers are hidden (the organisers score the test split): score the validation or dev split"
+        )
     # Upstream runs subjects in alphabetical order (its table order), questions in dataset
     # order; the random fallback draws depend on this order.
     return sorted(scored, key=subject_of)
@@ -246,9 +278,10 @@ def _parse(record: MultipleChoiceRecord, response: str, rng: random.Random) -> s
 
 
 def _is_correct(record: MultipleChoiceRecord, parsed: str | list) -> bool:
+    golds = gold_answers(record.answer)
     if record.question_type == MULTIPLE_CHOICE:
-        return parsed == record.answer
-    return open_answer_correct(record.answer, parsed)
+        return parsed in golds  # eval_multi_choice: the letter equals one of the answers
+    return open_answer_correct(golds, parsed)
 
 
 def _weighted_accuracy(groups: list[tuple[float, int]]) -> float:
@@ -276,11 +309,14 @@ def mmmu_scores(
       "perSubfield": {subfield: {"acc", "num"}}, records with a subfield only
       "predictions": {id: parsed answer} (a letter, or the list of open-answer candidates)
       "correct":     {id: bool}
+      "missing":     records without a response (0 unless require_all=False)
 
     Multiple-choice fallbacks draw from one `random.Random(seed)` in the official order,
     so seed=42 reproduces the official numbers. A response for an unknown id is an error;
     with require_all=True so is a record without a response (upstream silently scores only
-    the ids present in the output file: require_all=False does that). Unlike upstream,
+    the ids present in the output file: require_all=False does that, and counts the others
+    as "missing"). A gold answer stored as a list literal is a list of accepted answers
+    (`gold_answers`); a hidden answer ("?", MMMU's test split) is an error. Unlike upstream,
     subjects outside MMMU's 30 are scored, not skipped.
     """
     rng = random.Random(seed)
@@ -317,6 +353,7 @@ def mmmu_scores(
         "perSubfield": {s: rounded(summary(flags)) for s, flags in subfields.items()},
         "predictions": predictions,
         "correct": correct,
+        "missing": sum(1 for rec in records if rec.id not in responses),
     }
 
 
