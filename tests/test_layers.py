@@ -21,7 +21,7 @@ LAYERS = {
     "errors": 0, "io": 0, "registry": 0, "version": 0, "devices": 0,
     "data": 1,
     "models": 2,
-    "pretrained": 3, "loading": 3,
+    "pretrained": 3, "loading": 3, "export": 3,
     "evaluate": 4,
     "training": 5,
     "shapes": 6,
