@@ -18,6 +18,7 @@ from .pretrained import is_hf_checkpoint, load_hf, unsupported_layout
 from .pretrained.hub import looks_like_hub_id, resolve_checkpoint
 from .pretrained.idefics3 import load_idefics3
 from .pretrained.llava import load_llava
+from .pretrained.peft_adapters import adapter_base, apply_adapter, is_adapter_folder, read_adapter_config
 
 if TYPE_CHECKING:
     import torch
@@ -58,9 +59,27 @@ def resolve(name_or_path: str | Path) -> Path:
     )
 
 
-def load(name_or_path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         expect: str | None = None, needed_by: str = "this"):
+def adapter_folder(adapter: str | Path) -> Path:
+    """The local folder of an adapter, its adapter_config.json checked (before a base is loaded for it).
+    Hub ids are not fetched for adapters: download the folder first."""
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        hint = (f" (download it first: hf download {adapter} --local-dir DIR, and pass DIR)"
+                if looks_like_hub_id(str(adapter)) else "")
+        raise FileNotFoundError(f"adapter '{adapter}' is not a folder{hint}")
+    read_adapter_config(path)
+    return path
+
+
+def load(name_or_path: str | Path, *, adapter: str | Path | None = None, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype | None = None, expect: str | None = None, needed_by: str = "this"):
     """Load a model, its tokenizer and its image preprocessing, ready to use (eval mode).
+
+    adapter: a LoRA adapter folder in peft's layout (adapter_config.json + adapter_model.safetensors,
+    written by peft or by a LoRA run here) to apply to the model: each update is folded into its
+    layer's weight, after the cast to `dtype` and on `device`, so the model runs as fast as the base
+    (pretrained/peft_adapters.py). An adapter folder passed as `name_or_path` is applied to the
+    base its adapter_config.json names (base_model_name_or_path), as peft's AutoPeftModel does.
 
     device: "cpu", "cuda", "cuda:N", "mps" or "auto" (the accelerator when there is one); a
     device this machine lacks is refused with the list of those it has.
@@ -72,6 +91,10 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu", dtype:
     "shapes_vlm" also does); another kind raises
     WrongModelError saying that `needed_by` (e.g. "--embedder", "the vqa task") needs it.
     """
+    if adapter is None and is_adapter_folder(name_or_path):
+        adapter, name_or_path = name_or_path, adapter_base(name_or_path)
+    if adapter is not None:
+        adapter = adapter_folder(adapter)
     device = resolve_device(device)
     if dtype is None:
         model = _load(name_or_path, device)
@@ -86,6 +109,8 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu", dtype:
         finally:
             torch.set_default_dtype(previous)
         model = model.to(target)  # what the checkpoint's own code made in float32 (e.g. our saved models)
+    if adapter is not None:
+        apply_adapter(model, adapter, base_folder=resolve(name_or_path))
     if expect is not None and not isinstance(model, registry.model_class(expect)):
         raise WrongModelError(f"{name_or_path} is a {model.model_type} model; {needed_by} needs a {expect} model")
     return model

@@ -12,7 +12,9 @@ at inference), `unmerge` takes it out again.
 
 A `LoRALinear` is an nn.Linear that keeps the original `weight` and `bias` parameters (the
 same tensors, same state-dict names) and adds `lora_a` / `lora_b`; after `merge_lora` the
-model's state dict has exactly the keys it had before `apply_lora`.
+model's state dict has exactly the keys it had before `apply_lora`. `lora_modules` finds them by
+module path, and `wrap_linear` wraps one layer by its path (an adapter file names its layers so):
+`pretrained/peft_adapters.py` writes and reads them in peft's adapter layout.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from torch import nn
 class LoRALinear(nn.Linear):
     """An nn.Linear with a trainable low-rank update; the original weight and bias stay frozen."""
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, *,
+                 scale: float | None = None):
+        """scale: the update's factor where it is not alpha / rank (rsLoRA's alpha / sqrt(rank))."""
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         nn.Module.__init__(self)  # no fresh weight: the base layer's parameters are reused
@@ -43,13 +47,13 @@ class LoRALinear(nn.Linear):
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # (out, r): starts as a no-op
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.rank = rank
-        self.scale = alpha / rank
+        self.scale = alpha / rank if scale is None else scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     def delta(self) -> torch.Tensor:
-        """The update to the weight, (out, in)."""
-        return (self.lora_b @ self.lora_a) * self.scale
+        """The update to the weight, (out, in), in float32 (a half-precision weight is rounded once, on merging)."""
+        return (self.lora_b.float() @ self.lora_a.float()) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -61,14 +65,14 @@ class LoRALinear(nn.Linear):
     def merge(self) -> None:
         """Fold the update into the weight (forward then costs what the plain layer costs)."""
         if not self.merged:
-            self.weight += self.delta().to(self.weight.dtype)
+            self.weight.copy_(self.weight.float() + self.delta())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the update out of the weight again (to go on training the adapters)."""
         if self.merged:
-            self.weight -= self.delta().to(self.weight.dtype)
+            self.weight.copy_(self.weight.float() - self.delta())
             self.merged = False
 
     def to_linear(self) -> nn.Linear:
@@ -91,6 +95,9 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0
+    # the run's model/ folder: the base with the adapter merged in (true), or the adapter alone (false;
+    # load() applies it to its base). The adapter alone is also written to adapter/ either way.
+    merge: bool = True
 
 
 def apply_lora(model: nn.Module, targets: tuple[str, ...] = ("q", "k", "v", "out"), rank: int = 8,
@@ -107,7 +114,7 @@ def apply_lora(model: nn.Module, targets: tuple[str, ...] = ("q", "k", "v", "out
         raise ValueError("no target module names given")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    shared = _shared_weights(model)
+    shared = shared_weights(model)
     found: set[str] = set()
     trainable: list[nn.Parameter] = []
     for parent in list(model.modules()):
@@ -132,6 +139,29 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """The LoRA layers by module path ("decoder.blocks.0.attn.q"), in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def wrap_linear(model: nn.Module, path: str, rank: int, alpha: float, dropout: float = 0.0, *,
+                scale: float | None = None) -> LoRALinear:
+    """Wrap the nn.Linear at `path` (a module path below `model`) in a LoRALinear and return it. Unlike
+    `apply_lora` this freezes nothing else; a layer whose weight another module shares is refused."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    child = getattr(parent, name, None)
+    if not isinstance(child, nn.Linear):
+        raise ValueError(f"{path} is not an nn.Linear layer of the model")
+    if isinstance(child, LoRALinear):
+        raise ValueError(f"{path} already has a LoRA adapter; merge_lora() it first")
+    if id(child.weight) in shared_weights(model):
+        raise ValueError(f"{path} shares its weight with another module (tied embeddings); LoRA cannot adapt it")
+    wrapped = LoRALinear(child, rank=rank, alpha=alpha, dropout=dropout, scale=scale)
+    setattr(parent, name, wrapped)
+    return wrapped
+
+
 def merge_lora(model: nn.Module, *, unload: bool = True) -> nn.Module:
     """Fold every adapter into its weight. unload=True (default) also swaps the LoRA layers for
     plain nn.Linear ones, so the state dict is the original model's again; unload=False keeps
@@ -152,7 +182,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _shared_weights(model: nn.Module) -> set[int]:
+def shared_weights(model: nn.Module) -> set[int]:
     """ids of parameters that more than one module holds (tied embeddings)."""
     owners: dict[int, int] = {}
     for module in model.modules():
