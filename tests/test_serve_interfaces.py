@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -258,7 +259,7 @@ def test_metrics_show_generations_in_flight_and_the_queue(env):  # noqa: F811
             with httpx.Client(base_url=url, timeout=30) as client:
                 return client.post("/v1/chat/completions", json=body).text
 
-        with threading.Semaphore(2), __import__("concurrent.futures").futures.ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(stream) for _ in range(2)]
             while not all(f.done() for f in futures):
                 text = probe.get("/metrics").text
