@@ -25,7 +25,9 @@ import pytest
 from PIL import Image
 
 from multimodal_models.cli import main
+from multimodal_models.data.formats import read_mmmu
 from multimodal_models.data.splits import load_split
+from multimodal_models.evaluate.harness import evaluate_multiple_choice
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
 
@@ -219,3 +221,13 @@ def test_score_vqa_on_the_published_file_names(capsys):
     scores = json.loads(capsys.readouterr().out)
     assert scores["overall"] == 76.67 and scores["perAnswerType"] == {"other": 100.0, "yes/no": 30.0}
     assert scores["num_questions"] == 3
+
+
+def test_evaluating_hidden_test_answers_is_refused_before_the_model_runs(mmmu):
+    class NeverAsked:
+        def chat(self, *args, **kwargs):
+            raise AssertionError("the model was run on questions that cannot be scored")
+
+    records = read_mmmu(mmmu / "Art" / "test-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=r"1 record\(s\) have no published answer \('\?'\): 'test_Art_1'"):
+        evaluate_multiple_choice(NeverAsked(), records)

@@ -25,7 +25,7 @@ from ..data.records import CaptionRecord, ConversationRecord, MultipleChoiceReco
 from ..models.chat import conversation_to_messages
 from ..data.splits import ImageStore, SplitData, image_key
 from .metrics.caption import caption_metrics
-from .metrics.mmmu import mmmu_scores
+from .metrics.mmmu import mmmu_scores, refuse_hidden_answers
 from .metrics.retrieval import retrieval_metrics
 from .metrics.vqa import vqa_accuracy
 
@@ -148,6 +148,7 @@ def answered_turns(record: ConversationRecord, template) -> list[tuple[list[int]
 @torch.no_grad()
 def evaluate_multiple_choice(model, records: list[MultipleChoiceRecord], *, progress: bool = False) -> dict:
     """MMMU-style items: the options are listed in the prompt, the answer is extracted officially."""
+    refuse_hidden_answers(records)  # before the model runs: MMMU's test split cannot be scored
     responses = {}
     for record in tqdm(records, desc="multiple choice", disable=not progress, leave=False):
         question = record.question

@@ -509,7 +509,7 @@ def _python_ptb_tokens(lines: list[str]) -> list[list[str]]:
 # These three call pycocoevalcap's scorers: they need no java, and our re-implementations
 # (the last commit with them is 4d99932) bought no speed worth their 200 lines and no other
 # numbers. Measured with `.venv/bin/python benchmarks/caption_metrics.py` (5,000 tokenized
-# captions, 5 references each, 2-core machine, 2026-12-09), theirs against ours: BLEU-1..4
+# captions, 5 references each, 2-core machine, 2026-12-08), theirs against ours: BLEU-1..4
 # 0.81 s against 0.86 s, ROUGE-L 0.66 s against 0.52 s, CIDEr-D 2.19 s against 1.73 s (an
 # earlier run on a busier machine: 0.90/1.70, 1.49/1.17, 2.88/3.30); the largest difference
 # of any corpus or per-image score was 2.5e-15.

@@ -233,6 +233,16 @@ def _describe(ids: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
+def refuse_hidden_answers(records: Iterable[MultipleChoiceRecord]) -> None:
+    """ValueError naming the records whose answer is hidden ("?", MMMU's test split): they cannot be scored."""
+    hidden = [rec.id for rec in records if rec.answer.strip() == HIDDEN_ANSWER]
+    if hidden:
+        raise ValueError(
+            f"{len(hidden)} record(s) have no published answer ({HIDDEN_ANSWER!r}): {_describe(hidden)}; MMMU's "
+            "test answers are hidden (the organisers score the test split): score the validation or dev split"
+        )
+
+
 def _scored_records(
     responses: Mapping[str, str], records: list[MultipleChoiceRecord], require_all: bool
 ) -> list[MultipleChoiceRecord]:
@@ -258,12 +268,7 @@ def _scored_records(
     scored = [rec for rec in records if rec.id in responses]
     if not scored:
         raise ValueError("no record to score: the responses are empty")
-    hidden = [rec.id for rec in scored if rec.answer.strip() == HIDDEN_ANSWER]
-    if hidden:
-        raise ValueError(
-            f"{len(hidden)} record(s) have no published answer ({HIDDEN_ANSWER!r}): {_describe(hidden)}; MMMU's "
-            "test answers are hidden (the organisers score the test split): score the validation or dev split"
-        )
+    refuse_hidden_answers(scored)
     # Upstream runs subjects in alphabetical order (its table order), questions in dataset
     # order; the random fallback draws depend on this order.
     return sorted(scored, key=subject_of)
