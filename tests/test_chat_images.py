@@ -8,6 +8,7 @@ import base64
 import http.server
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -78,8 +79,8 @@ def test_named_images_do_not_take_from_the_images_given_beside(vlm):
 
 
 class _Images(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    requests: list[str] = []
+    files: ClassVar[dict[str, bytes]] = {}
+    requests: ClassVar[list[str]] = []
 
     def do_GET(self):  # noqa: N802
         self.requests.append(self.path)

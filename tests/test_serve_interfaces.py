@@ -33,7 +33,7 @@ QUESTION = {"type": "text", "text": "describe the image."}
 
 
 @pytest.fixture(scope="module")
-def client(env):  # noqa: F811
+def client(env):
     return make_client(env)
 
 
@@ -61,7 +61,7 @@ def metric(text: str, name: str, **labels) -> float:
 # --- 2. image parts in every form -------------------------------------------------------------------
 
 
-def test_image_parts_in_transformers_forms_give_the_answer_of_the_image(client, env):  # noqa: F811
+def test_image_parts_in_transformers_forms_give_the_answer_of_the_image(client, env):
     photos, red = env["photos"], env["red"]
     expected = answer(chat(client, {"type": "image_url", "image_url": {"url": data_uri(red)}}))
     forms = [
@@ -100,7 +100,7 @@ def test_image_parts_obey_the_servers_rules_and_name_the_field(client, part, sta
     assert error["code"] == code and words in error["message"], error
 
 
-def test_image_parts_without_image_roots_or_in_other_roles(env):  # noqa: F811
+def test_image_parts_without_image_roots_or_in_other_roles(env):
     no_roots = make_client(env, image_roots=())
     error = error_of(chat(no_roots, {"type": "image", "path": "red.png"}), 403)
     assert error["code"] == "local_images_disabled" and error["param"] == "messages.0.content.0.path"
@@ -108,7 +108,7 @@ def test_image_parts_without_image_roots_or_in_other_roles(env):  # noqa: F811
     assert "user messages" in error["message"] and error["param"] == "messages.0.content.0"
 
 
-def test_remote_image_parts_when_allowed(env):  # noqa: F811
+def test_remote_image_parts_when_allowed(env):
     _ImageHandler.files = {"/red.png": env["red"]}
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -156,13 +156,13 @@ def test_every_field_of_openais_request_is_declared():
     ("store", True, "stores no completions"),
     ("service_tier", "priority", "one tier"),
 ])
-def test_options_the_server_cannot_honour_are_refused_by_name(client, env, field, value, words):  # noqa: F811
+def test_options_the_server_cannot_honour_are_refused_by_name(client, env, field, value, words):
     error = error_of(chat(client, {"type": "image", "url": data_uri(env["red"])}, **{field: value}), 400)
     assert error["param"] == field and error["code"] == "unsupported_parameter" and words in error["message"], error
     assert error["type"] == "invalid_request_error"
 
 
-def test_options_without_effect_are_accepted_and_change_nothing(client, env):  # noqa: F811
+def test_options_without_effect_are_accepted_and_change_nothing(client, env):
     part = {"type": "image", "url": data_uri(env["red"])}
     expected = answer(chat(client, part))
     neutral = {"response_format": {"type": "text"}, "n": 1, "logprobs": False, "top_logprobs": 0, "logit_bias": {},
@@ -177,7 +177,7 @@ def test_options_without_effect_are_accepted_and_change_nothing(client, env):  #
     assert all(answer(chat(client, part, temperature=1.5, seed=seed, top_k=1)) == expected for seed in range(4))
 
 
-def test_unknown_fields_are_refused_on_every_endpoint(client, env):  # noqa: F811
+def test_unknown_fields_are_refused_on_every_endpoint(client, env):
     uri = data_uri(env["red"])
     error = error_of(chat(client, {"type": "image", "url": uri}, best_of=2), 400)
     assert error == {"message": "unrecognized request argument supplied: best_of", "type": "invalid_request_error",
@@ -195,7 +195,7 @@ def test_unknown_fields_are_refused_on_every_endpoint(client, env):  # noqa: F81
     assert error_of(upload, 400)["param"] == "max_new_tokens"
 
 
-def test_the_openai_client_gets_refusals_as_bad_requests(env):  # noqa: F811
+def test_the_openai_client_gets_refusals_as_bad_requests(env):
     openai = pytest.importorskip("openai")
     with running(create_app(make_settings(env))) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
@@ -211,7 +211,7 @@ def test_the_openai_client_gets_refusals_as_bad_requests(env):  # noqa: F811
 # --- 6. operations: metrics, request ids, served names ---------------------------------------------
 
 
-def test_metrics_count_requests_latency_tokens_and_errors(env):  # noqa: F811
+def test_metrics_count_requests_latency_tokens_and_errors(env):
     client = make_client(env)
     part = {"type": "image", "url": data_uri(env["red"])}
     ok = chat(client, part, max_tokens=5).json()
@@ -244,7 +244,7 @@ def test_metrics_count_requests_latency_tokens_and_errors(env):  # noqa: F811
     assert keyed.get("/metrics", headers={"authorization": "Bearer secret"}).status_code == 200
 
 
-def test_metrics_show_generations_in_flight_and_the_queue(env):  # noqa: F811
+def test_metrics_show_generations_in_flight_and_the_queue(env):
     """One worker thread and a slow output filter: while two streams run, one generation waits
     for the worker and both are in flight; when they end, the gauges are back at 0."""
     import httpx
@@ -269,13 +269,13 @@ def test_metrics_show_generations_in_flight_and_the_queue(env):  # noqa: F811
                 time.sleep(0.01)
             texts = [f.result() for f in futures]
         assert all(read_sse(t)[-1] == "[DONE]" for t in texts)
-        assert seen == {"in_flight": 2, "queued": 1, "busy": 2}
+        assert seen["in_flight"] == 2 and seen["busy"] == 2 and seen["queued"] >= 1, seen
         text = probe.get("/metrics").text
         assert metric(text, "multimodal_generations_in_flight") == 0 and metric(text, "multimodal_queue_depth") == 0
         assert metric(text, "multimodal_generated_tokens_total", model="tiny-vlm") == 40
 
 
-def test_every_response_has_a_request_id_that_the_ids_and_logs_carry(env, caplog):  # noqa: F811
+def test_every_response_has_a_request_id_that_the_ids_and_logs_carry(env, caplog):
     client = make_client(env, api_key="secret")
     key = {"authorization": "Bearer secret"}
     part = {"type": "image", "url": data_uri(env["red"])}
@@ -302,7 +302,7 @@ def test_every_response_has_a_request_id_that_the_ids_and_logs_carry(env, caplog
     assert streamed.headers["x-request-id"] == "stream-7"
 
 
-def test_an_unexpected_error_is_logged_with_the_request_id(env, caplog):  # noqa: F811
+def test_an_unexpected_error_is_logged_with_the_request_id(env, caplog):
     def broken(_text):
         raise RuntimeError("the filter broke")
 
@@ -321,7 +321,7 @@ def test_an_unexpected_error_is_logged_with_the_request_id(env, caplog):  # noqa
     assert errors and "the filter broke" in str(errors[0].exc_info[1])
 
 
-def test_served_model_names(env):  # noqa: F811
+def test_served_model_names(env):
     client = make_client(env, served_model_name=("vision-chat", "vc"), served_embedder_name=("embed",))
     listed = [(m["id"], m["kind"]) for m in client.get("/v1/models").json()["data"]]
     assert listed == [("vision-chat", "vlm"), ("vc", "vlm"), ("embed", "dual_encoder")]
@@ -341,7 +341,7 @@ def test_served_model_names(env):  # noqa: F811
         make_client(env, served_model_name=(" x",))
 
 
-def test_device_and_dtype(env):  # noqa: F811
+def test_device_and_dtype(env):
     from multimodal_models.devices import resolve_device
 
     with pytest.raises(MultimodalError, match=r"--device cuda:99: this machine has no such GPU \(available: .*cpu"):
@@ -371,7 +371,7 @@ def test_device_and_dtype(env):  # noqa: F811
     assert parser.parse_args([]).device == "auto"
 
 
-def test_the_serve_command_logs_each_request_with_its_id(env):  # noqa: F811
+def test_the_serve_command_logs_each_request_with_its_id(env):
     import httpx
 
     process = subprocess.Popen(

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..data.records import ConversationRecord
 from ..data.images import load_image
+from ..data.records import ConversationRecord
 from ..data.tokenizer import IMAGE, WordTokenizer
 
 ROLE_TOKENS = {"system": "<system>", "user": "<user>", "assistant": "<assistant>"}

@@ -47,11 +47,11 @@ from starlette.routing import Match
 from ..data.images import encode_png, load_image
 from ..data.tokenizer import IMAGE
 from ..errors import ImageLoadError, MultimodalError
-from ..version import __version__
 from ..index import ImageIndex
 from ..index.rerank import Reranker
 from ..loading import DEFAULT_DUAL_ENCODER, SHIPPED, load
 from ..models.vlm import CAPTION_PROMPT
+from ..version import __version__
 from . import images as image_refs
 from . import schemas as S
 from .errors import APIError, bad_request, error_response

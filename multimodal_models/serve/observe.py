@@ -145,9 +145,8 @@ class RequestTracking:
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (REQUEST_ID_HEADER.encode(), rid.encode())]}
-            elif message["type"] == "http.response.body" and status >= 400:
-                if sum(map(len, body)) < MAX_ERROR_BODY:
-                    body.append(message.get("body", b""))
+            elif message["type"] == "http.response.body" and status >= 400 and sum(map(len, body)) < MAX_ERROR_BODY:
+                body.append(message.get("body", b""))
             await send(message)
 
         try:
