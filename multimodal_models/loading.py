@@ -59,6 +59,16 @@ def resolve(name_or_path: str | Path) -> Path:
     )
 
 
+def base_reference(name_or_path: str | Path) -> str:
+    """How an adapter names its base (base_model_name_or_path): a shipped name or a hub id as given, a
+    local folder by its absolute path (so that the adapter loads from any working directory)."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if text in SHIPPED or not path.is_dir():
+        return text
+    return str(path.resolve())
+
+
 def adapter_folder(adapter: str | Path) -> Path:
     """The local folder of an adapter, its adapter_config.json checked (before a base is loaded for it).
     Hub ids are not fetched for adapters: download the folder first."""

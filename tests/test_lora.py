@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multimodal_models.models.lora import LoRALinear, apply_lora, lora_layers, merge_lora, unmerge_lora
+from multimodal_models.models.lora import (LoRALinear, apply_lora, lora_layers, lora_modules, merge_lora, unmerge_lora,
+                                          wrap_linear)
 from multimodal_models.models.text import CausalDecoder, DecoderConfig
 
 torch.set_num_threads(1)
@@ -102,3 +103,28 @@ def test_tied_output_layer_is_not_wrapped_and_unknown_targets_are_errors():
         d = llama_like_decoder()
         apply_lora(d, targets=("q",))
         apply_lora(d, targets=("q",))
+
+
+def test_wrap_linear_by_module_path_and_its_refusals():
+    decoder = llama_like_decoder(tie=True)
+    layer = wrap_linear(decoder, "blocks.1.mlp.down", rank=2, alpha=4, scale=0.5)  # e.g. rsLoRA's alpha / sqrt(r)
+    assert lora_modules(decoder) == {"blocks.1.mlp.down": layer}
+    assert decoder.blocks[1].mlp.down is layer and layer.scale == 0.5 and layer.rank == 2
+    with pytest.raises(ValueError, match="blocks.0.norm1 is not an nn.Linear layer"):
+        wrap_linear(decoder, "blocks.0.norm1", rank=2, alpha=4)
+    with pytest.raises(ValueError, match="blocks.1.mlp.down already has a LoRA adapter"):
+        wrap_linear(decoder, "blocks.1.mlp.down", rank=2, alpha=4)
+    with pytest.raises(ValueError, match="lm_head shares its weight with another module"):
+        wrap_linear(decoder, "lm_head", rank=2, alpha=4)
+
+
+def test_merging_a_half_precision_layer_rounds_once():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    original = base.weight.detach().clone()
+    layer = LoRALinear(base, rank=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 0.01)
+    exact = original.float() + (layer.lora_b.float() @ layer.lora_a.float()) * 2
+    layer.merge()
+    assert torch.equal(layer.weight, exact.to(torch.bfloat16))  # the sum rounded once, not the update first

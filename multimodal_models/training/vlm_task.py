@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from ..data.records import ImageSource
 from ..data.splits import ImageStore, SplitData, image_key
 from ..data.tokenizer import WordTokenizer
 from ..evaluate.harness import first_images, vlm_split_scores
-from ..loading import load
+from ..loading import base_reference, load, resolve
 from ..models.chat import CHAT_SPECIAL_TOKENS, ChatEncoding, conversation_to_messages
 from ..models.layers import causal_mask
 from ..models.lora import LoRAConfig, apply_lora, merge_lora
@@ -41,6 +42,7 @@ from ..models.packed_attention import PADDING
 from ..models.pretrained import config_from_dict
 from ..models.vision import VisionConfig
 from ..models.vlm import CAPTION_PROMPT, VisionLanguageModel, VLMConfig, VLMOutput
+from ..pretrained.peft_adapters import LoRAAdapter, adapter_from_model
 from .config import task_options
 from .loop import autocast_context
 
@@ -97,7 +99,9 @@ class VLMOptions:
     max_length: int | None = None  # a packed sequence's longest (None: the decoder's max_length)
     vision_from: str | None = None  # start from this model's vision tower (LLaVA's recipe)
     init_from: str | None = None  # fine-tune this saved, shipped or Hugging Face model, with its own tokenizer
-    lora: LoRAConfig | None = None  # LoRA on the decoder, everything else frozen (merged into the saved model)
+    # LoRA on the decoder, everything else frozen: model/ is the merged model (lora.merge), and with init_from
+    # adapter/ holds the adapter alone in peft's layout
+    lora: LoRAConfig | None = None
     freeze_vision: bool = False  # keep the (pretrained) vision side as it is
 
 
@@ -127,6 +131,9 @@ class VLMTask:
             for parameter in (p for module in self.model.vision_modules() for p in module.parameters()):
                 parameter.requires_grad_(False)
         self.lora = options.lora
+        if self.lora is not None and not self.lora.merge and not options.init_from:
+            raise ValueError("task_options.lora.merge: false saves the adapter alone, which applies to the model the "
+                             "run started from: set task_options.init_from (or leave lora.merge true)")
         if self.lora is not None:  # LoRA on the decoder; everything else frozen
             for parameter in self.model.parameters():
                 parameter.requires_grad_(False)
@@ -174,11 +181,22 @@ class VLMTask:
         """Start the new model's vision side from `tower`'s."""
         model.vision.load_state_dict(tower.vision.state_dict())
 
-    def export_model(self, model: VisionLanguageModel) -> VisionLanguageModel:
-        """The model to save at the end: LoRA updates folded into the weights."""
-        if self.lora is not None:
-            merge_lora(model)
-        return model
+    def export_model(self, model: VisionLanguageModel) -> VisionLanguageModel | LoRAAdapter:
+        """The model to save at the end (as <output>/model). With LoRA on a model the run started from
+        (init_from), the adapter alone is first written to <output>/adapter in peft's layout (it names
+        that model as its base); then the model with the updates folded into its weights, or with
+        lora.merge false the adapter itself, is what <output>/model holds."""
+        if self.lora is None:
+            return model
+        adapter = None
+        if self.options.init_from:
+            adapter = adapter_from_model(model, base=base_reference(self.options.init_from),
+                                         base_folder=resolve(self.options.init_from))
+            dtype = None if self.config.save_dtype == "float32" else getattr(torch, self.config.save_dtype)
+            adapter.save_pretrained(Path(self.config.output) / "adapter", dtype=dtype)
+        if not self.lora.merge:
+            return adapter
+        return merge_lora(model)
 
     # -- building sequences ----------------------------------------------------------------
 
