@@ -195,6 +195,14 @@ def test_bleu_rouge_cider_equal_values_worked_out_by_hand():
     assert cider_d({1: "a b", 2: "c d"}, {1: ["a b"], 2: ["c d"]})[1] == {1: 5.0, 2: 5.0}
 
 
+def test_references_without_words_give_zero_cider_and_pycocoevalcap_bleu_rouge():
+    # e.g. references of punctuation only, emptied by tokenisation; pycocoevalcap's Cider
+    # cannot score these (max() of no document frequencies), CIDEr-D is 0: nothing to match.
+    predictions, references = {1: "a dog", 2: ""}, {1: [""], 2: ["", ""]}
+    assert cider_d(predictions, references) == (0.0, {1: 0.0, 2: 0.0})
+    assert rouge_l(predictions, references) == (0.5, {1: 0.0, 2: 1.0})  # "" against "": one equal empty word
+
+
 def test_bleu_n_other_than_4():
     corpus, per_image = bleu({1: "a b c"}, {1: ["a b c d"]}, n=2)
     assert len(corpus) == 2 and len(per_image[1]) == 2

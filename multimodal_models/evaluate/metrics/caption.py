@@ -576,6 +576,10 @@ def cider_d(predictions: Predictions, references: References) -> tuple[float, di
     bigrams, not words; and with a single image every idf is 0, so CIDEr-D is 0.
     """
     image_ids, gts, res = _coco_format(predictions, references)
+    if not any(reference.split() for references_of_image in gts.values() for reference in references_of_image):
+        # No reference holds a word (e.g. only punctuation, dropped by tokenisation): nothing can
+        # match, so every score is 0; pycocoevalcap's Cider would fail on max() of no frequencies.
+        return 0.0, {i: 0.0 for i in image_ids}
     corpus, scores = _import_scorer("cider.cider", "Cider")().compute_score(gts, res)
     return float(corpus), {i: float(score) for i, score in zip(image_ids, scores, strict=True)}
 
