@@ -311,6 +311,44 @@ def test_llava_export_loads_in_transformers_with_the_same_outputs(llava, tmp_pat
         assert (ours_again(ids, pixels).logits - reference(**inputs).logits).abs().max().item() <= 1e-5
 
 
+def test_a_generated_image_placeholder_is_text_as_in_transformers(tmp_path):
+    """A model may write its own <image> token (here: its embedding row, tied to the head, made to
+    outscore the first word). transformers embeds it as the token it is and goes on; so do we, with and
+    without the KV cache, in chat and in batched answers: the same tokens and the same logits each step."""
+    folder, _ = make_llava(tmp_path / "llava", "qwen2-siglip")
+    images = [random_image(45, 37, 1)]
+    inputs = hf_inputs(hf_processor(folder, "llava"), images)
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    image_id = reference.config.image_token_id
+    with torch.no_grad():
+        first = int(reference(**inputs).logits[0, -1].argmax())
+    tensors = load_file(str(folder / "model.safetensors"))
+    embeddings = next(key for key in tensors if key.endswith("embed_tokens.weight"))
+    tensors[embeddings][image_id] = tensors[embeddings][first] * 1.05
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = reference.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=[], pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+    expected = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    assert expected[0] == image_id and any(token != image_id for token in expected)
+
+    model = multimodal_models.load(folder)
+    encoding = model.chat_template().encode(conversation(images), add_generation_prompt=True)
+    pixels = model.image_processor(encoding.images)
+    for use_cache in (True, False):
+        config = GenerationConfig(max_new_tokens=6, use_cache=use_cache)
+        assert list(generate_tokens(VLMSession(model, torch.tensor([encoding.ids]), pixels, config), config,
+                                    set())) == expected
+        session = VLMSession(model, torch.tensor([encoding.ids]), pixels, config)
+        logits = [session.prefill()] + [session.step(torch.tensor([token])) for token in expected[:-1]]
+        for ours, theirs in zip(logits, out.logits, strict=True):
+            assert (ours - theirs).abs().max().item() <= 1e-5
+    text = model.tokenizer.decode(expected)
+    assert model.ask(images[0], "what is in the image?", max_new_tokens=6) == text
+    assert model.answer_batch(["what is in the image?"] * 2, images=images * 2, max_new_tokens=6) == [text] * 2
+
+
 def test_llava_saved_in_our_format_comes_back_the_same(llava, tmp_path):
     case, folder, reference, model = llava
     model.save_pretrained(tmp_path / "ours")

@@ -202,12 +202,24 @@ class VisionLanguageModel(PretrainedModel):
 
     # -- model -----------------------------------------------------------------------------
 
-    def embed(self, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the <image> placeholders replaced by the projected image features
-        (`image_features`), in order."""
+    def image_slots(self, ids: torch.Tensor, prompt_length: int | None = None, start: int = 0) -> torch.Tensor:
+        """(B, T) True where an image embedding goes: the <image> placeholders of the prompt. ids starts
+        at position `start` (the cached positions before it); with `prompt_length`, positions from there
+        on hold generated tokens, and a placeholder the model generated is text, embedded as the token it
+        is (as transformers does), not an image slot."""
+        slots = ids == self.config.image_token_id
+        if prompt_length is not None:
+            generated = torch.arange(start, start + ids.shape[1], device=ids.device) >= prompt_length
+            slots = slots & ~generated
+        return slots
+
+    def embed(self, ids: torch.Tensor, features: torch.Tensor | None, slots: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """Token embeddings with the image slots (default: every <image> placeholder; see `image_slots`)
+        replaced by the projected image features (`image_features`), in order."""
         embeds = self.decoder.embed(ids)
         features = None if features is None else self.projector(features)
-        slots = ids == self.config.image_token_id
+        slots = ids == self.config.image_token_id if slots is None else slots
         count = int(slots.sum())
         given = 0 if features is None else features.shape[0] * features.shape[1]
         if count != given:
@@ -221,9 +233,13 @@ class VisionLanguageModel(PretrainedModel):
 
     def forward(self, ids: torch.Tensor, pixels: torch.Tensor | None = None, *, features: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None, cache=None,
-                segments: torch.Tensor | None = None, predict_at: torch.Tensor | None = None) -> VLMOutput:
+                segments: torch.Tensor | None = None, predict_at: torch.Tensor | None = None,
+                prompt_length: int | None = None) -> VLMOutput:
         """ids (B, T); pixels (N, 3, H, W) for the N images of the batch in reading order (or their
         `image_features`). With a cache, later calls pass only the new ids.
+
+        prompt_length (decoding): the positions from there on (cached ones counted) are generated
+        tokens, where an <image> the model wrote is embedded as text (`image_slots`).
 
         segments (B, T), with a packed mask: 0 on each row's shared prefix, 1, 2, ... on its segments,
         -1 on padding; attention is then computed block by block (models/packed_attention.py), the same
@@ -234,8 +250,9 @@ class VisionLanguageModel(PretrainedModel):
         if features is None and pixels is not None:
             features = self.image_features(pixels)
         start = cache.length if cache is not None else 0
+        slots = self.image_slots(ids, prompt_length, start)
         if self.config.image_attention == "bidirectional":
-            mask = self.image_block_mask(ids, mask, start=start)
+            mask = self.image_block_mask(ids, mask, start=start, slots=slots)
         if segments is not None:
             if mask is None or cache is not None:
                 raise ValueError("segments describe a packed batch: give its mask, and no cache")
@@ -251,18 +268,21 @@ class VisionLanguageModel(PretrainedModel):
             outputs_at = predict_at if packed is None else packed.compact_index(predict_at)
         # a packed batch is embedded on its real positions only (models/packed_attention.py)
         embedded = ids if packed is None else packed.compact(ids)
-        logits = self.decoder(embeds=self.embed(embedded, features), mask=mask, positions=positions, cache=cache,
+        slots = slots if packed is None else packed.compact(slots)
+        logits = self.decoder(embeds=self.embed(embedded, features, slots), mask=mask, positions=positions, cache=cache,
                               after_block=hook, outputs_at=outputs_at)
         if predict_at is not None and last_hooked:
             logits = rows(logits.flatten(0, 1), predict_at)
         return VLMOutput(logits, hook)
 
-    def image_block_mask(self, ids: torch.Tensor, mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+    def image_block_mask(self, ids: torch.Tensor, mask: torch.Tensor | None, start: int = 0,
+                         slots: torch.Tensor | None = None) -> torch.Tensor:
         """The attention mask (B, 1, T, start + T) with each image's tokens also seeing the later
         tokens of the same image. mask: the causal mask to extend (None: plain causal after
-        `start` cached positions); an image is a run of consecutive <image> placeholders."""
+        `start` cached positions); an image is a run of consecutive image slots (default: <image>
+        placeholders; see `image_slots`)."""
         B, T = ids.shape
-        image = ids == self.config.image_token_id
+        image = ids == self.config.image_token_id if slots is None else slots
         if mask is None:
             mask = causal_mask(T, start + T, ids.device).expand(B, 1, T, start + T)
         if not image.any():
@@ -349,8 +369,7 @@ class VisionLanguageModel(PretrainedModel):
         eye = torch.eye(longest, dtype=torch.bool, device=self.device)
         mask = (causal & valid[:, None, :]) | eye  # (B, T, T); pads attend to themselves only
         cache = self.decoder.new_cache(B, longest + max_new_tokens)
-        logits = self.next_token_logits(self(ids, features=features, mask=mask[:, None], positions=positions,
-                                             cache=cache).logits)
+        logits = self(ids, features=features, mask=mask[:, None], positions=positions, cache=cache).logits[:, -1]
         stop_ids = stop_ids if stop_ids is not None else self.chat_template().stop_ids()
         outputs: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -368,18 +387,10 @@ class VisionLanguageModel(PretrainedModel):
             if bool(done.all()):
                 break
             keys = torch.cat([keys, torch.ones(B, 1, dtype=torch.bool, device=self.device)], dim=1)
-            logits = self.next_token_logits(self(tokens[:, None], mask=keys[:, None, None, :],
-                                                 positions=next_position[:, None], cache=cache).logits)
+            logits = self(tokens[:, None], mask=keys[:, None, None, :], positions=next_position[:, None], cache=cache,
+                          prompt_length=longest).logits[:, -1]  # a generated <image> is text
             next_position = next_position + 1
         return outputs
-
-    def next_token_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The last position's logits (B, V) of a decoding step, the <image> placeholder ruled out: it
-        stands for image embeddings, which a generated token cannot bring (an undertrained model may
-        still rate it highly)."""
-        last = logits[:, -1].clone()
-        last[:, self.config.image_token_id] = float("-inf")
-        return last
 
     def user_prompts(self, texts: list[str], images: list[Any] | None = None) -> list[list[int]]:
         """One user turn per text, each about one image (given when the prompt depends on it)."""
@@ -481,6 +492,7 @@ class VLMSession:
         if ids.shape[0] > 1 and (self.features is None or self.features.shape[0] != ids.shape[0]):
             raise ValueError(f"{ids.shape[0]} prompts decoded together need one image each")
         self.prompts = ids.shape[0]
+        self.prompt_length = ids.shape[1]  # the positions after it are generated
         self.prompt_of = torch.arange(self.prompts, device=ids.device)  # which prompt each row continues
         length = ids.shape[1] + config.max_new_tokens + 1
         if length > model.config.decoder.max_length:
@@ -489,19 +501,21 @@ class VLMSession:
         self.cache = model.decoder.new_cache(ids.shape[0], length) if config.use_cache else None
 
     def prefill(self) -> torch.Tensor:
-        return self.model.next_token_logits(self.model(self.ids, features=self.features, cache=self.cache).logits)
+        return self.model(self.ids, features=self.features, cache=self.cache).logits[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The next logits after `tokens`; an <image> placeholder among the generated tokens is
+        embedded as text (VisionLanguageModel.image_slots), as transformers does."""
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
         if self.cache is not None:
-            return self.model.next_token_logits(self.model(tokens[:, None], cache=self.cache).logits)
+            return self.model(tokens[:, None], cache=self.cache, prompt_length=self.prompt_length).logits[:, -1]
         # every row's images: those of the prompt it continues (one prompt: all the features, for each beam)
         features = self.features
         if features is not None and self.prompts == 1:
             features = features.repeat(self.ids.shape[0], 1, 1)
         elif features is not None:
             features = features.index_select(0, self.prompt_of)
-        return self.model.next_token_logits(self.model(self.ids, features=features).logits)
+        return self.model(self.ids, features=features, prompt_length=self.prompt_length).logits[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
         self.ids = self.ids.index_select(0, index)
