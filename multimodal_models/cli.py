@@ -146,11 +146,17 @@ def cmd_demo(args) -> None:
 # --- models ---------------------------------------------------------------------------
 
 
-def _load(name: str, args, expected: str | None = None):
-    """The model a command's --model (or another flag's value) names, on its --device in its --dtype."""
+def _load(name: str, args, expected: str | None = None, adapter: str | None = None):
+    """The model a command's --model (or another flag's value) names, on its --device in its --dtype,
+    with a LoRA adapter folder applied (--adapter)."""
     from .loading import load  # heavy: torch
 
-    return load(name, device=args.device, dtype=args.dtype, expect=expected, needed_by="this command")
+    return load(name, adapter=adapter, device=args.device, dtype=args.dtype, expect=expected,
+                needed_by="this command")
+
+
+ADAPTER_HELP = ("LoRA adapter folder in peft's layout (adapter_config.json + adapter_model.safetensors; e.g. a "
+                "LoRA run's adapter/) to apply to --model, folded into its weights")
 
 
 def _generation_options(args) -> dict:
@@ -193,20 +199,20 @@ def cmd_evaluate(args) -> None:
 
         reranker = Reranker(_load(args.rerank_with, args, "vlm"), top=args.rerank_top,
                             similarity_weight=args.rerank_similarity_weight)
-    results = evaluate_model(_load(args.model, args), data, args.out, limit=args.limit,
+    results = evaluate_model(_load(args.model, args, adapter=args.adapter), data, args.out, limit=args.limit,
                              progress=not args.quiet, reranker=reranker,
                              extras=SHAPES_EXTRAS)  # each does nothing where the data has no scene graphs
     _print_json({"report": str(Path(args.out) / "report.md"), **headline(results)})
 
 
 def cmd_caption(args) -> None:
-    model = _load(args.model, args, "vlm")
+    model = _load(args.model, args, "vlm", adapter=args.adapter)
     for image in args.images:
         print(f"{image}\t{model.caption(str(image), **_generation_options(args))}")
 
 
 def cmd_ask(args) -> None:
-    model = _load(args.model, args)
+    model = _load(args.model, args, adapter=args.adapter)
     if model.model_type == "fusion_classifier":
         answer, confidence = model.answer(str(args.image), args.question)
         print(f"{answer}\t(confidence {confidence:.3f})")
@@ -219,7 +225,7 @@ def cmd_ask(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    model = _load(args.model, args, "vlm")
+    model = _load(args.model, args, "vlm", adapter=args.adapter)
     images = [str(p) for p in args.images]
     messages: list[dict] = []
     print(f"Chatting about {len(images)} image(s). An empty line or Ctrl-D ends.", file=sys.stderr)
@@ -419,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("evaluate", help="run a model on a benchmark split or annotation files; write metrics, "
                                               "a report and plots")
     ev.add_argument("--model", default="shapes-vlm", help="shipped model name or saved model folder (default shapes-vlm)")
+    ev.add_argument("--adapter", default=None, metavar="FOLDER", help=ADAPTER_HELP)
     ev.add_argument("--data", default=None, metavar="DIR",
                     help="dataset folder with dataset.json (e.g. from 'multimodal shapes generate')")
     ev.add_argument("--split", default=None, help="split of --data to evaluate (default test)")
@@ -460,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = commands.add_parser("caption", help="caption images with a native multimodal LM")
     cp.add_argument("images", nargs="+", type=Path, help="image files")
     cp.add_argument("--model", default="shapes-vlm", help="model name or folder (default shapes-vlm)")
+    cp.add_argument("--adapter", default=None, metavar="FOLDER", help=ADAPTER_HELP)
     generation_options(cp)
     cp.set_defaults(func=cmd_caption)
 
@@ -467,12 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("image", type=Path, help="image file")
     ask.add_argument("question", help="the question")
     ask.add_argument("--model", default="shapes-vlm", help="model name or folder (default shapes-vlm)")
+    ask.add_argument("--adapter", default=None, metavar="FOLDER", help=ADAPTER_HELP)
     generation_options(ask)
     ask.set_defaults(func=cmd_ask)
 
     ch = commands.add_parser("chat", help="chat about images, several turns, answers streamed")
     ch.add_argument("images", nargs="+", type=Path, help="image files the chat is about")
     ch.add_argument("--model", default="shapes-vlm", help="model name or folder (default shapes-vlm)")
+    ch.add_argument("--adapter", default=None, metavar="FOLDER", help=ADAPTER_HELP)
     generation_options(ch)
     ch.set_defaults(func=cmd_chat)
 

@@ -311,3 +311,37 @@ def test_an_adapter_folder_without_a_base_or_without_its_files(own_adapter, tmp_
         multimodal_models.load(base, adapter=base)
     with pytest.raises(FileNotFoundError, match="hf download someone/lora --local-dir DIR"):
         multimodal_models.load(base, adapter="someone/lora")
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_commands_that_load_a_vlm_take_an_adapter(tmp_path, capsys):
+    from multimodal_models.cli import build_parser, main
+
+    tiny_vlm().save_pretrained(tmp_path / "base")  # sharpened: it says something
+    model = multimodal_models.load(tmp_path / "base")
+    apply_lora(model.decoder, targets=("q", "v", "fc1"), rank=2, alpha=4)
+    randomise_lora_b([layer.lora_b for layer in lora_layers(model)], seed=3)
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            layer.lora_b.mul_(40)  # an adapter that changes what the model says
+    adapter_from_model(model, base=str(tmp_path / "base"), base_folder=tmp_path / "base").save_pretrained(
+        tmp_path / "adapter")
+    image = tmp_path / "red.png"
+    random_image(40, 40, 7).save(image)
+    question = "is there a red circle?"
+    adapted = multimodal_models.load(tmp_path / "base", adapter=tmp_path / "adapter").ask(str(image), question,
+                                                                                       max_new_tokens=6)
+    plain = multimodal_models.load(tmp_path / "base").ask(str(image), question, max_new_tokens=6)
+    assert adapted != plain
+
+    common = ["--model", str(tmp_path / "base"), "--max-tokens", "6", "--device", "cpu"]
+    assert main(["ask", str(image), question, *common, "--adapter", str(tmp_path / "adapter")]) == 0
+    assert capsys.readouterr().out.strip() == adapted
+    assert main(["ask", str(image), question, *common]) == 0
+    assert capsys.readouterr().out.strip() == plain
+    assert main(["ask", str(image), question, *common, "--adapter", str(tmp_path / "base")]) == 2
+    assert "adapter_config.json not found" in capsys.readouterr().err
+    for command in (["caption", "x.png"], ["chat", "x.png"], ["evaluate", "--out", "report"]):
+        assert build_parser().parse_args([*command, "--adapter", "A"]).adapter == "A"
