@@ -319,6 +319,13 @@ def test_an_unexpected_error_is_logged_with_the_request_id(env, caplog):
     assert ("unexpected", "broken-1") in logged and ("POST", "broken-1") in logged
     errors = [r for r in caplog.records if r.exc_info]
     assert errors and "the filter broke" in str(errors[0].exc_info[1])
+    # a stream that breaks after it started keeps its 200, and is counted as an error
+    streamed = client.post("/v1/chat/completions", json={"messages": image_messages(data_uri(env["red"]), "describe."),
+                                                          "max_tokens": 3, "stream": True})
+    assert streamed.status_code == 200 and read_sse(streamed.text)[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = client.get("/metrics").text
+    assert metric(text, "multimodal_errors_total", status="500", code="internal_error") == 1
+    assert metric(text, "multimodal_errors_total", status="200", code="internal_error") == 1
 
 
 def test_served_model_names(env):

@@ -153,7 +153,9 @@ class RequestTracking:
             await self.app(scope, receive, tracked_send)
         except Exception:
             log.exception("unexpected error")
-            if status is None:
+            if status is not None:  # a stream broke off after it started: counted here, as its status is 200
+                self.metrics.error(status, "internal_error")
+            else:
                 content = json.dumps(error_body(500, "internal server error (the server's log has the details)",
                                                 code="internal_error")).encode()
                 await tracked_send({"type": "http.response.start", "status": 500, "headers": [
@@ -161,11 +163,12 @@ class RequestTracking:
                     *SECURITY_HEADERS]})
                 await tracked_send({"type": "http.response.body", "body": content})
         finally:
+            if status is None:  # cancelled before answering: the client went away (nginx's 499)
+                status = 499
             seconds = time.perf_counter() - started
             route, method = self.route_of(scope), scope["method"]
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route, method).observe(seconds)
-            status = status or 500
-            if status >= 400:
+            if status >= 400 and status != 499:
                 self.metrics.error(status, _error_code(b"".join(body)))
             log.info("%s %s %d %.0f ms", method, scope["path"], status, seconds * 1000)
