@@ -284,6 +284,17 @@ def cmd_search(args) -> None:
     run_search(args)
 
 
+def cmd_export(args) -> None:
+    from .export import export  # heavy: torch
+
+    model = _load(args.model, args)
+    start = time.perf_counter()
+    out = export(model, args.out, format=args.format, quantize=args.quantize)
+    files = sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
+    _print_json({"out": str(out), "format": args.format, "quantize": args.quantize, "files": files,
+                 "seconds": round(time.perf_counter() - start, 1)})
+
+
 def cmd_serve(args) -> None:
     run_from_args(args)
 
@@ -529,6 +540,16 @@ def build_parser() -> argparse.ArgumentParser:
     rerank_options(se, "text queries are ranked")
     device_options(se)
     se.set_defaults(func=cmd_search)
+
+    xp = commands.add_parser("export", help="write a model as ONNX graphs (ONNX Runtime) or in the Hugging Face layout")
+    xp.add_argument("model", help="model name, folder or hub id")
+    xp.add_argument("out", type=Path, help="output folder")
+    xp.add_argument("--format", choices=("onnx", "hf"), required=True,
+                    help="onnx: a dual encoder's image and text towers as ONNX graphs beside the model (load it with "
+                         "--runtime onnx); hf: the layout transformers loads (CLIP, SigLIP, LLaVA, Idefics3)")
+    xp.add_argument("--quantize", choices=("int8",), default=None,
+                    help="with --format onnx: int8 graphs (ONNX Runtime's dynamic quantization)")
+    xp.set_defaults(func=cmd_export, device="cpu", dtype=None)
 
     sv = commands.add_parser("serve", help="serve the models over HTTP: OpenAI-compatible API, search, web page")
     serve_arguments(sv)

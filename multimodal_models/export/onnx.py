@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import MissingDependencyError, MultimodalError, WrongModelError
+from ..models.dual_encoder import DualEncoder
 
 ONNX_DIRNAME = "onnx"
 EXPORT_INFO = "export.json"
@@ -50,8 +51,6 @@ def _require(module: str, extra: str):
 
 def export_onnx(model, out: str | os.PathLike, *, quantize: str | None = None) -> Path:
     """Write `model` (a DualEncoder) to `out` with its towers as ONNX graphs; returns `out`."""
-    from ..models.dual_encoder import DualEncoder
-
     if not isinstance(model, DualEncoder):
         raise WrongModelError(f"ONNX export covers dual encoders (their image and text towers); "
                               f"{type(model).__name__} is a {getattr(model, 'model_type', '?')} model")
