@@ -182,7 +182,7 @@ def evaluated_data(monkeypatch):
         raise _Stop
 
     monkeypatch.setattr("multimodal_models.evaluate.report.evaluate_model", fake_evaluate_model)
-    monkeypatch.setattr("multimodal_models.cli._load", lambda name, args, expected=None: None)
+    monkeypatch.setattr("multimodal_models.cli._load", lambda name, args, expected=None, **options: None)
     return seen
 
 
@@ -193,6 +193,14 @@ def test_evaluate_mmmu_folder_reads_the_validation_split(mmmu, tmp_path, evaluat
             main(["evaluate", "--model", "any", "--mmmu", str(folder), "--out", str(tmp_path / "report")])
         records = load_split(evaluated_data["data"], "eval").multiple_choice
         assert [r.id for r in records] == expected
+
+
+def test_evaluate_mmmu_split_picks_a_folder_split(mmmu, tmp_path, evaluated_data):
+    with pytest.raises(_Stop):
+        main(["evaluate", "--model", "any", "--mmmu", str(mmmu), "--mmmu-split", "dev", "--out", str(tmp_path / "r")])
+    records = load_split(evaluated_data["data"], "eval").multiple_choice
+    assert [r.id for r in records] == [r[0] for r in DEV]
+    assert main(["evaluate", "--model", "any", "--mmmu-split", "dev", "--out", str(tmp_path / "r")]) == 2
 
 
 def test_evaluate_karpathy_file_defaults_to_its_test_split(tmp_path, evaluated_data):

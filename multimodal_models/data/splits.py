@@ -38,6 +38,7 @@ class SplitFiles:
     table: str | None = None  # plain JSONL / CSV next to an image folder
     scenes: str | None = None  # scene graphs (CLEVR-like JSON; read by the code that uses them, e.g. Shapes)
     mmmu: str | None = None  # MMMU-layout parquet file or folder (multiple-choice evaluation)
+    mmmu_split: str | None = None  # which of a folder's MMMU files: dev | validation (default) | test
 
 
 @dataclass
@@ -89,7 +90,8 @@ def split_files(data: DataConfig, which: str) -> SplitFiles:
     if explicit is not None:
         merged.update({k: v for k, v in asdict(explicit).items() if v is not None})
     if root is not None:
-        merged = {k: (str(root / v) if v is not None and k != "karpathy_split" else v) for k, v in merged.items()}
+        merged = {k: (str(root / v) if v is not None and k not in ("karpathy_split", "mmmu_split") else v)
+                  for k, v in merged.items()}
     return SplitFiles(**merged)
 
 
@@ -115,7 +117,7 @@ def load_split(data: DataConfig, which: str) -> SplitData:
         else:
             split.captions += rows
     if files.mmmu:
-        split.multiple_choice = formats.read_mmmu(files.mmmu)
+        split.multiple_choice = formats.read_mmmu(files.mmmu, split=files.mmmu_split or "validation")
     if split.is_empty():
         raise ValueError(f"the {which} split has no captions, questions or conversations: check data in the config")
     if which == "train" and data.train_fraction < 1:  # the eval split is always whole

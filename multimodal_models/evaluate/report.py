@@ -37,7 +37,7 @@ EvaluationData = str | Path | DataConfig | SplitFiles
 # The SplitFiles fields that hold records to evaluate; `images` and `scenes` only help read them.
 RECORD_FIELDS = ("table", "vqa_questions", "vqa_annotations", "captions", "karpathy", "dialogues", "mmmu")
 FOLDER_FIELDS = ("images",)  # the others are files, except mmmu, which may be either
-NOT_PATHS = ("karpathy_split",)
+NOT_PATHS = ("karpathy_split", "mmmu_split")
 
 
 def evaluate_model(model, data: EvaluationData, out: str | Path, *, split: str | None = None, limit: int | None = None,
@@ -171,6 +171,8 @@ def _check_pairs(files: SplitFiles, origin: Callable[[str], str], name: Callable
                               "the answers to score against")
     if files.karpathy_split and not files.karpathy:
         raise MultimodalError(f"{origin('karpathy_split')} names a split of {name('karpathy')} FILE; give it too")
+    if files.mmmu_split and not files.mmmu:
+        raise MultimodalError(f"{origin('mmmu_split')} names a split of {name('mmmu')} FOLDER; give it too")
     if files.karpathy and files.captions:  # the reader would take the captions and drop the Karpathy file
         raise MultimodalError(f"{origin('captions')} and {origin('karpathy')} both give the captions; keep one")
 
