@@ -459,8 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LLaVA conversations JSON/JSONL; image paths in it are relative to the folder above "
                             "--images (default: the file's folder)")
     given.add_argument("--mmmu", metavar="PATH",
-                       help="MMMU parquet file, or a folder as MMMU is published (one subject, or all), of which "
-                            "the validation files are read (multiple choice)")
+                       help="MMMU parquet file, or a folder as MMMU is published (one subject, or all; multiple "
+                            "choice)")
+    given.add_argument("--mmmu-split", metavar="NAME",
+                       help="the split of an --mmmu folder to evaluate: dev, validation or test (default validation; "
+                            "test answers are hidden)")
     given.add_argument("--scenes", metavar="FILE", help="Shapes scene graphs of the images (grounded caption scores)")
     rerank_options(ev, "a dual encoder's text→image retrieval is also scored")
     device_options(ev)
