@@ -118,7 +118,7 @@ def test_lora_fine_tune_a_hugging_face_llava_on_conversations(tmp_path):
 
 
 def test_lora_run_that_keeps_the_adapter_alone(tmp_path):
-    config, folder, images = llava_lora_run(tmp_path, merge=False)
+    config, folder, _ = llava_lora_run(tmp_path, merge=False)
     config["train"].update(steps=1, eval_every=1, eval_samples=2)
     summary = train(config_from_raw(config), progress=False)
     model = Path(summary["model"])

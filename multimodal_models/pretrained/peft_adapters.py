@@ -191,6 +191,7 @@ def adapter_from_model(model: nn.Module, *, base: str, base_folder: str | os.Pat
         tensors[f"{PEFT_PREFIX}{theirs}.lora_A.weight"] = layer.lora_a.detach().float().cpu().clone()
         tensors[f"{PEFT_PREFIX}{theirs}.lora_B.weight"] = layer.lora_b.detach().float().cpu().clone()
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    alpha = first.scale * first.rank
     family = paths.family
     config = {
         "peft_type": "LORA",
@@ -198,7 +199,7 @@ def adapter_from_model(model: nn.Module, *, base: str, base_folder: str | os.Pat
         "base_model_name_or_path": base,
         "revision": None,
         "r": first.rank,
-        "lora_alpha": first.scale * first.rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": dropout,
         "target_modules": targets,  # full module paths: exactly these layers, in every peft version
         "bias": "none",
@@ -367,7 +368,7 @@ def _check_targets(config: dict, paths: ModulePaths, config_file: Path, made_for
     known = paths.targets()
     for target in targets:
         name = normalise(target + ".weight")[: -len(".weight")]
-        if any(path == name or path.endswith("." + name) or path.endswith("." + target) for path in known):
+        if any(path == name or path.endswith(("." + name, "." + target)) for path in known):
             return
     raise DataFormatError(config_file, f"{targets} name no linear layer of the base model "
                           f"({paths.config_file.parent}); the adapter was made for {made_for}", field="target_modules")
