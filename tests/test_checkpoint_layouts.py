@@ -1,8 +1,8 @@
 """Checkpoints as the installed transformers writes them, and those we do not read.
 
-Every supported family (CLIP, SigLIP, LLaVA, Idefics3, SmolVLM) is saved here by transformers
-itself, model and processor both, as a user of transformers 5 publishes a checkpoint; the test
-says which files transformers wrote (processor_config.json with the image settings nested under
+Every supported family (CLIP, SigLIP with a tokenizer.json or only its SentencePiece model, LLaVA,
+Idefics3, SmolVLM) is saved here by transformers itself, model and processor both, as a user of
+transformers 5 publishes a checkpoint; the test says which files transformers wrote (processor_config.json with the image settings nested under
 "image_processor" and no preprocessor_config.json, chat_template.jinja), loads the folder with
 our loaders and demands transformers' numbers. The same folder rewritten in the 4.x layout
 (preprocessor_config.json, the chat template in tokenizer_config.json or chat_template.json)
@@ -21,7 +21,7 @@ import torch
 import multimodal_models
 from multimodal_models.errors import DataFormatError
 
-from .test_pretrained_clip import TEXTS, make_clip, make_siglip, random_images
+from .test_pretrained_clip import TEXTS, make_clip, make_siglip, random_images, siglip_sentencepiece_tokenizer
 from .test_pretrained_vlm import (
     assert_same_forward,
     assert_same_greedy,
@@ -72,6 +72,12 @@ def save_with_transformers(family: str, folder: Path):
     """A tiny random checkpoint of `family`, model and processor saved by transformers' save_pretrained
     (SmolVLM's own processor needs torchvision for its video half: it is saved by Idefics3Processor,
     the same image and text processing). Returns transformers' model."""
+    if family == "siglip-sentencepiece":  # as google/siglip-* ship: a SentencePiece model, no tokenizer.json
+        slow = siglip_sentencepiece_tokenizer(folder.parent / "spiece")
+        source, reference, tokenizer, image_processor = make_siglip(folder.parent / f"{family}-src", tokenizer=slow)
+        reference.save_pretrained(folder)
+        transformers.SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+        return reference
     if family in ("clip", "siglip"):
         make = make_clip if family == "clip" else make_siglip
         source, reference, tokenizer, image_processor = make(folder.parent / f"{family}-src")
@@ -116,9 +122,10 @@ def assert_same_numbers(family: str, model, reference, processor) -> None:
         assert_same_greedy(model, reference, inputs, images)
         return
     images = random_images()
-    padding = dict(padding="max_length", max_length=64) if family == "siglip" else dict(padding=True)
+    siglip = family.startswith("siglip")
+    padding = dict(padding="max_length", max_length=64) if siglip else dict(padding=True)
     inputs = processor(text=TEXTS, images=images, return_tensors="pt", **padding)
-    if family == "siglip":
+    if siglip:
         inputs.pop("attention_mask", None)  # SigLIP attends to its padding
     with torch.no_grad():
         expected = reference(**inputs)
@@ -126,13 +133,15 @@ def assert_same_numbers(family: str, model, reference, processor) -> None:
     torch.testing.assert_close(model.embed_texts(TEXTS), expected.text_embeds, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["clip", "siglip", *VLM_FAMILIES])
+@pytest.mark.parametrize("family", ["clip", "siglip", "siglip-sentencepiece", *VLM_FAMILIES])
 def test_checkpoints_saved_by_transformers_load_in_both_layouts(family, tmp_path):
     folder = tmp_path / "saved"
     reference = save_with_transformers(family, folder)
     files = {path.name for path in folder.iterdir()}
     # what the installed transformers (5.x) writes: the image settings nested in processor_config.json
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= files
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer_config.json"} <= files
+    tokenizer_file = "spiece.model" if family == "siglip-sentencepiece" else "tokenizer.json"
+    assert tokenizer_file in files and ("tokenizer.json" in files) == (tokenizer_file == "tokenizer.json")
     assert "preprocessor_config.json" not in files
     nested = json.loads((folder / "processor_config.json").read_text())["image_processor"]
     assert nested["image_processor_type"].startswith(("CLIP", "Siglip", "Idefics3"))

@@ -315,6 +315,105 @@ def test_special_tokens_come_from_tokenizer_json_as_in_transformers(siglip_check
     assert ours.bos_id == bos_id and ours.chat_template == "{{ messages }}"
 
 
+# -- SigLIP as published: a SentencePiece model, no tokenizer.json --------------------------------------
+
+# Texts that exercise SiglipTokenizer's rules: case, punctuation, runs of whitespace, "▁" typed in the
+# text, characters the model lacks, special tokens inside a text (and the spaces beside them), empty text.
+SENTENCEPIECE_TEXTS = ["a photo of a cat.", "A Photo of the DOG!", "hello   world", "", "cat</s>dog", "cat </s> dog",
+                       " x y z ünïcode ", "a  ▁photo", "<unk>", "the cat <unk> sat", "tab\tand\nnewline",
+                       "don't stop-me now", "ÉCOLE", "many dogs and cats play art", "{} is a {}", "a </s>"]
+
+
+def siglip_sentencepiece_tokenizer(folder):
+    """transformers' (slow) SiglipTokenizer over a tiny unigram spiece.model trained here, laid out as
+    google/siglip-* (pad 0 "<pad>", eos 1 "</s>", unk 2 "<unk>")."""
+    import io
+
+    import sentencepiece
+
+    corpus = ["a photo of a cat", "a photo of a dog", "the cat sat on the mat", "many dogs and cats play art",
+              "a bad photo of the big dog", "hello world, this is a test"] * 20
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=36, model_type="unigram", pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
+        minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    return transformers.SiglipTokenizer(str(folder / "spiece.model"))
+
+
+@pytest.fixture(scope="module")
+def siglip_sentencepiece_checkpoint(tmp_path_factory):
+    tokenizer = siglip_sentencepiece_tokenizer(tmp_path_factory.mktemp("spiece"))
+    return make_siglip(tmp_path_factory.mktemp("siglip-spiece"), tokenizer=tokenizer)
+
+
+def test_siglip_with_only_its_sentencepiece_model_loads_and_tokenizes_as_transformers(siglip_sentencepiece_checkpoint,
+                                                                                     recwarn):
+    from multimodal_models.data.hf_tokenizer import SiglipSentencePieceTokenizer
+
+    folder, hf_model, hf_tokenizer, hf_processor = siglip_sentencepiece_checkpoint
+    assert (folder / "spiece.model").is_file() and not (folder / "tokenizer.json").exists()
+    assert type(transformers.AutoTokenizer.from_pretrained(folder)).__name__ == "SiglipTokenizer"  # no fast one
+    model = multimodal_models.load(folder)
+    assert not [w for w in recwarn if "tokenizer" in str(w.message)]
+    assert isinstance(model.tokenizer, SiglipSentencePieceTokenizer)
+    text_inputs = hf_text_inputs("siglip", hf_tokenizer, SENTENCEPIECE_TEXTS)
+    ids, _ = tokenize(model.tokenizer, SENTENCEPIECE_TEXTS, model.config.text.max_length, padding="max_length")
+    assert torch.equal(ids, text_inputs["input_ids"])
+    for text in SENTENCEPIECE_TEXTS:
+        encoded = hf_tokenizer(text)["input_ids"]
+        assert model.tokenizer.decode(encoded) == hf_tokenizer.decode(encoded, skip_special_tokens=True)
+    images = random_images()
+    expected = hf_outputs(hf_model, text_inputs, hf_processor(images, return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(model.embed_texts(SENTENCEPIECE_TEXTS), expected.text_embeds, **TOL)
+    torch.testing.assert_close(model.embed_images(images), expected.image_embeds, **TOL)
+
+
+def test_sentencepiece_added_and_special_tokens_as_their_config_says(siglip_sentencepiece_checkpoint, tmp_path):
+    """google/siglip-*'s tokenizer_config.json marks </s> and <unk> lstrip / rstrip (transformers 5 writes
+    false); an extra special token (additional_special_tokens) is split off and gets the next id."""
+    from multimodal_models.data.hf_tokenizer import SiglipSentencePieceTokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(siglip_sentencepiece_checkpoint[0], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for entry in config["added_tokens_decoder"].values():
+        entry["lstrip"] = entry["rstrip"] = True
+    config["additional_special_tokens"] = ["<extra_0>"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = SiglipSentencePieceTokenizer.from_folder(folder)
+    texts = [*SENTENCEPIECE_TEXTS, "a cat <extra_0> a dog", "<extra_0>"]
+    assert ours.encode_batch(texts, add_special_tokens=True) == theirs(texts)["input_ids"]
+    assert ours.vocab_size == len(theirs) and ours.token_to_id("<extra_0>") == theirs.convert_tokens_to_ids("<extra_0>")
+
+
+def test_sentencepiece_tokenizer_is_saved_and_exported_as_transformers_reads_it(siglip_sentencepiece_checkpoint,
+                                                                                tmp_path):
+    from multimodal_models.data.hf_tokenizer import SiglipSentencePieceTokenizer
+
+    folder, _, hf_tokenizer, _ = siglip_sentencepiece_checkpoint
+    model = multimodal_models.load(folder)
+    expected = hf_tokenizer(SENTENCEPIECE_TEXTS)["input_ids"]
+    model.save_pretrained(tmp_path / "ours")
+    again = multimodal_models.load(tmp_path / "ours")
+    assert isinstance(again.tokenizer, SiglipSentencePieceTokenizer)
+    assert again.tokenizer.encode_batch(SENTENCEPIECE_TEXTS, add_special_tokens=True) == expected
+    export_hf(model, tmp_path / "export")
+    assert (tmp_path / "export" / "spiece.model").is_file()
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert exported(SENTENCEPIECE_TEXTS)["input_ids"] == expected
+    # a SentencePiece model of another tokenizer class is refused, naming the class
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    shutil.copytree(folder, tmp_path / "t5")
+    (tmp_path / "t5" / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "T5Tokenizer"}))
+    with pytest.raises(DataFormatError, match="field 'tokenizer_class': a SentencePiece tokenizer of class "
+                                              "'T5Tokenizer'"):
+        multimodal_models.load(tmp_path / "t5")
+
+
 # -- the hub, without a network --------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.hf_tokenizer import HFTokenizer
+from ..data.hf_tokenizer import HFTokenizer, SiglipSentencePieceTokenizer, checkpoint_tokenizer
 from ..data.preprocess import ImageProcessor
 from .inputs import as_image_list, evaluating, preprocess_images, require_preprocessing, tokenize
 from .losses import ContrastiveLoss, SigmoidLoss
@@ -218,9 +218,10 @@ class DualEncoder(PretrainedModel):
 
     def attach_preprocessing(self, directory: Path) -> None:
         """As the base class does, except that a tokenizer saved with its tokenizer_config.json (one
-        imported from a Hugging Face checkpoint) comes back as an HFTokenizer."""
-        if not HFTokenizer.saved_in(directory):
+        imported from a Hugging Face checkpoint) comes back as an HFTokenizer, or as SigLIP's
+        SentencePiece tokenizer."""
+        if not (HFTokenizer.saved_in(directory) or SiglipSentencePieceTokenizer.saved_in(directory)):
             return super().attach_preprocessing(directory)
-        self.tokenizer = HFTokenizer.from_folder(directory)
+        self.tokenizer = checkpoint_tokenizer(directory)
         if (directory / "preprocessor_config.json").is_file():
             self.image_processor = ImageProcessor.from_pretrained(directory)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..data.hf_tokenizer import HFTokenizer, read_json_object
+from ..data.hf_tokenizer import checkpoint_tokenizer, read_json_object
 from ..data.idefics3 import image_processor_config, load_image_processor
 from ..data.preprocess import ImageProcessor
 from ..errors import DataFormatError
@@ -187,13 +188,10 @@ def load_dual_encoder(folder: Path, hf_config: dict, *, family: str, table,
     left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if left:
         raise RuntimeError(f"no checkpoint tensor filled {_names(left)}")
-    if (folder / "tokenizer.json").is_file():
-        model.tokenizer = HFTokenizer.from_folder(folder)
-    else:
-        import warnings
-
-        warnings.warn(f"{folder} has no tokenizer.json: the model can embed images, but texts need a tokenizer "
-                      f"(set model.tokenizer)", stacklevel=3)
+    model.tokenizer = checkpoint_tokenizer(folder)  # tokenizer.json, or SigLIP's spiece.model
+    if model.tokenizer is None:
+        warnings.warn(f"{folder} has no tokenizer.json (nor a SigLIP spiece.model): the model can embed images, "
+                      f"but texts need a tokenizer (set model.tokenizer)", stacklevel=3)
     image_processor = load_image_processor(folder)  # preprocessor_config.json, or processor_config.json's
     if image_processor is not None:
         if not isinstance(image_processor, ImageProcessor):

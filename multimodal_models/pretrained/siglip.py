@@ -11,8 +11,9 @@ The SigLIP layout in our terms:
   text_projection_bias=True); texts are padded to max_length and the model attends to the pads
   (padding="max_length"), as it was trained;
 - logits: exp(logit_scale) * cosine + logit_bias, read through a sigmoid.
-The text tokenizer must come as tokenizer.json: SigLIP (v1) repositories ship only a
-SentencePiece model, which this package does not read.
+The text tokenizer is tokenizer.json where there is one, else the SentencePiece model that SigLIP
+(v1) repositories ship (spiece.model), applied as transformers' SiglipTokenizer applies it
+(data.hf_tokenizer.SiglipSentencePieceTokenizer).
 """
 
 from __future__ import annotations
