@@ -17,8 +17,8 @@ import multimodal_models
 from multimodal_models.errors import DataFormatError
 from multimodal_models.models.lora import apply_lora, lora_layers
 from multimodal_models.models.vlm import VisionLanguageModel
-from multimodal_models.pretrained.peft_adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FAMILIES,
-                                                        adapter_from_model, apply_adapter)
+from multimodal_models.pretrained.peft_adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FAMILIES, adapter_from_model,
+                                                        apply_adapter)
 from multimodal_models.pretrained.weights import export_tensors
 
 from .test_pretrained_vlm import hf_inputs, hf_processor, make_idefics3, make_llava, our_ids_and_pixels, random_image
