@@ -59,7 +59,7 @@ def unsupported_layout(config_file: Path, config: dict, own_types: list[str] | N
 
 def load_hf(name_or_path: str | os.PathLike, *, revision: str | None = None):
     """A CLIPModel / SiglipModel checkpoint (local folder or hub id) as our DualEncoder, eval mode,
-    with its tokenizer (HFTokenizer) and image processor attached."""
+    with its tokenizer (HFTokenizer, or SigLIP's SentencePiece one) and image processor attached."""
     folder = resolve_checkpoint(name_or_path, revision=revision)
     config_file = folder / "config.json"
     hf_config = json.loads(config_file.read_text(encoding="utf-8"))
