@@ -24,7 +24,7 @@ import sentencepiece
 from tokenizers import Tokenizer
 
 from ..errors import DataFormatError
-from ..io import atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -246,7 +246,7 @@ class SiglipSentencePieceTokenizer:
         path = Path(path)
         directory = path if path.is_dir() or not path.suffix else path.parent
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / SPIECE_FILE).write_bytes(self._model)
+        atomic_write_bytes(directory / SPIECE_FILE, self._model)
         config = {"tokenizer_class": "SiglipTokenizer", **self.config}
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         if self.special_tokens_map:
