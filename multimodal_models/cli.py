@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .devices import add_device_arguments
+from .devices import add_device_arguments, add_runtime_arguments
 from .errors import MultimodalError
 from .index.defaults import DEFAULT_SIMILARITY_WEIGHT, DEFAULT_TOP
 from .serve.runner import add_arguments as serve_arguments
@@ -146,13 +146,13 @@ def cmd_demo(args) -> None:
 # --- models ---------------------------------------------------------------------------
 
 
-def _load(name: str, args, expected: str | None = None, adapter: str | None = None):
+def _load(name: str, args, expected: str | None = None, adapter: str | None = None, runtime: str | None = None):
     """The model a command's --model (or another flag's value) names, on its --device in its --dtype,
-    with a LoRA adapter folder applied (--adapter)."""
+    with a LoRA adapter folder applied (--adapter), quantized (--quantize) and run by --runtime."""
     from .loading import load  # heavy: torch
 
-    return load(name, adapter=adapter, device=args.device, dtype=args.dtype, expect=expected,
-                needed_by="this command")
+    return load(name, adapter=adapter, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                runtime=runtime or args.runtime, expect=expected, needed_by="this command")
 
 
 ADAPTER_HELP = ("LoRA adapter folder in peft's layout (adapter_config.json + adapter_model.safetensors; e.g. a "
@@ -197,7 +197,7 @@ def cmd_evaluate(args) -> None:
     if args.rerank_with:
         from .index.rerank import Reranker  # heavy: torch
 
-        reranker = Reranker(_load(args.rerank_with, args, "vlm"), top=args.rerank_top,
+        reranker = Reranker(_load(args.rerank_with, args, "vlm", runtime="torch"), top=args.rerank_top,
                             similarity_weight=args.rerank_similarity_weight)
     results = evaluate_model(_load(args.model, args, adapter=args.adapter), data, args.out, limit=args.limit,
                              progress=not args.quiet, reranker=reranker,
@@ -286,8 +286,9 @@ def cmd_search(args) -> None:
 
 def cmd_export(args) -> None:
     from .export import export  # heavy: torch
+    from .loading import load  # heavy: torch
 
-    model = _load(args.model, args)
+    model = load(args.model, adapter=args.adapter, needed_by="multimodal export")  # float32 on the CPU
     start = time.perf_counter()
     out = export(model, args.out, format=args.format, quantize=args.quantize)
     files = sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
@@ -331,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"multimodal-models {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    device_options = add_device_arguments  # --device and --dtype, the same on every command that loads a model
+    def device_options(p):  # the same on every command that loads a model
+        add_device_arguments(p)  # --device, --dtype
+        add_runtime_arguments(p)  # --quantize, --runtime
 
     def rerank_options(p, what):
         p.add_argument("--rerank-with", default=None, metavar="VLM",
@@ -552,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "--runtime onnx); hf: the layout transformers loads (CLIP, SigLIP, LLaVA, Idefics3)")
     xp.add_argument("--quantize", choices=("int8",), default=None,
                     help="with --format onnx: int8 graphs (ONNX Runtime's dynamic quantization)")
-    xp.set_defaults(func=cmd_export, device="cpu", dtype=None)
+    xp.add_argument("--adapter", default=None, metavar="FOLDER", help=ADAPTER_HELP)
+    xp.set_defaults(func=cmd_export)
 
     sv = commands.add_parser("serve", help="serve the models over HTTP: OpenAI-compatible API, search, web page")
     serve_arguments(sv)

@@ -76,3 +76,13 @@ def add_device_arguments(parser, *, dtype: bool = True) -> None:
     if dtype:
         parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                             help="weights' dtype: bfloat16 halves the memory; float16 is for GPUs (default float32)")
+
+
+def add_runtime_arguments(parser) -> None:
+    """`--quantize` and `--runtime` for a command that runs a model (loading.load takes both)."""
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="int8: the linear layers in int8 on the CPU, about twice as fast as float32 "
+                             "(default: none)")
+    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                        help="onnx: a dual encoder's embeddings by ONNX Runtime, from the graphs "
+                             "'multimodal export MODEL DIR --format onnx' wrote into DIR (default torch)")

@@ -19,10 +19,13 @@ def _model_name(name: str) -> str:
     return name if name in SHIPPED else str(Path(name).expanduser().resolve())
 
 
-def _dtype(args, index: ImageIndex) -> str | None:
-    """--dtype, else the dtype the index's vectors were embedded in (an index built in bfloat16
-    is searched in bfloat16: the weights, and so the model's fingerprint, are those)."""
-    return args.dtype or index.info.get("model_dtype")
+def _embedder(name: str, args, index: ImageIndex):
+    """The dual encoder, as the index's vectors were embedded: --dtype and --quantize default to the
+    index's own (an index built in bfloat16 or int8 is searched so: the weights, and so the model's
+    fingerprint, are those); --runtime onnx computes the same embeddings with ONNX Runtime."""
+    quantize = args.quantize or (index.info.get("model_quantize") if args.runtime == "torch" else None)
+    return load(name, expect="dual_encoder", device=args.device, dtype=args.dtype or index.info.get("model_dtype"),
+                quantize=quantize, runtime=args.runtime)
 
 
 def run_index(args) -> None:
@@ -30,7 +33,7 @@ def run_index(args) -> None:
         raise FileNotFoundError(f"{args.folder} is not a folder")
     with ImageIndex.open(args.out or args.folder / DEFAULT_INDEX_DIRNAME, create=True) as index:
         name = args.model or index.info.get("model_name") or DEFAULT_DUAL_ENCODER
-        model = load(name, expect="dual_encoder", device=args.device, dtype=_dtype(args, index))
+        model = _embedder(name, args, index)
         captioner = load(args.caption_model, expect="vlm", device=args.device, dtype=args.dtype) if args.caption else None
         report = index.update(args.folder, model, model_name=_model_name(name), batch_size=args.batch_size,
                               captioner=captioner,
@@ -51,7 +54,7 @@ def run_search(args) -> None:
         name = args.model or index.info.get("model_name")
         if name is None:
             raise MultimodalError(f"the index {index.path} is empty: no model has indexed anything yet")
-        model = load(name, expect="dual_encoder", device=args.device, dtype=_dtype(args, index))
+        model = _embedder(name, args, index)
         if args.rerank_with:
             if args.query is None or args.image is not None:
                 raise MultimodalError("--rerank-with reranks text queries: give a text query and no --image")

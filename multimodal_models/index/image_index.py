@@ -107,11 +107,29 @@ def model_fingerprint(model: Any) -> str:
     for part in (getattr(model, "config", None), getattr(model, "image_processor", None)):
         if dataclasses.is_dataclass(part):
             digest.update(json.dumps(dataclasses.asdict(part), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tensor.dtype}:{tensor.numel()};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    for name, value in sorted(model.state_dict().items()):
+        for tensor in _tensors(value):
+            tensor = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}:{tensor.dtype}:{tensor.numel()};".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def _tensors(value) -> list:
+    """The plain tensors of one state_dict entry: itself, or for an int8 layer (quantize="int8") its
+    packed (weight, bias) with the weight's integers and per-channel scales."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if not value.is_quantized:
+            return [value]
+        scales = (value.q_per_channel_scales() if value.qscheme() in (torch.per_channel_affine,
+                                                                       torch.per_channel_symmetric)
+                  else torch.tensor([value.q_scale()]))
+        return [value.int_repr(), scales]
+    if isinstance(value, (tuple, list)):
+        return [t for part in value for t in _tensors(part)]
+    return []  # e.g. the dtype a packed layer records
 
 
 def _dtype_name(model: Any) -> str | None:
@@ -371,6 +389,10 @@ class ImageIndex:
             built_in, given_in = info.get("model_dtype"), _dtype_name(model)
             hint = (f" It was embedded in {built_in} and this model is in {given_in}: pass --dtype {built_in}."
                     if built_in and given_in and built_in != given_in else "")
+            built_q, given_q = info.get("model_quantize"), getattr(model, "quantized", None)
+            if built_q != given_q:
+                hint += (f" It was embedded with --quantize {built_q}: pass it." if built_q else
+                         f" It was embedded without quantization: drop --quantize {given_q}.")
             raise MultimodalError(
                 f"the index {self.path} was built with the model '{info.get('model_name')}' (fingerprint {expected}); "
                 f"'{default_model_name(model)}' (fingerprint {fingerprint}) embeds into a different space.{hint} "
@@ -486,6 +508,8 @@ class ImageIndex:
             if "model_fingerprint" not in info:
                 store.set_info(self._conn, model_fingerprint=fingerprint, model_name=name, model_dtype=_dtype_name(model),
                                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                if getattr(model, "quantized", None):
+                    store.set_info(self._conn, model_quantize=model.quantized)
             if threshold is not None:
                 store.set_info(self._conn, approximate_threshold=threshold)
             if captioner_name is not None:

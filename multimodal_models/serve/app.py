@@ -184,17 +184,29 @@ class Engine:
 
 
 def load_served(name: str, kind: str, dtype: str | None = None, device: str = "auto",
-                aliases: tuple[str, ...] = ()) -> ServedModel:
-    model = load(name, device=device, dtype=dtype, expect=kind, needed_by="--model" if kind == "vlm" else "--embedder")
+                aliases: tuple[str, ...] = (), *, quantize: str | None = None, runtime: str = "torch",
+                adapter: str | None = None) -> ServedModel:
+    model = load(name, device=device, dtype=dtype, quantize=quantize, runtime=runtime, adapter=adapter, expect=kind,
+                 needed_by="--model" if kind == "vlm" else "--embedder")
     return ServedModel(model, aliases[0] if aliases else model_id(name), name, kind, int(time.time()), aliases)
 
 
-def _served(given, name: str | None, kind: str, settings: Settings) -> ServedModel | None:
+def _served(given, name: str | None, kind: str, settings: Settings, index_info: dict | None = None
+            ) -> ServedModel | None:
     aliases = settings.served_model_name if kind == "vlm" else settings.served_embedder_name
     if given is not None:  # a model object passed in (tests, benchmarks): named after `name` if any, on its device
         return ServedModel(given, aliases[0] if aliases else model_id(name or kind), name or kind, kind,
                            int(time.time()), aliases)
-    return load_served(name, kind, settings.dtype, settings.device, aliases) if name else None
+    if not name:
+        return None
+    vlm = kind == "vlm"  # --runtime is the embedder's, --adapter the VLM's
+    runtime = "torch" if vlm else settings.runtime
+    dtype, quantize = settings.dtype, settings.quantize
+    if index_info:  # the embedder of an index embeds as the index's vectors were, unless told otherwise
+        dtype = dtype or index_info.get("model_dtype")
+        quantize = quantize or (index_info.get("model_quantize") if runtime == "torch" else None)
+    return load_served(name, kind, dtype, settings.device, aliases, quantize=quantize, runtime=runtime,
+                       adapter=settings.adapter if vlm else None)
 
 
 def build_engine(settings: Settings, *, vlm=None, embedder=None) -> Engine:
@@ -208,7 +220,8 @@ def build_engine(settings: Settings, *, vlm=None, embedder=None) -> Engine:
     if embedder_name == "auto":  # the model that built the index, else the shipped one
         embedder_name = (index.info.get("model_name") if index is not None else None) or DEFAULT_DUAL_ENCODER
     served_vlm = _served(vlm, settings.model, "vlm", settings)
-    served_embedder = _served(embedder, embedder_name, "dual_encoder", settings)
+    served_embedder = _served(embedder, embedder_name, "dual_encoder", settings,
+                              index.info if index is not None else None)
     if index is not None:
         if served_embedder is None:
             raise MultimodalError(f"--index {settings.index} needs the dual encoder that built it (--embedder)")

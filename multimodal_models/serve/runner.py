@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..devices import add_device_arguments
+from ..devices import add_device_arguments, add_runtime_arguments
 from ..errors import MultimodalError
 from .settings import API_KEY_ENV, Settings
 
@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dual encoder for embeddings/search/classify: name or folder, 'none' to serve none "
                              "(default: the model that built --index, else shapes-clip)")
     add_device_arguments(parser)  # --device (default auto) and --dtype
+    add_runtime_arguments(parser)  # --quantize, --runtime (the embedder's)
+    parser.add_argument("--adapter", default=None, metavar="FOLDER",
+                        help="a LoRA adapter folder in peft's layout (adapter_config.json + adapter_model.safetensors) "
+                             "applied to --model")
     parser.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
                         help="the name(s) the API reports for --model (the first) and accepts in requests' 'model' "
                              "(default: the model's name or folder name)")
@@ -92,6 +96,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             blocklist = [w.strip() for w in args.blocklist.split(",") if w.strip()]
     return Settings(
         model=_none(args.model), embedder=_none(args.embedder), dtype=args.dtype, device=args.device,
+        quantize=args.quantize, runtime=args.runtime, adapter=args.adapter,
         served_model_name=tuple(args.served_model_name), served_embedder_name=tuple(args.served_embedder_name),
         index=args.index, host=args.host, port=args.port,
         api_key=args.api_key, allow_remote_images=args.allow_remote_images, image_roots=tuple(args.image_root),

@@ -38,6 +38,9 @@ class Settings:
     embedder: str | None = "auto"
     dtype: str | None = None  # weights' dtype: "bfloat16" halves the memory; None keeps float32
     device: str = "auto"  # where the models run: cpu, cuda, cuda:N, mps, or auto (the accelerator if any)
+    quantize: str | None = None  # "int8": both models' linear layers in int8 on the CPU
+    runtime: str = "torch"  # "onnx": the embedder's embeddings by ONNX Runtime (its folder holds an ONNX export)
+    adapter: str | None = None  # a LoRA adapter folder (peft's layout) applied to the VLM
     # The names the API reports and accepts for the VLM (the first is reported; default: the
     # model's folder name), and for the embedder
     served_model_name: tuple[str, ...] = ()
@@ -115,6 +118,10 @@ class Settings:
         if set(self.served_model_name) & set(self.served_embedder_name):
             raise MultimodalError("--served-model-name and --served-embedder-name share the name(s) "
                                   f"{sorted(set(self.served_model_name) & set(self.served_embedder_name))}")
+        if self.quantize not in (None, "int8"):
+            raise MultimodalError(f"--quantize: expected int8, got {self.quantize!r}")
+        if self.runtime not in ("torch", "onnx"):
+            raise MultimodalError(f"--runtime: expected torch or onnx, got {self.runtime!r}")
         from ..devices import resolve_device  # heavy: torch
 
         try:
