@@ -63,6 +63,18 @@ def test_quantize_refuses_what_it_cannot_run():
         quantize(tiny_model(), "int4")
 
 
+def test_an_int8_model_is_not_saved_but_loads_quantized(tmp_path):
+    from multimodal_models import load
+
+    folder = tiny_model().save_pretrained(tmp_path / "model")
+    quantized = load(folder, quantize="int8")
+    assert quantized.quantized == "int8" and quantized_linear_count(quantized) >= 10
+    with pytest.raises(ValueError, match="save the float32 model"):
+        quantized.save_pretrained(tmp_path / "again")
+    with pytest.raises(ValueError, match="quantize the graphs when exporting"):
+        load(folder, quantize="int8", runtime="onnx")
+
+
 # --- ONNX -------------------------------------------------------------------------------------
 
 

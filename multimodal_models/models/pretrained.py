@@ -156,6 +156,9 @@ class PretrainedModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
         """Write the folder atomically; `dtype` (e.g. torch.float16) shrinks the stored weights."""
+        if getattr(self, "quantized", None):
+            raise ValueError(f"a model quantized to {self.quantized} is not saved: save the float32 model and "
+                             "quantize it when loading (load(..., quantize=...), --quantize)")
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
             self.write_files(tmp, dtype=dtype)
