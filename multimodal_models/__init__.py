@@ -42,4 +42,12 @@ def train(config, *, resume: bool = False, progress: bool = True, callbacks=(), 
     return _train(as_config(config, overrides), resume=resume, progress=progress, callbacks=callbacks)
 
 
-__all__ = ["load", "train", "__version__"]
+def remote_images(fetch=None):
+    """A context in which chat image parts naming an http(s) URL are fetched (by `fetch(url) -> bytes`,
+    default a plain GET of at most 20 MB); outside it the library makes no network request for them."""
+    from .models.chat import remote_images as _remote_images  # heavy: torch
+
+    return _remote_images(fetch)
+
+
+__all__ = ["load", "remote_images", "train", "__version__"]
