@@ -23,9 +23,13 @@ TASKS: dict[str, str] = {
     "contrastive": "multimodal_models.training.tasks:ContrastiveTask",
     "vqa": "multimodal_models.training.tasks:VQATask",
     "vlm": "multimodal_models.training.vlm_task:VLMTask",
+    "distill-contrastive": "multimodal_models.training.distill:DistillContrastiveTask",
+    "distill-vlm": "multimodal_models.training.distill:DistillVLMTask",
     "shapes-contrastive": "multimodal_models.shapes.tasks:ShapesContrastiveTask",
     "shapes-vqa": "multimodal_models.shapes.tasks:ShapesVQATask",
     "shapes-vlm": "multimodal_models.shapes.tasks:ShapesVLMTask",
+    "shapes-distill-contrastive": "multimodal_models.shapes.distill:ShapesDistillContrastiveTask",
+    "shapes-distill-vlm": "multimodal_models.shapes.distill:ShapesDistillVLMTask",
 }
 
 
