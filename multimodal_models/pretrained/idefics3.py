@@ -26,6 +26,12 @@ Position embeddings: transformers looks up the position of patch (i, j) through
 is not i (two patches share a row of the table). For full-size tiles the lookup is fixed,
 so the table is stored here already gathered in that order (`patch_position_ids`).
 
+Export (`export_idefics3`, behind `multimodal export --format hf`) writes the same layout back
+through the same key table, as transformers 5's save_pretrained writes an Idefics3 checkpoint
+(model and Idefics3Processor): an Idefics3ForConditionalGeneration config.json (a SmolVLM folder
+comes back as Idefics3, the same model and numbers), the position table un-gathered, and
+processor_config.json with the image settings nested under "image_processor".
+
 Key table (HF key -> ours):
     model.vision_model.<SigLIP vision key, no head>         vision.<ours>  (siglip.KEY_MAP)
     model.connector.modality_projection.proj.weight          projector.layers.0.weight
@@ -50,14 +56,18 @@ from ..data.idefics3 import (  # noqa: F401 (idefics3_image_text: used by tests)
     missing_image_processor,
 )
 from ..errors import DataFormatError
+from ..models.dual_encoder import DualEncoderConfig
 from ..models.vlm import VisionLanguageModel, VLMConfig
 from . import siglip
 from .checkpoint import read_weights
-from .llama import decoder_config, decoder_rows, stored_head_tied
-from .llava import (attach_checkpoint_preprocessing, check_image_token_id, stop_token_ids, vision_config,
-                    vision_rows)
-from .weights import assign_weights
+from .llama import decoder_config, decoder_rows, decoder_to_hf_config, stored_head_tied
+from .llava import (attach_checkpoint_preprocessing, check_image_token_id, check_plain_vlm, effective_vision,
+                    stop_token_ids, vision_config, vision_rows, write_vlm_folder)
+from .weights import assign_weights, export_tensors
 
+MODEL_TYPE = "idefics3"
+PROCESSOR_CLASS = "Idefics3Processor"
+POSITION_KEY = "model.vision_model.embeddings.position_embedding.weight"
 ARCHITECTURES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
 # Idefics3VisionConfig's defaults (they differ from SigLIP's), for keys a config.json leaves out.
 VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 16,
@@ -121,7 +131,7 @@ def load_idefics3(folder: str | os.PathLike, hf_config: dict | None = None) -> V
     order = patch_position_ids(config.vision.grid)
     optional = {"lm_head.weight"} if config.decoder.tie_embeddings else set()
     assign_weights(model, tensors, key_rows(config), source, optional=optional,
-                   transforms={"model.vision_model.embeddings.position_embedding.weight": lambda t: t[:, order]})
+                   transforms={POSITION_KEY: lambda t: t[:, order]})
     image_processor = load_image_processor(folder)  # preprocessor_config.json, or processor_config.json's
     if image_processor is None:
         raise missing_image_processor(folder)
@@ -141,3 +151,84 @@ def load_idefics3(folder: str | os.PathLike, hf_config: dict | None = None) -> V
                                   "image tokens per tile", field="image_seq_len")
     check_image_token_id(model, folder)
     return model.eval()
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+def config_to_hf(config: VLMConfig) -> dict:
+    """An Idefics3ForConditionalGeneration config.json for our config; refuses what Idefics3 cannot
+    hold (it is read back with `config_from_hf` and must give our config)."""
+    if config.image_prompt != "idefics3":
+        raise ValueError("only a model with Idefics3's image prompt (image_prompt='idefics3') is an Idefics3 model")
+    vision = config.vision
+    siglip_vision = siglip.config_to_hf(DualEncoderConfig(vision=vision, embed_dim=vision.width))["vision_config"]
+    hf_vision = {key: value for key, value in siglip_vision.items() if key != "vision_use_head"}
+    hf_vision["model_type"] = "idefics3_vision"
+    kind = "qwen2" if config.decoder.qkv_bias and not config.decoder.out_bias else "llama"
+    hf = {
+        "architectures": [ARCHITECTURES[MODEL_TYPE]],
+        "model_type": MODEL_TYPE,
+        "dtype": "float32",
+        "image_token_id": config.image_token_id,
+        "scale_factor": config.pixel_shuffle,
+        "tie_word_embeddings": config.decoder.tie_embeddings,  # the flag transformers reads (top level)
+        "text_config": decoder_to_hf_config(config.decoder, kind),
+        "vision_config": hf_vision,
+    }
+    back = config_from_hf(hf, Path("<export>"))
+    back = dataclasses.replace(back, stop_token_ids=config.stop_token_ids, caption_beams=config.caption_beams)
+    if back.vision != config.vision and effective_vision(back.vision) == effective_vision(vision):
+        back = dataclasses.replace(back, vision=config.vision)
+    if back.decoder != config.decoder and _effective_decoder(back.decoder) == _effective_decoder(config.decoder):
+        back = dataclasses.replace(back, decoder=config.decoder)
+    if back != config:
+        differences = {f.name: (getattr(config, f.name), getattr(back, f.name)) for f in dataclasses.fields(config)
+                       if getattr(config, f.name) != getattr(back, f.name)}
+        raise ValueError("the model cannot be written as Idefics3ForConditionalGeneration; these settings differ "
+                         "(ours, what Idefics3 would hold): " + "; ".join(f"{k}: {v[0]!r} vs {v[1]!r}"
+                                                                          for k, v in differences.items()))
+    return hf
+
+
+def _effective_decoder(decoder) -> dict:
+    data = dataclasses.asdict(decoder)
+    data["mlp_hidden"] = data["mlp_hidden"] or 4 * data["width"]
+    data["kv_heads"] = data["kv_heads"] or data["heads"]
+    data["head_dim"] = data["head_dim"] or data["width"] // data["heads"]
+    data.pop("dropout")
+    return data
+
+
+def position_table_to_hf(ours: torch.Tensor, grid: int) -> torch.Tensor:
+    """The vision position table as transformers stores it: a T with T[patch_position_ids] == ours.
+    `ours` is one: the lookup maps a row it reads to itself, so the table `load_idefics3` gathered
+    (ours = T[order]) has ours[order] == ours, and rows transformers never reads keep our values.
+    Training can make two patches that read one row of transformers' table differ; no Idefics3
+    table gives those numbers, and that is refused."""
+    order = patch_position_ids(grid)
+    if not torch.equal(ours[order], ours):
+        shared = sorted({int(r) for r in order if int((order == r).sum()) > 1})
+        raise ValueError(f"the vision position embeddings differ between patches that transformers' Idefics3 "
+                         f"looks up in one row of its table (grid {grid}: rows {shared[:6]}); this table cannot "
+                         "be written in the Idefics3 layout")
+    return ours
+
+
+def export_idefics3(model: VisionLanguageModel, directory: str | os.PathLike) -> Path:
+    """Write `model` as an Idefics3 folder that transformers' Idefics3ForConditionalGeneration and
+    AutoProcessor (Idefics3Processor) load: config.json, model.safetensors, generation_config.json,
+    tokenizer.json + tokenizer_config.json, chat_template.jinja and processor_config.json (image_seq_len
+    and the image processor's settings, splitting included), the inverse of `load_idefics3`."""
+    check_plain_vlm(model)
+    hf = config_to_hf(model.config)
+    if not isinstance(model.image_processor, Idefics3ImageProcessor):
+        raise ValueError(f"an Idefics3 model needs an Idefics3ImageProcessor (its image splitting), not "
+                         f"{type(model.image_processor).__name__}")
+    if model.image_processor.tile_size != model.config.vision.image_size:
+        raise ValueError(f"the image processor makes tiles of {model.image_processor.tile_size} pixels but the vision "
+                         f"tower reads {model.config.vision.image_size}")
+    tensors = export_tensors(model, key_rows(model.config))
+    tensors[POSITION_KEY] = position_table_to_hf(tensors[POSITION_KEY], model.config.vision.grid)
+    processor = {"image_seq_len": model.config.tokens_per_image, "processor_class": PROCESSOR_CLASS}
+    return write_vlm_folder(model, directory, hf, tensors, processor, nest_image_processor=True)

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from ..data.hf_tokenizer import HFTokenizer, read_json_object
 from ..data.idefics3 import image_processor_config, load_image_processor, missing_image_processor
 from ..data.preprocess import ImageProcessor
-from ..errors import DataFormatError
+from ..errors import DataFormatError, WrongModelError
 from ..models.dual_encoder import DualEncoderConfig
 from ..models.pretrained import atomic_directory
 from ..models.vision import VisionConfig
@@ -285,7 +285,7 @@ def config_to_hf(config: VLMConfig) -> dict:
     back = vision_config(hf_vision, Path("<export>"))
     if family is clip:  # CLIP's pooling has no weights and LLaVA never reads the pooled vector
         back = dataclasses.replace(back, pool=vision.pool)
-    if _effective(back) != _effective(vision):
+    if effective_vision(back) != effective_vision(vision):
         raise ValueError(f"the vision tower cannot be written as a {hf_vision['model_type']}: ours {vision}, "
                          f"theirs {back}")
     layer = config.vision_layer
@@ -312,7 +312,7 @@ def config_to_hf(config: VLMConfig) -> dict:
     }
 
 
-def _effective(vision: VisionConfig) -> dict:
+def effective_vision(vision: VisionConfig) -> dict:
     data = dataclasses.asdict(vision)
     data["mlp_hidden"] = data["mlp_hidden"] or int(data["width"] * data["mlp_ratio"])
     for inert in ("mlp_ratio", "dropout"):
@@ -324,12 +324,37 @@ def export_llava(model: VisionLanguageModel, directory: str | os.PathLike) -> Pa
     """Write `model` as a LLaVA folder (hub key names) that transformers' LlavaForConditionalGeneration
     and AutoProcessor load: config.json, model.safetensors, generation_config.json, the tokenizer
     files, chat_template.jinja, preprocessor_config.json and processor_config.json."""
+    check_plain_vlm(model)
     hf = config_to_hf(model.config)
     rows = key_rows(model.config, hf["vision_config"], Path("<export>"))
-    tensors = export_tensors(model, rows)
+    processor = {"processor_class": "LlavaProcessor", "image_token": model.config.image_token,
+                 "patch_size": model.config.vision.patch_size,
+                 "vision_feature_select_strategy": hf["vision_feature_select_strategy"],
+                 "num_additional_image_tokens": int(model.config.vision.class_token)}
+    return write_vlm_folder(model, directory, hf, export_tensors(model, rows), processor, nest_image_processor=False)
+
+
+def check_plain_vlm(model: VisionLanguageModel) -> None:
+    """Only VisionLanguageModel itself has a Hugging Face layout: a subclass computes its image features or
+    decoder steps its own way (ShapesVLM's object tokens and image readers), which no transformers class runs."""
+    if type(model) is not VisionLanguageModel:
+        raise WrongModelError(f"a {getattr(model, 'model_type', type(model).__name__)} model has no Hugging Face "
+                              f"layout ({type(model).__name__} overrides how a VisionLanguageModel reads images): "
+                              "--format hf writes dual encoders (CLIP, SigLIP) and VLMs (LLaVA, Idefics3)")
+
+
+def write_vlm_folder(model: VisionLanguageModel, directory: str | os.PathLike, hf_config: dict,
+                     tensors: dict, processor: dict, *, nest_image_processor: bool) -> Path:
+    """The files of an exported VLM (shared by the LLaVA and Idefics3 writers), written atomically:
+    config.json, model.safetensors, generation_config.json (the stop ids), tokenizer.json +
+    tokenizer_config.json, chat_template.jinja (where transformers' processors look for theirs) and
+    processor_config.json (`processor`). The image processor's settings go under processor_config.json's
+    "image_processor" (nest_image_processor: as transformers 5 writes them) or into
+    preprocessor_config.json (as transformers 4.x did; 5.x reads that too)."""
     directory = Path(directory)
+    processor = dict(processor)
     with atomic_directory(directory) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if model.config.stop_token_ids:
             generation = {"eos_token_id": list(model.config.stop_token_ids)}
@@ -340,13 +365,11 @@ def export_llava(model: VisionLanguageModel, directory: str | os.PathLike) -> Pa
             if isinstance(template, str):  # where transformers' processors look for theirs
                 (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         if model.image_processor is not None:
-            model.image_processor.save(tmp)
-            config = json.loads((tmp / "preprocessor_config.json").read_text(encoding="utf-8"))
-            config["processor_class"] = "LlavaProcessor"
-            (tmp / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        processor = {"processor_class": "LlavaProcessor", "image_token": model.config.image_token,
-                     "patch_size": model.config.vision.patch_size,
-                     "vision_feature_select_strategy": hf["vision_feature_select_strategy"],
-                     "num_additional_image_tokens": int(model.config.vision.class_token)}
+            settings = model.image_processor.to_dict()
+            if nest_image_processor:
+                processor = {"image_processor": settings, **processor}
+            else:
+                settings["processor_class"] = processor["processor_class"]
+                (tmp / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         (tmp / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
     return directory
