@@ -25,6 +25,7 @@ from ..loading import load
 from ..models.classifier import FusionClassifier, FusionClassifierConfig
 from ..models.dual_encoder import DualEncoder, DualEncoderOutput
 from ..models.inputs import tokenize
+from ..models.losses import world_size
 from ..models.pretrained import config_from_dict
 from .config import task_options
 from .defaults import vqa_recipe
@@ -73,13 +74,26 @@ class _ImageTask:
 @dataclass
 class ContrastiveOptions(ImageTaskOptions):
     hard_negatives: bool = False  # NegCLIP: each caption with a few words changed, as an extra negative
+    # under torchrun, the loss over every process's images and captions (all-gathered with gradients), as one
+    # process would compute it on the whole batch; None: on when more than one process trains
+    gather: bool | None = None
+    # gathered: each process scores only its own images and captions against all of them (open_clip's
+    # local_loss; less compute, the same gradients; the logged loss is then rank 0's share, not the batch's)
+    local_loss: bool = False
 
 
-def contrastive_loss(model: DualEncoder, out: DualEncoderOutput) -> torch.Tensor:
+def contrastive_loss(model: DualEncoder, out: DualEncoderOutput, *, gather: bool | None = None,
+                     local_loss: bool = False) -> torch.Tensor:
     """The model's alignment loss (CLIP's InfoNCE or SigLIP's sigmoid, with its learnable temperature) of a
-    forward pass: row i of each side a pair, the negatives' embeddings extra texts that match no image."""
+    forward pass: row i of each side a pair, the negatives' embeddings extra texts that match no image.
+    `model` may be wrapped in DistributedDataParallel. gather, local_loss: see ContrastiveOptions (gather None:
+    on when more than one process trains) and models/losses.gather_batch."""
+    criterion = getattr(model, "module", model).criterion  # DDP keeps the model in .module
     candidates = out.text_embeds if out.negative_embeds is None else torch.cat([out.text_embeds, out.negative_embeds])
-    return model.criterion(out.image_embeds, candidates)
+    gather = world_size() > 1 if gather is None else gather
+    if not gather:
+        return criterion(out.image_embeds, candidates)
+    return criterion(out.image_embeds, candidates, gather=True, local_loss=local_loss)
 
 
 class ContrastiveTask(_ImageTask):
@@ -102,6 +116,8 @@ class ContrastiveTask(_ImageTask):
             self._attach(self.model, model_config.vision.image_size)
         self.records = train.captions
         self.hard_negatives = self.options.hard_negatives
+        if self.options.local_loss and self.options.gather is False:
+            raise ValueError("task_options.local_loss needs gather (every process's rows to score against)")
         self.ceiling: dict | None = None
         self.store = ImageStore([r.image for r in self.records], self.model.image_processor,
                                 preload=config.data.preload_images, progress=progress, desc="train images")
@@ -132,7 +148,12 @@ class ContrastiveTask(_ImageTask):
                      negative_mask=batch.get("negative_mask"))
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return contrastive_loss(model, self.forward(model, batch))
+        return contrastive_loss(model, self.forward(model, batch), **self.gathering())
+
+    def gathering(self) -> dict:
+        """How the loss spans the processes under torchrun (task_options.gather, local_loss)."""
+        gather = world_size() > 1 if self.options.gather is None else self.options.gather
+        return {"gather": gather, "local_loss": gather and self.options.local_loss}
 
     def evaluate(self, model, limit: int) -> dict:
         split = first_images(self.eval_split, limit)
