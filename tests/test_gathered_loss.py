@@ -169,3 +169,55 @@ def test_shares_of_rows_add_up_to_the_loss(loss_name):
             return siglip_loss(image, text, 2.0, -1.0, rows=rows)
     shares = loss(slice(0, 2)) + loss(slice(2, 5)) + loss(slice(5, 6))
     torch.testing.assert_close(shares, loss(), atol=1e-6, rtol=1e-6)
+
+
+def test_torchrun_contrastive_training_equals_one_process(tmp_path):
+    """The loop end to end: `torchrun --nproc_per_node=2` trains the contrastive task (gathered by default) to the
+    weights and logged losses of one process with the same (global) batch_size. One caption per image, so that
+    each process's batch holds exactly its half of the single process's (captions are drawn per process)."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from multimodal_models.shapes.generate import ShapesConfig, generate
+    from multimodal_models.training.config import config_from_raw
+    from multimodal_models.training.loop import train
+
+    from .conftest import tiny_config
+
+    data_root = tmp_path / "data"
+    generate(ShapesConfig(seed=5, train=32, val=8, test=8, test_compositional=8, captions_per_image=1), data_root,
+             workers=1, progress=False)
+    model = {"vision": {"image_size": 32, "patch_size": 8, "width": 16, "depth": 1, "heads": 2},
+             "text": {"max_length": 48, "width": 16, "depth": 1, "heads": 2}, "embed_dim": 16, "loss": "siglip"}
+
+    def config(name: str) -> dict:
+        raw = tiny_config("contrastive", data_root, tmp_path / name, steps=2, eval_every=2, log_every=1,
+                          precision="fp32")
+        raw["model"] = model
+        return raw
+
+    train(config_from_raw(config("single")), progress=False)
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(yaml.safe_dump(config("ddp")))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+         "multimodal_models.cli", "train", str(config_file), "--quiet"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(name: str) -> list[float]:
+        lines = (tmp_path / name / "log.jsonl").read_text().splitlines()
+        return [record["loss"] for record in map(json.loads, lines) if "loss" in record]
+
+    assert len(losses("single")) == 2
+    assert losses("ddp") == pytest.approx(losses("single"), abs=1e-4)  # rank 0 logs the whole batch's loss
+    a = load_file(str(tmp_path / "single/checkpoints/last/model.safetensors"))
+    b = load_file(str(tmp_path / "ddp/checkpoints/last/model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
