@@ -11,10 +11,11 @@ from multimodal_models.data.preprocess import ImageProcessor
 from multimodal_models.data.tokenizer import WordTokenizer
 from multimodal_models.models.chat import CHAT_SPECIAL_TOKENS, WordChatTemplate, normalize_messages
 from multimodal_models.models.generation import (GenerationConfig, TextStream, beam_search, beam_search_batch,
-                                                  filter_logits)
+                                                  decode_tokens, filter_logits)
 from multimodal_models.models.text import CausalDecoder, DecoderConfig
 from multimodal_models.models.vision import VisionConfig
-from multimodal_models.models.vlm import VisionLanguageModel, pixel_shuffle
+from multimodal_models.models.vlm import VisionLanguageModel, VLMSession, pixel_shuffle
+from multimodal_models.shapes.models import ShapesVLM
 
 WORDS = "is there a red blue green circle square star what color shape size yes no two one describe the image . ?"
 
@@ -384,14 +385,32 @@ def test_dialogue_accuracy_per_turn_and_per_form_of_question(tmp_path, monkeypat
     assert scores["numPerQuestionType"] == {"exist": 2, "query_it": 1, "spatial_it": 2}
 
 
-def test_decoding_never_emits_the_image_placeholder():
-    """An undertrained model may rate <image> highest; a generated token cannot bring image embeddings, so
-    greedy, sampled, beam and batched decoding all rule it out (before, the next step failed)."""
-    model = tiny_vlm(seed=3)
-    with torch.no_grad():  # the head's bias toward the placeholder swamps every other token
-        model.decoder.lm_head.weight[model.config.image_token_id] += 50.0
+@pytest.mark.parametrize("readers", [False, True])
+def test_decoding_goes_on_after_the_model_writes_its_placeholder(readers):
+    """An undertrained model may rate <image> highest. A placeholder the model writes is text (as in
+    transformers): it brings no image embeddings, and greedy, sampled, beam and batched decoding, with
+    the KV cache and without it, go on after it (before, the next step failed). ShapesVLM's image
+    readers read only the prompt's images then (they counted every <image> in the ids, and without the
+    cache indexed past the image features)."""
+    options = {"model_class": ShapesVLM, "image_reader_blocks": (0, 1)} if readers else {}
+    model = tiny_vlm(seed=3, **options)
+    placeholder = model.config.image_token_id
+
+    def prefer_the_placeholder(_module, _inputs, logits):  # swamps every other token
+        logits[..., placeholder] += 100.0
+        return logits
+
+    model.decoder.lm_head.register_forward_hook(prefer_the_placeholder)
     image = IMAGES[0]
-    for options in ({}, {"do_sample": True, "seed": 0}, {"num_beams": 3}):
+    for options in ({}, {"do_sample": True, "seed": 0}, {"num_beams": 3}, {"use_cache": False}):
+        generation = GenerationConfig(max_new_tokens=6, **options)
+        encoding = model.chat_template().encode([{"role": "user", "content": [
+            {"type": "image", "image": image}, {"type": "text", "text": "what colour is it?"}]}],
+            add_generation_prompt=True)
+        session = VLMSession(model, torch.tensor([encoding.ids]), model._pixels(encoding.images), generation)
+        with torch.no_grad():
+            tokens = list(decode_tokens(session, generation, model.chat_template().stop_ids()))
+        assert tokens == [placeholder] * 6, options  # it wrote <image> and went on
         text = model.ask(image, "what colour is it?", max_new_tokens=6, **options)
         assert "<image>" not in text
     answers = model.answer_batch(["what colour is it?"] * 2, images=IMAGES[:2], max_new_tokens=6)

@@ -65,19 +65,30 @@ def filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tenso
     return logits
 
 
+def sampling_generator(config: GenerationConfig) -> torch.Generator | None:
+    """The random generator of one sequence's samples: seeded by config.seed, else None (torch's global one)."""
+    if config.do_sample and config.seed is not None:
+        return torch.Generator().manual_seed(config.seed)
+    return None
+
+
+def pick_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:
+    """The next token from one sequence's logits (V,): the most likely, or sampled (temperature, top-k,
+    top-p) with `generator`. Every decoding loop picks with this, so that a sequence decoded in a batch
+    (the server's) picks as it does alone."""
+    if config.do_sample:
+        probs = filter_logits(logits.float(), config).softmax(-1)
+        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return int(logits.argmax())
+
+
 def generate_tokens(session: DecodingSession, config: GenerationConfig, stop_ids: set[int]) -> Iterator[int]:
     """Yield new token ids one by one (batch of one): greedy or sampled, until a stop token or the budget."""
     config.validate()
-    generator = None
-    if config.do_sample and config.seed is not None:
-        generator = torch.Generator().manual_seed(config.seed)
+    generator = sampling_generator(config)
     logits = session.prefill()
     for _ in range(config.max_new_tokens):
-        if config.do_sample:
-            probs = filter_logits(logits[0].float(), config).softmax(-1)
-            token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        else:
-            token = int(logits[0].argmax())
+        token = pick_token(logits[0], config, generator)
         if token in stop_ids:
             return
         yield token

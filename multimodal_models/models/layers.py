@@ -133,6 +133,149 @@ class KVCache:
             self.context = tuple(c.index_select(0, index) for c in self.context)
 
 
+class BatchedKVCache:
+    """The caches of several independent sequences side by side, each row at its own length: the
+    decode batch of continuous batching. Rows 0..size-1 are in use; a sequence joins with the
+    one-row `KVCache` its prompt was run into (`add`) and leaves by `remove` (the last row moves into
+    its place). A decoding step feeds one token per row: `update` writes each row's keys and values
+    at that row's own length, and `attention_mask()` lets each row see its own positions only, so a
+    row's logits are those it would get alone. Storage grows as rows and lengths need it.
+
+    `context` holds, as KVCache's does, batch-first tensors a block hook keeps for later steps; rows
+    whose contexts differ in length along dim 1 are padded there with zeros (False), which the hook
+    must read as "nothing there" (ShapesVLM's image readers do: their `valid` mask is False there)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, max_length: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.max_length, self.dtype, self.device = max_length, dtype, device
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.lengths: list[int] = []  # positions filled, per row in use
+        self._context: list[torch.Tensor] | None = None
+        self._step: tuple[torch.Tensor, torch.Tensor, int] | None = None  # rows, write positions, keys seen
+        self._reserve(1, 1)
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def length(self) -> int:
+        """The longest row's length (what a caller that assumes one length would read)."""
+        return max(self.lengths, default=0)
+
+    @property
+    def context(self) -> tuple[torch.Tensor, ...] | None:
+        return None if self._context is None else tuple(c[: self.size] for c in self._context)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Make room for `rows` rows of `length` positions (doubling, up to max_length)."""
+        have_rows = self.keys[0].shape[0] if self.keys else 0
+        have_length = self.keys[0].shape[2] if self.keys else 0
+        if rows <= have_rows and length <= have_length:
+            return
+        if length > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {length} were needed")
+        new_rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
+        new_length = min(self.max_length, max(length, 2 * have_length, 64)) if length > have_length else have_length
+        shape = (new_rows, self.kv_heads, new_length, self.head_dim)
+        for store in (self.keys, self.values):
+            for layer in range(self.layers):
+                grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if store and layer < len(store):
+                    old = store[layer]
+                    grown[: old.shape[0], :, : old.shape[2]] = old
+                    store[layer] = grown
+                else:
+                    store.append(grown)
+        if self._context is not None:
+            self._context = [self._padded(c, new_rows, c.shape[1]) for c in self._context]
+
+    @staticmethod
+    def _padded(tensor: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+        """tensor with its dims 0 and 1 grown to rows and width, the new entries zero (False)."""
+        if tensor.shape[0] >= rows and tensor.shape[1] >= width:
+            return tensor
+        grown = tensor.new_zeros((max(rows, tensor.shape[0]), max(width, tensor.shape[1]), *tensor.shape[2:]))
+        grown[: tensor.shape[0], : tensor.shape[1]] = tensor
+        return grown
+
+    def add(self, cache: KVCache, row: int = 0) -> int:
+        """Copy row `row` of a filled KVCache (and its context) in as a new row; returns its index."""
+        index, length = self.size, cache.length
+        self._reserve(index + 1, length + 1)
+        for layer in range(self.layers):
+            self.keys[layer][index, :, :length] = cache.keys[layer][row, :, :length]
+            self.values[layer][index, :, :length] = cache.values[layer][row, :, :length]
+        self.lengths.append(length)
+        given = cache.context
+        if given is not None and self._context is None:  # the first row with a context: the others have none
+            rows = self.keys[0].shape[0]
+            self._context = [c.new_zeros((rows, *c.shape[1:])) for c in given]
+        if self._context is not None:
+            if given is not None and len(given) != len(self._context):
+                raise ValueError("sequences in one batch must keep contexts of the same kind")
+            for j, stored in enumerate(self._context):
+                if given is not None:
+                    stored = self._context[j] = self._padded(stored, stored.shape[0], given[j].shape[1])
+                stored[index] = 0
+                if given is not None:
+                    stored[index, : given[j].shape[1]] = given[j][row]
+        self._step = None
+        return index
+
+    def remove(self, index: int) -> None:
+        """Drop row `index`; the last row moves into its place."""
+        last = self.size - 1
+        if index != last:
+            length = self.lengths[last]
+            for store in (self.keys, self.values):
+                for tensor in store:
+                    tensor[index, :, :length] = tensor[last, :, :length]
+            self.lengths[index] = length
+            if self._context is not None:
+                for stored in self._context:
+                    stored[index] = stored[last]
+        self.lengths.pop()
+        if not self.lengths:
+            self._context = None
+        self._step = None
+
+    def _positions(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self._step is None:
+            at = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+            self._reserve(self.size, self.length + 1)
+            self._step = (torch.arange(self.size, device=self.device), at, self.length + 1)
+        return self._step
+
+    def positions(self) -> torch.Tensor:
+        """(size, 1): the position of each row's next token (its length)."""
+        return self._positions()[1][:, None]
+
+    def attention_mask(self) -> torch.Tensor:
+        """(size, S) bool: each row's new token sees that row's cached positions and itself."""
+        _, at, end = self._positions()
+        return torch.arange(end, device=self.device)[None, :] <= at[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (size, Hkv, 1, D) at each row's length; return the keys and values every row may
+        need, (size, Hkv, S, D) (attention_mask() says which)."""
+        rows, at, end = self._positions()
+        if k.shape[0] != self.size or k.shape[2] != 1:
+            raise ValueError(f"a batched step feeds one token to each of the {self.size} rows, got {tuple(k.shape)}")
+        self.keys[layer][rows, :, at] = k[:, :, 0]
+        self.values[layer][rows, :, at] = v[:, :, 0]
+        return self.keys[layer][: self.size, :, :end], self.values[layer][: self.size, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.lengths = [length + steps for length in self.lengths]
+        self._step = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        raise NotImplementedError("a batch of independent sequences is not reordered (beam search uses KVCache)")
+
+
 class Attention(nn.Module):
     """Multi-head attention: self-attention (optionally causal, grouped-query, rotary, cached)
     or cross-attention to a context of another width."""

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .layers import KVCache, RotaryEmbedding, TransformerBlock, init_weights, make_norm
+from .layers import BatchedKVCache, KVCache, RotaryEmbedding, TransformerBlock, init_weights, make_norm
 from .packed_attention import PackedAttention, rows
 
 
@@ -160,6 +160,13 @@ class CausalDecoder(nn.Module):
         weight = self.token_embedding.weight
         return KVCache(c.depth, batch, c.kv_heads or c.heads, c.head_dim or c.width // c.heads,
                        max_length or c.max_length, dtype or weight.dtype, weight.device)
+
+    def new_batched_cache(self, dtype: torch.dtype | None = None) -> BatchedKVCache:
+        """An empty decode batch (continuous batching: sequences join and leave it)."""
+        c = self.config
+        weight = self.token_embedding.weight
+        return BatchedKVCache(c.depth, c.kv_heads or c.heads, c.head_dim or c.width // c.heads, c.max_length,
+                              dtype or weight.dtype, weight.device)
 
     def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,

@@ -195,10 +195,22 @@ class VisionLanguageModel(PretrainedModel):
         return [self.vision]
 
     def block_hook(self, ids: torch.Tensor, features: torch.Tensor | None, cache,
-                   packed: PackedAttention | None) -> BlockHook | None:
+                   packed: PackedAttention | None, slots: torch.Tensor | None = None) -> BlockHook | None:
         """The step to run after some decoder blocks in this pass (None: none, as in LLaVA / nanoVLM).
-        It is handed back in VLMOutput.hook. packed: the pass's packed attention, where it has one."""
+        It is handed back in VLMOutput.hook. packed: the pass's packed attention, where it has one;
+        slots (B, T): where the pass's image embeddings go (`image_slots`: the prompt's placeholders,
+        not one the model generated)."""
         return None
+
+    # Whether the server may decode this model's sequences side by side in one BatchedKVCache. A model
+    # type whose block_hook keeps state in the cache's `context` says True only if that state pads
+    # (BatchedKVCache.context); None: True unless block_hook is overridden.
+    batched_decoding: bool | None = None
+
+    def can_decode_in_batches(self) -> bool:
+        if self.batched_decoding is not None:
+            return self.batched_decoding
+        return type(self).block_hook is VisionLanguageModel.block_hook
 
     # -- model -----------------------------------------------------------------------------
 
@@ -260,7 +272,7 @@ class VisionLanguageModel(PretrainedModel):
         packed = mask if isinstance(mask, PackedAttention) else None
         if predict_at is not None and cache is not None:
             raise ValueError("predict_at is for training: give no cache")
-        hook = self.block_hook(ids, features, cache, packed)
+        hook = self.block_hook(ids, features, cache, packed, slots=slots)
         # a step after the last block reads all of its positions: the logits are then picked at the end
         last_hooked = hook is not None and self.decoder.config.depth - 1 in hook.blocks
         outputs_at = None
@@ -274,6 +286,14 @@ class VisionLanguageModel(PretrainedModel):
         if predict_at is not None and last_hooked:
             logits = rows(logits.flatten(0, 1), predict_at)
         return VLMOutput(logits, hook)
+
+    def decode_step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """One decoding step of a batch of independent sequences (continuous batching): tokens (B,), the
+        next token of each row of `cache` (a BatchedKVCache, each row at its own length and position).
+        Returns the next-token logits (B, V), each row's as it would be decoded alone. Every token fed
+        is a generated one (an <image> among them is text)."""
+        return self(tokens[:, None], mask=cache.attention_mask()[:, None, None, :], positions=cache.positions(),
+                    cache=cache, prompt_length=0).logits[:, -1]
 
     def image_block_mask(self, ids: torch.Tensor, mask: torch.Tensor | None, start: int = 0,
                          slots: torch.Tensor | None = None) -> torch.Tensor:

@@ -215,20 +215,25 @@ class ShapesVLM(VisionLanguageModel):
     def vision_modules(self) -> list[nn.Module]:
         return super().vision_modules() + ([self.objects] if self.objects is not None else [])
 
+    # the readers' context pads along its tokens (image_context's `valid` is False there): the server may
+    # decode several sequences side by side (BatchedKVCache)
+    batched_decoding = True
+
     def block_hook(self, ids: torch.Tensor, features: torch.Tensor | None, cache,
-                   packed: PackedAttention | None) -> ReaderHook | None:
+                   packed: PackedAttention | None, slots: torch.Tensor | None = None) -> ReaderHook | None:
         if not len(self.readers):
             return None
-        return ReaderHook(self, *self.image_context(ids, features, cache), packed)
+        return ReaderHook(self, *self.image_context(ids, features, cache, slots=slots), packed)
 
     # -- what the readers read --------------------------------------------------------------------
 
-    def image_context(self, ids: torch.Tensor, features: torch.Tensor | None, cache=None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def image_context(self, ids: torch.Tensor, features: torch.Tensor | None, cache=None,
+                      slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the image readers read: each row's images' tokens side by side (B, S, C_projector_in), which
         of them are real (B, S; rows with fewer images are padded) and which each position may see
         (B, T, S: the tokens of images that start at or before it). With a cache the context of the
-        prompt is kept there for the steps that follow."""
+        prompt is kept there for the steps that follow. slots (B, T): where the images go (default: every
+        <image> in ids); an <image> the model generated is text, not an image (`image_slots`)."""
         B, T = ids.shape
         if features is None and cache is not None and cache.context is not None:
             context, valid = cache.context
@@ -240,7 +245,8 @@ class ShapesVLM(VisionLanguageModel):
         features = pixel_shuffle(features, self.config.pixel_shuffle)  # one token per placeholder, as projected
         placeholders = self.config.tokens_per_image
         K = features.shape[1]
-        starts = [(ids[b] == self.config.image_token_id).nonzero()[::placeholders, 0] for b in range(B)]
+        slots = ids == self.config.image_token_id if slots is None else slots
+        starts = [slots[b].nonzero()[::placeholders, 0] for b in range(B)]
         most = max(len(s) for s in starts)
         context = features.new_zeros(B, most * K, features.shape[-1])
         valid = torch.zeros(B, most * K, dtype=torch.bool, device=ids.device)
