@@ -13,7 +13,9 @@ Endpoints (OpenAPI schema at /openapi.json, rendered at /docs; the web page at /
     GET  /metrics               Prometheus metrics (observe.py)
 
 Models run in a thread pool (`Settings.workers`) on `Settings.device`; the event loop only
-parses, checks and streams. Errors are OpenAI's error JSON (`errors.py`); the request checks
+parses, checks and streams. Text generation is continuously batched (`batching.py`): each
+request's prompt runs in a worker thread, then its tokens are decoded side by side with the other
+requests' in one engine thread (`--max-batch-size` at once, `--max-queue` more waiting). Errors are OpenAI's error JSON (`errors.py`); the request checks
 that come before any endpoint are in `guards.py`; image references are resolved in
 `images.py`; request ids, metrics and the access log are in `observe.py`.
 """
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -55,6 +58,7 @@ from ..version import __version__
 from . import images as image_refs
 from . import schemas as S
 from .errors import APIError, bad_request, error_response
+from .batching import BatchEngine, TokenFeed
 from .generation import REFUSAL, GenerationJob, GenerationOptions, OutputFilter
 from .guards import RequestGuard
 from .observe import Metrics, RequestTracking, request_id
@@ -116,7 +120,13 @@ class Engine:
         served = [m for m in (vlm, embedder) if m is not None]
         self.metrics = Metrics(in_progress=lambda: self.active, info={
             "version": __version__, "vlm": vlm.id if vlm else "", "embedder": embedder.id if embedder else "",
-            "device": ",".join(sorted({m.device for m in served}))})
+            "device": ",".join(sorted({m.device for m in served}))},
+            batch_size=lambda: self.batcher.size if self.batcher else 0,
+            generations_waiting=lambda: self.batcher.admission.waiting if self.batcher else 0)
+        self.batcher = None  # the generation engine (continuous batching) of the VLM
+        if vlm is not None:
+            self.batcher = BatchEngine(vlm.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                                       observe_step=self.metrics.decode_batch.observe)
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -125,9 +135,10 @@ class Engine:
             self._executor = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="multimodal-model")
         return self._executor
 
-    async def run(self, fn, *args, **kwargs):
+    async def run(self, fn, *args, abandoned=None, **kwargs):
         """fn(*args) in a worker thread (in this request's context: its log lines carry its id);
-        errors in the user's input become 400s."""
+        errors in the user's input become 400s. abandoned(result): called with what fn returns
+        when the request has gone away meanwhile."""
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
         queued = self.metrics.queued
@@ -137,8 +148,14 @@ class Engine:
             queued.dec()
             return context.run(fn, *args, **kwargs)
 
+        future = loop.run_in_executor(self.executor, call)
         try:
-            return await loop.run_in_executor(self.executor, call)
+            return await future
+        except asyncio.CancelledError:
+            if abandoned is not None:
+                future.add_done_callback(lambda f: abandoned(f.result()) if not f.cancelled() and
+                                         f.exception() is None else None)
+            raise
         except APIError:
             raise
         except ImageLoadError as exc:
@@ -165,19 +182,46 @@ class Engine:
                                 "(GET /v1/models lists them)", param="model", code="model_not_found")
         return served
 
-    def generate(self, served: ServedModel, messages: list[dict], options: GenerationOptions,
-                 deadline: float) -> GenerationJob:
-        """Start a generation (in a worker thread), counted in the metrics until it ends."""
-        job = GenerationJob.start(served.model, messages, options, self.settings, deadline,
-                                  on_end=lambda job: self.metrics.generation_ended(served.id, job.completion_tokens))
-        self.metrics.generation_started(served.id, job.prompt_tokens)
-        return job
+    async def generate(self, served: ServedModel, messages: Callable[[], list[dict]], options: GenerationOptions,
+                       deadline: float) -> GenerationJob:
+        """Start a generation, counted in the metrics until it ends: wait for a place in the decode batch
+        (429 when the queue is full), then in a worker thread make the messages (`messages()`: images
+        decoded there), run the prompt and join the batch."""
+        slot = await self.batcher.admission.acquire(deadline - time.monotonic())
+        feed = TokenFeed(asyncio.get_running_loop())
+
+        def start() -> GenerationJob:
+            job = GenerationJob.start(served.model, messages(), options, self.settings, deadline, feed=feed, slot=slot,
+                                      on_end=lambda job: self.metrics.generation_ended(served.id, job.completion_tokens))
+            self.metrics.generation_started(served.id, job.prompt_tokens)
+            if job.sequence is not None:
+                self.batcher.join(job.sequence)
+            return job
+
+        try:
+            return await self.run(start, abandoned=lambda job: job.close())
+        except BaseException:
+            slot.release()  # (a slot already given back is not given twice)
+            raise
+
+    async def pieces(self, job: GenerationJob) -> AsyncIterator[str]:
+        """The job's text, piece by piece, as the engine makes its tokens (a custom output filter, which may
+        be slow, runs in a worker thread; the rest here)."""
+        inline = self.settings.output_filter is None
+        while not job.done:
+            piece = job.next_piece() if inline else await self.run(job.next_piece)
+            if piece:
+                yield piece
+            elif not job.done:
+                await job.wait()
 
     def close(self) -> None:
         """Stop the worker threads (at the server's shutdown); the index stays open for a restart."""
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+        if self.batcher is not None:
+            self.batcher.close()
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -541,6 +585,10 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
         return {"status": "ok", "models": {"vlm": engine.vlm.id if engine.vlm else None,
                                            "embedder": engine.embedder.id if engine.embedder else None},
                 "index": index, "busy": engine.active, "max_concurrent": settings.max_concurrent,
+                "generation": None if engine.batcher is None else {
+                    "decoding": engine.batcher.mode, "running": engine.batcher.admission.in_use,
+                    "waiting": engine.batcher.admission.waiting, "max_batch_size": settings.max_batch_size,
+                    "max_queue": settings.max_queue},
                 "auth": bool(settings.resolved_api_key()),
                 "devices": {"vlm": engine.vlm.device if engine.vlm else None,
                             "embedder": engine.embedder.device if engine.embedder else None}}
@@ -605,15 +653,15 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
                                     top_k=body.top_k, stop=tuple(stop), seed=body.seed)
         deadline = time.monotonic() + settings.request_timeout_s
 
-        def start() -> GenerationJob:
+        def with_images() -> list[dict]:
             decoded = decode_all(sources, settings)
             for message in messages:
                 for part in message["content"]:
                     if part["type"] == "image":
                         part["image"] = decoded[part["image"]]
-            return engine.generate(served, messages, options, deadline)
+            return messages
 
-        job = await engine.run(start)
+        job = await engine.generate(served, with_images, options, deadline)
         completion_id = f"chatcmpl-{request_id()}"
         created = int(time.time())
         if body.stream:
@@ -746,13 +794,11 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
         beams = served.model.config.caption_beams if kind == "caption" else 1  # captions as `caption` decodes them
         options = GenerationOptions(max_tokens=body.max_tokens, temperature=body.temperature, num_beams=beams)
 
-        def start() -> GenerationJob:
+        def messages() -> list[dict]:
             image = image_refs.decode(source, settings, param="image")
-            messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                                     {"type": "text", "text": prompt}]}]
-            return engine.generate(served, messages, options, deadline)
+            return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
 
-        job = await engine.run(start)
+        job = await engine.generate(served, messages, options, deadline)
         text = await finish(engine, job)
         refused = job.finish_reason == "content_filter"
         return {"object": kind, "model": served.id, "text": None if refused else text.strip(),
@@ -819,11 +865,12 @@ def usage(job: GenerationJob) -> dict[str, int]:
 
 
 async def finish(engine: Engine, job: GenerationJob) -> str:
-    """Run a job to its end in a worker; its deadline is a 504."""
+    """The job's whole text; its deadline is a 504."""
     try:
-        text = await engine.run(job.run)
+        text = "".join([piece async for piece in engine.pieces(job)])
     finally:
         if not job.done:  # the request was cancelled while the job ran
+            job.cancel()
             engine.executor.submit(job.close)
     if job.finish_reason == "timeout":
         raise APIError(504, f"the request took longer than the server's limit of {engine.settings.request_timeout_s:g} "
@@ -846,10 +893,8 @@ async def chat_stream(engine: Engine, job: GenerationJob, completion_id: str, cr
 
     try:
         yield chunk({"role": "assistant", "content": "", "refusal": None})
-        while not job.done:
-            piece = await engine.run(job.next_piece)
-            if piece:
-                yield chunk({"content": piece})
+        async for piece in engine.pieces(job):
+            yield chunk({"content": piece})
         if job.finish_reason == "timeout":
             seconds = engine.settings.request_timeout_s
             engine.metrics.error(200, "timeout")
@@ -866,6 +911,7 @@ async def chat_stream(engine: Engine, job: GenerationJob, completion_id: str, cr
         yield sse("[DONE]")
     finally:
         if not job.done:  # the client went away: stop generating
+            job.cancel()
             engine.executor.submit(job.close)
 
 

@@ -1,12 +1,13 @@
-"""One request's text generation, stepped from the server's worker threads.
+"""One request's text generation: its prompt, its tokens turned into text, its end.
 
-A `GenerationJob` owns everything one answer needs: the encoded prompt, the image
-features, a KV cache (`VLMSession`), the token iterator and the text stream. Nothing is
-shared between jobs but the model's read-only weights, so two streams never mix. The
-server advances a job one text piece at a time (`next_piece`, in a worker thread, under
-the job's own lock), which keeps the event loop free, lets many streams take turns on
-the workers, and lets a job stop between tokens: at a stop token or string, at its token
-budget, at its deadline, when its client is gone, or when the output filter refuses it.
+`GenerationJob.start` (in a worker thread) encodes the prompt and the images, runs the prompt into
+the job's own KV cache and picks the first token; the rest of the tokens come from the batching
+engine (`batching.py`), which decodes the job's `Sequence` side by side with the others and hands
+its tokens over in a `TokenFeed`. The request turns them into text (`next_piece`, which never waits
+for the model; `wait` does, without a thread) and stops the job between tokens: at a stop token or
+string, at its token budget, at its deadline, when its client is gone, or when the output filter
+refuses it. Nothing is shared between jobs but the model's read-only weights and the engine's batch,
+in which each sequence has its own rows, so two streams never mix.
 
 `OutputFilter` is the output hook: a blocklist of words or phrases (case-insensitive,
 whole words) replaced or refusing the whole answer, then an optional callable. Streamed
@@ -25,8 +26,9 @@ from typing import Any
 
 import torch
 
-from ..models.generation import GenerationConfig, TextStream, decode_tokens
+from ..models.generation import GenerationConfig, TextStream, beam_search, sampling_generator
 from ..models.vlm import VLMSession
+from .batching import Sequence, Slot, TokenFeed
 from .errors import APIError
 from .settings import Settings
 
@@ -123,7 +125,8 @@ class GenerationJob:
     settings: Settings
     prompt_tokens: int
     max_new_tokens: int
-    tokens: Any  # iterator of token ids
+    feed: TokenFeed  # the tokens, as the engine makes them
+    sequence: Sequence | None  # what the engine still decodes (None: it ended at its first token, or beams)
     text: TextStream
     filtered: FilteredStream
     deadline: float
@@ -135,9 +138,12 @@ class GenerationJob:
 
     @classmethod
     def start(cls, model, messages: list[dict], options: GenerationOptions, settings: Settings,
-              deadline: float, *, on_end: Callable[[GenerationJob], None] | None = None) -> GenerationJob:
-        """Encode the prompt and the images (runs the vision tower): call from a worker thread.
-        `messages` hold their images inline ({"type": "image", "image": PIL image})."""
+              deadline: float, *, feed: TokenFeed, slot: Slot,
+              on_end: Callable[[GenerationJob], None] | None = None) -> GenerationJob:
+        """Encode the prompt and the images (runs the vision tower), run the prompt into its own KV
+        cache and pick the first token: call from a worker thread, holding `slot`. The returned job's
+        `sequence`, if any, is for the engine to decode (BatchEngine.join). `messages` hold their
+        images inline ({"type": "image", "image": PIL image})."""
         with torch.no_grad():
             template = model.chat_template()
             try:
@@ -169,29 +175,54 @@ class GenerationJob:
                                       top_p=top_p if sample else 1.0, top_k=(options.top_k or 0) if sample else 0,
                                       stop=tuple(options.stop), seed=options.seed,
                                       num_beams=1 if sample else options.num_beams)
+            config.validate()
             ids = torch.tensor([encoding.ids], device=model.device)
             pixels = model._pixels(encoding.images)  # the model's own preprocessing (tiles for Idefics3)
             session = VLMSession(model, ids, pixels, config)  # this job's own KV cache
-            tokens = decode_tokens(session, config, template.stop_ids())
-        return cls(model=model, settings=settings, prompt_tokens=prompt_tokens, max_new_tokens=max_new,
-                   tokens=tokens, text=TextStream(model.tokenizer.decode, config.stop),
+            stop_ids = template.stop_ids()
+            sequence = None
+            if config.num_beams > 1:  # beam search: found whole here, with its own batch of beams
+                tokens = beam_search(session, config, stop_ids)
+                for token in tokens:
+                    feed.put(token)
+                feed.end("length" if len(tokens) >= max_new else "stop")
+                slot.release()
+            else:
+                generator = sampling_generator(config)
+                if config.do_sample and generator is None:  # unseeded: its own generator all the same
+                    generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+                sequence = Sequence(session, config, stop_ids, generator, feed, deadline, slot)
+                if not sequence.accept(session.prefill()[0]):  # its first token ended it
+                    sequence = None
+        return cls(model=model, settings=settings, prompt_tokens=prompt_tokens, max_new_tokens=max_new, feed=feed,
+                   sequence=sequence, text=TextStream(model.tokenizer.decode, config.stop),
                    filtered=FilteredStream(OutputFilter.from_settings(settings)), deadline=deadline, on_end=on_end)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    async def wait(self) -> None:
+        """Until the engine has made more tokens or ended (or the deadline passes)."""
+        await self.feed.wait(self.deadline - time.monotonic())
+
     def next_piece(self) -> str:
-        """Generate until there is new text to show or the job ends (worker thread)."""
-        with self.lock, torch.no_grad():
+        """Turn the tokens made so far into text to show: "" when there is none yet (then `wait`), or
+        the job has ended. Never waits for the model."""
+        with self.lock:
             while self.finish_reason is None:
                 if self.cancelled:
                     return self._end("cancelled")
                 if time.monotonic() > self.deadline:
                     return self._end("timeout")
-                token = next(self.tokens, None)
+                token = self.feed.take()
                 if token is None:
-                    reason = "length" if self.completion_tokens >= self.max_new_tokens else "stop"
+                    reason = self.feed.reason
+                    if reason is None:
+                        return ""
+                    if reason == "error":
+                        self._end("cancelled")
+                        raise RuntimeError("the model failed while generating (the server's log has the details)")
                     return self._end(reason, self.text.finish())
                 self.completion_tokens += 1
                 delta = self.text.push(token)
@@ -211,7 +242,7 @@ class GenerationJob:
             if self.filtered.refused:
                 reason = "content_filter"
         self.finish_reason = reason
-        self.tokens.close()
+        self.cancel()
         self._ended()
         return out
 
@@ -220,18 +251,17 @@ class GenerationJob:
             on_end, self.on_end = self.on_end, None
             on_end(self)
 
-    def run(self) -> str:
-        """The whole answer (worker thread)."""
-        pieces = []
-        while not self.done:
-            pieces.append(self.next_piece())
-        return "".join(pieces)
+    def cancel(self) -> None:
+        """Tell the engine to stop decoding this job (any thread, never waits): its sequence leaves the
+        batch at the next step and gives its slot back."""
+        if self.sequence is not None:
+            self.sequence.cancelled = True
 
     def close(self) -> None:
-        """Stop the job (from any thread); a piece being generated finishes first."""
+        """Stop the job (from any thread); a piece being turned into text finishes first."""
         self.cancelled = True
+        self.cancel()
         with self.lock:
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"
-                self.tokens.close()
                 self._ended()

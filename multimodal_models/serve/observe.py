@@ -20,6 +20,9 @@
     multimodal_requests_in_progress                              requests holding a concurrency slot
     multimodal_generations_in_flight                             generations started and not ended
     multimodal_queue_depth                                       model calls waiting for a worker thread
+    multimodal_generation_queue_depth                            generations waiting for a place in the batch
+    multimodal_batch_size                                        sequences being decoded now
+    multimodal_decode_batch_size                                 histogram: sequences per decoding step
     multimodal_server_info{version, vlm, embedder, device}
 """
 
@@ -74,7 +77,8 @@ log.addFilter(RequestIdFilter())  # records logged here carry the id whatever ha
 class Metrics:
     """The server's Prometheus metrics, in a registry of its own (two apps in one process do not mix)."""
 
-    def __init__(self, *, in_progress: Callable[[], float], info: dict[str, str]):
+    def __init__(self, *, in_progress: Callable[[], float], info: dict[str, str],
+                 batch_size: Callable[[], float] = lambda: 0, generations_waiting: Callable[[], float] = lambda: 0):
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("multimodal_http_requests", "HTTP requests by route, method and status code",
                                 ["route", "method", "status"], registry=registry)
@@ -95,6 +99,15 @@ class Metrics:
                                  registry=registry)
         self.queued = Gauge("multimodal_queue_depth", "model calls waiting for a free worker thread (--workers)",
                             registry=registry)
+        self.batch_size = Gauge("multimodal_batch_size", "sequences being decoded now (continuous batching; at most "
+                                                         "--max-batch-size)", registry=registry)
+        self.batch_size.set_function(batch_size)
+        self.generation_queue = Gauge("multimodal_generation_queue_depth", "generations waiting for a place in the "
+                                                                          "decode batch (at most --max-queue)",
+                                      registry=registry)
+        self.generation_queue.set_function(generations_waiting)
+        self.decode_batch = Histogram("multimodal_decode_batch_size", "sequences decoded together, per decoding step",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
         Info("multimodal_server", "what this server runs", registry=registry).info(info)
 
     def generation_started(self, model: str, prompt_tokens: int) -> None:

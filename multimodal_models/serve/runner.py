@@ -66,7 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                         help=f"tokens generated when a request gives no max_tokens (default {d.default_max_tokens})")
     limits.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
-                        help=f"requests in progress at once; more get 429 (default {d.max_concurrent})")
+                        help=f"requests in progress at once on all endpoints; more get 429 (default {d.max_concurrent}; "
+                             "generations are limited further by --max-batch-size and --max-queue)")
+    limits.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                        help=f"generations decoded side by side, sharing each decoding step (continuous batching; "
+                             f"1 decodes one at a time; default {d.max_batch_size})")
+    limits.add_argument("--max-queue", type=int, default=d.max_queue,
+                        help=f"generations waiting for a place in the batch; more get 429 (default {d.max_queue})")
     limits.add_argument("--timeout", type=float, default=d.request_timeout_s,
                         help=f"seconds a request may take: then 504, or a stream ends (default {d.request_timeout_s:g})")
     limits.add_argument("--workers", type=int, default=d.workers,
@@ -103,7 +109,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         allowed_hosts=tuple(args.allowed_host), max_body_bytes=int(args.max_body_mb * 2**20),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_prompt_chars=args.max_prompt_chars,
         max_tokens_limit=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
-        max_concurrent=args.max_concurrent, request_timeout_s=args.timeout, workers=args.workers,
+        max_concurrent=args.max_concurrent, max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue, request_timeout_s=args.timeout, workers=args.workers,
         torch_threads=args.threads, blocklist=tuple(blocklist), blocklist_action=args.blocklist_action,
         blocklist_replacement=args.blocklist_replacement)
 

@@ -306,6 +306,9 @@ class Health(BaseModel):
     index: dict[str, Any] | None
     busy: int
     max_concurrent: int
+    generation: dict[str, Any] | None = Field(
+        None, description="the generation engine: 'batched' (continuous batching) or 'one sequence at a time' "
+                          "decoding, generations running and waiting, and the limits (--max-batch-size, --max-queue)")
     auth: bool
     devices: dict[str, str | None] = Field(description="where each served model runs (cpu, cuda:0, mps)")
 

@@ -66,7 +66,11 @@ class Settings:
     max_embedding_inputs: int = 256
     max_labels: int = 64
     max_k: int = 100  # search results
-    max_concurrent: int = 16  # requests in progress at once; more get 429 with Retry-After
+    # requests in progress at once, on every endpoint; more get 429 with Retry-After. Generations are
+    # limited further by the decode batch and its queue:
+    max_concurrent: int = 256
+    max_batch_size: int = 16  # sequences decoded side by side (continuous batching); 1: one at a time
+    max_queue: int = 64  # generations waiting for a place in the batch; more get 429
     request_timeout_s: float = 60.0  # a request still running then gets 504 (a stream ends with an error event)
     workers: int = 2  # inference threads (the event loop never runs a model)
     torch_threads: int = 1  # torch intra-op threads, set by `run` (not by create_app)
@@ -97,9 +101,12 @@ class Settings:
             raise MultimodalError(f"blocklist action must be one of {BLOCKLIST_ACTIONS}, got {self.blocklist_action!r}")
         for name in ("max_body_bytes", "max_image_pixels", "max_images", "max_prompt_chars", "max_tokens_limit",
                      "default_max_tokens", "max_embedding_inputs", "max_labels", "max_k", "max_concurrent", "workers",
+                     "max_batch_size",
                      "torch_threads", "max_remote_image_bytes"):
             if getattr(self, name) < 1:
                 raise MultimodalError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise MultimodalError(f"max_queue must be at least 0, got {self.max_queue}")
         if self.request_timeout_s <= 0:
             raise MultimodalError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if not 0 <= self.default_temperature <= 2:
