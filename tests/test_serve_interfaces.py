@@ -236,7 +236,8 @@ def test_metrics_count_requests_latency_tokens_and_errors(env):
     assert metric(text, "multimodal_errors_total", status="400", code="unsupported_parameter") == 1
     assert metric(text, "multimodal_errors_total", status="404", code="model_not_found") == 1
     assert metric(text, "multimodal_errors_total", status="404", code="not_found") == 1
-    for idle in ("multimodal_generations_in_flight", "multimodal_queue_depth", "multimodal_requests_in_progress"):
+    for idle in ("multimodal_generations_in_flight", "multimodal_queue_depth", "multimodal_requests_in_progress",
+                 "multimodal_batch_size", "multimodal_generation_queue_depth"):
         assert metric(text, idle) == 0, idle
     assert metric(text, "multimodal_server_info", vlm="tiny-vlm", embedder="tiny-clip", device="cpu") == 1
     keyed = make_client(env, api_key="secret")
