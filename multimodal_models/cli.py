@@ -185,6 +185,7 @@ def cmd_evaluate(args) -> None:
     from .evaluate.harness import headline  # heavy: torch
     from .evaluate.report import evaluate_model, evaluation_data  # heavy: torch
     from .shapes.evaluation import EXTRAS as SHAPES_EXTRAS  # heavy: torch
+    from .shapes.evaluation import ParaphraseRobustness, SceneGroups  # heavy: torch
 
     def flag(field: str) -> str:  # errors name the flag a SplitFiles field came from
         return {"root": "--data", "eval_split": "--split"}.get(field, "--" + field.replace("_", "-"))
@@ -199,9 +200,23 @@ def cmd_evaluate(args) -> None:
 
         reranker = Reranker(_load(args.rerank_with, args, "vlm", runtime="torch"), top=args.rerank_top,
                             similarity_weight=args.rerank_similarity_weight)
+    from .evaluate.corruptions import parse_corruptions  # heavy: numpy, PIL
+
+    try:  # before the model loads: a typo fails at once
+        corruptions = parse_corruptions(args.corruptions) if args.corruptions is not None else ()
+        severities = tuple(int(s) for s in args.severities.split(",") if s.strip())
+        if not severities or any(s not in range(1, 6) for s in severities):
+            raise ValueError(f"--severities {args.severities}: give severities 1 to 5, comma-separated")
+    except ValueError as error:
+        raise MultimodalError(str(error) if "--severities" in str(error) else f"--corruptions: {error}") from None
+    group_by = tuple(f.strip() for value in args.group_by or () for f in value.split(",") if f.strip())
     results = evaluate_model(_load(args.model, args, adapter=args.adapter), data, args.out, limit=args.limit,
                              progress=not args.quiet, reranker=reranker,
-                             extras=SHAPES_EXTRAS)  # each does nothing where the data has no scene graphs
+                             # each does nothing where the data has no scene graphs (or Shapes questions)
+                             extras=SHAPES_EXTRAS + (SceneGroups(),)
+                             + ((ParaphraseRobustness(seed=args.seed),) if args.paraphrases else ()),
+                             corruptions=corruptions, severities=severities, group_by=group_by, seed=args.seed,
+                             resamples=args.bootstrap)
     _print_json({"report": str(Path(args.out) / "report.md"), **headline(results)})
 
 
@@ -468,6 +483,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the split of an --mmmu folder to evaluate: dev, validation or test (default validation; "
                             "test answers are hidden)")
     given.add_argument("--scenes", metavar="FILE", help="Shapes scene graphs of the images (grounded caption scores)")
+    trust = ev.add_argument_group("robustness and fairness")
+    trust.add_argument("--corruptions", nargs="?", const="all", default=None, metavar="NAMES",
+                       help="also evaluate every task with the images corrupted (ImageNet-C style, before the model's "
+                            "preprocessing): all of gaussian_noise, gaussian_blur, jpeg, brightness, contrast, "
+                            "pixelate, or those named (comma-separated)")
+    trust.add_argument("--severities", default="1,2,3,4,5", metavar="LIST",
+                       help="corruption severities to run, comma-separated (default 1,2,3,4,5)")
+    trust.add_argument("--paraphrases", action="store_true",
+                       help="Shapes questions: ask each again in other words and report accuracy on the paraphrases "
+                            "and the share of answers that change")
+    trust.add_argument("--group-by", action="append", metavar="FIELD",
+                       help="report every per-item metric per group of FIELD (a table column, a VQA annotation field "
+                            "such as answer_type or question_type; on Shapes also color, shape, size of the objects a "
+                            "question names), with bootstrap intervals; repeat or comma-separate for several")
+    trust.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                       help="bootstrap resamples for --group-by's intervals (default 1000)")
+    trust.add_argument("--seed", type=int, default=0, help="seed of the corruptions' noise and of the bootstrap (default 0)")
     rerank_options(ev, "a dual encoder's text→image retrieval is also scored")
     device_options(ev)
     ev.set_defaults(func=cmd_evaluate)

@@ -26,7 +26,7 @@ from ..models.chat import conversation_to_messages
 from ..data.splits import ImageStore, SplitData, image_key
 from .metrics.caption import caption_metrics
 from .metrics.mmmu import mmmu_scores, refuse_hidden_answers
-from .metrics.retrieval import retrieval_metrics
+from .metrics.retrieval import image_to_text_ranks, retrieval_metrics, text_to_image_ranks
 from .metrics.vqa import vqa_accuracy
 
 
@@ -219,6 +219,9 @@ def evaluate_retrieval(model, records: list[CaptionRecord], store: ImageStore, *
     text_embeds = model.embed_texts(texts)
     similarity = (image_embeds.float() @ text_embeds.float().T).cpu()
     scores = retrieval_metrics(similarity, text_to_image, ks=tuple(range(1, 11)))
+    # each query's rank (1-based), for metrics per group of items (evaluate/groups.py); not in metrics.json
+    scores["ranks"] = {"text_to_image": text_to_image_ranks(similarity, text_to_image).tolist(),
+                       "image_to_text": image_to_text_ranks(similarity, text_to_image).tolist()}
     scores["ceiling"] = ceiling if ceiling is not None else retrieval_ceiling(records)
     scores["num_images"], scores["num_texts"] = len(records), len(texts)
     if reranker is not None:

@@ -17,10 +17,14 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from ..errors import MultimodalError
 from ..io import atomic_write_figure, atomic_write_json, atomic_write_text
 from ..data.images import load_image
-from ..data.splits import DataConfig, ImageStore, SplitFiles, load_split, split_files
+from ..data.splits import DataConfig, ImageStore, SplitData, SplitFiles, image_key, load_split, split_files
+from .corruptions import SEVERITIES, Corruption, CorruptingProcessor
+from .groups import RESAMPLES, group_metrics, report_lines, require_fields
 from .harness import (
     EvaluationExtra,
     evaluate_captions,
@@ -41,16 +45,26 @@ NOT_PATHS = ("karpathy_split", "mmmu_split")
 
 
 def evaluate_model(model, data: EvaluationData, out: str | Path, *, split: str | None = None, limit: int | None = None,
-                   progress: bool = True, reranker=None, extras: tuple[EvaluationExtra, ...] = ()) -> dict[str, Any]:
+                   progress: bool = True, reranker=None, extras: tuple[EvaluationExtra, ...] = (),
+                   corruptions: tuple[str, ...] = (), severities: tuple[int, ...] = SEVERITIES,
+                   group_by: tuple[str, ...] = (), seed: int = 0, resamples: int = RESAMPLES) -> dict[str, Any]:
     """Run `model` on every task of the data that it can do, then the extras; write metrics.json,
     report.md and plots to `out`. data: a dataset folder with dataset.json (its `split`, default
     test), a DataConfig (its eval split; `split` overrides the name) or a SplitFiles of annotation
     files. reranker (index.rerank.Reranker): for a dual encoder, also text->image retrieval with a
-    multimodal LM rescoring each caption's top images."""
+    multimodal LM rescoring each caption's top images.
+
+    corruptions (names of evaluate.corruptions.CORRUPTIONS): the tasks again under each corruption at
+    each of `severities`, in results["robustness"]. group_by: fields whose groups every per-item
+    metric is reported for (evaluate.groups), in results["groups"]. seed: the corruptions' noise and
+    the bootstrap's resamples (`resamples` of them)."""
     out = Path(out)
     config = as_data_config(data, split)
     files = check_data(config)
     split_data = first_images(load_split(config, "eval"), limit)
+    groups_of = require_fields(split_data, tuple(group_by), extras) if group_by else {}  # a wrong field fails now
+    for name in corruptions:
+        Corruption(name, severities[0] if severities else 1)  # an unknown name or severity fails now
     sources = [r.image for r in split_data.captions] + [r.image for r in split_data.vqa]
     sources += [s for r in split_data.conversations for s in r.images]
     store = ImageStore(sources, model.image_processor, progress=progress, desc="images")
@@ -59,12 +73,29 @@ def evaluate_model(model, data: EvaluationData, out: str | Path, *, split: str |
                                "split": config.eval_split if config.root else files.karpathy_split,
                                "files": {k: v for k, v in asdict(files).items() if v is not None}}
     start = time.perf_counter()
+    results.update(run_tasks(model, split_data, store, progress=progress, reranker=reranker, use_meteor=java_available()))
+    for extra in extras:
+        extra.run(model, split_data, store, results, progress=progress)
+    if group_by:
+        results["groups"] = group_metrics(results, split_data, groups_of, resamples=resamples, seed=seed)
+    if corruptions:
+        results["robustness"] = evaluate_corruptions(model, split_data, results, tuple(corruptions), tuple(severities),
+                                                     seed=seed, progress=progress)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    write_report(results, split_data, store, out, extras)
+    return results
+
+
+def run_tasks(model, split_data: SplitData, store: ImageStore, *, progress: bool = True, reranker=None,
+              use_meteor: bool = False) -> dict[str, Any]:
+    """Every task of the split that the model can do: {"vqa", "captions", "dialogue", "multiple_choice",
+    "retrieval"}, as far as the split has their records and the model their methods."""
+    results: dict[str, Any] = {}
     if hasattr(model, "answer_batch") and split_data.vqa:
         results["vqa"] = evaluate_vqa(model, split_data.vqa, store, progress=progress)
     if hasattr(model, "caption_batch") and split_data.captions:
-        java = java_available()
-        results["captions"] = evaluate_captions(model, split_data.captions, store, tokenizer="auto", use_meteor=java,
-                                                progress=progress)
+        results["captions"] = evaluate_captions(model, split_data.captions, store, tokenizer="auto",
+                                                use_meteor=use_meteor, progress=progress)
     if hasattr(model, "generate_batch") and split_data.conversations:
         results["dialogue"] = evaluate_dialogues(model, split_data.conversations, store, progress=progress)
     if hasattr(model, "chat") and split_data.multiple_choice:
@@ -76,11 +107,124 @@ def evaluate_model(model, data: EvaluationData, out: str | Path, *, split: str |
                                       progress=progress, desc="reranker images")
         results["retrieval"] = evaluate_retrieval(model, split_data.captions, store, progress=progress,
                                                   reranker=reranker, rerank_store=rerank_store)
-    for extra in extras:
-        extra.run(model, split_data, store, results, progress=progress)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    write_report(results, split_data, store, out, extras)
     return results
+
+
+# --- robustness to image corruptions -------------------------------------------------------
+
+
+def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The one figure per task that the robustness tables follow (higher is better)."""
+    out: dict[str, float] = {}
+    if "vqa" in results:
+        out["VQA accuracy"] = results["vqa"]["overall"]
+    if "captions" in results:
+        out["captions CIDEr"] = results["captions"]["CIDEr"]
+    if "dialogue" in results and results["dialogue"]["turn_accuracy"] is not None:
+        out["dialogue turn accuracy"] = results["dialogue"]["turn_accuracy"]
+    if "multiple_choice" in results:
+        out["multiple choice accuracy"] = round(100 * results["multiple_choice"]["overall"]["acc"], 2)
+    if "retrieval" in results:
+        out["retrieval text→image R@1"] = results["retrieval"]["text_to_image"]["R@1"]
+        out["retrieval image→text R@1"] = results["retrieval"]["image_to_text"]["R@1"]
+    return out
+
+
+def corrupted_split(split_data: SplitData, corruption: Corruption) -> SplitData:
+    """The split with the images that bypass the store (multiple-choice items, given to model.chat as
+    sources) corrupted; the others are corrupted by the store's CorruptingProcessor."""
+    if not split_data.multiple_choice:
+        return split_data
+    items = [replace(r, images=tuple(corruption.encoded(image, image_key(image)) for image in r.images))
+             for r in split_data.multiple_choice]
+    return replace(split_data, multiple_choice=items)
+
+
+def evaluate_corruptions(model, split_data: SplitData, clean: dict[str, Any], corruptions: tuple[str, ...],
+                         severities: tuple[int, ...] = SEVERITIES, *, seed: int = 0, progress: bool = True) -> dict:
+    """Every task again with each image corrupted (before the model's preprocessing), for each corruption
+    and severity; the headline figure of each task against its clean figure.
+
+    Returns {"seed", "severities", "corruptions", "metrics": {metric: {"clean", "corrupted": {corruption:
+    {severity: value}}, "mean": {corruption: mean over severities}, "relative": {corruption: mean over
+    severities of value / clean}, "mean_corrupted", "mean_relative"}}}. mean_relative ("mean relative
+    accuracy") is the mean over corruptions and severities of value / clean: 1 is no loss at all.
+    METEOR is not computed under corruption (CIDEr is the captions' figure), nor reranked retrieval."""
+    sources = [r.image for r in split_data.captions] + [r.image for r in split_data.vqa]
+    sources += [s for r in split_data.conversations for s in r.images]
+    runs: dict[str, dict[int, dict[str, float]]] = {}
+    steps = [(name, severity) for name in corruptions for severity in severities]
+    for name, severity in tqdm(steps, desc="corruptions", disable=not progress):
+        corruption = Corruption(name, severity, seed)
+        store = ImageStore(sources, CorruptingProcessor(model.image_processor, corruption), progress=False)
+        results = run_tasks(model, corrupted_split(split_data, corruption), store, progress=False)
+        runs.setdefault(name, {})[severity] = headline_metrics(results)
+    metrics: dict[str, dict] = {}
+    for metric, clean_value in headline_metrics(clean).items():
+        corrupted = {name: {str(s): runs[name][s].get(metric) for s in severities} for name in corruptions}
+
+        def ratio(value):
+            return value / clean_value if clean_value else None
+
+        relative = {name: _mean([ratio(v) for v in by_severity.values()]) for name, by_severity in corrupted.items()}
+        metrics[metric] = {
+            "clean": clean_value,
+            "corrupted": corrupted,
+            "mean": {name: _round(_mean(list(v.values()))) for name, v in corrupted.items()},
+            "relative": {name: _round(r) for name, r in relative.items()},
+            "mean_corrupted": _round(_mean([v for by in corrupted.values() for v in by.values()])),
+            "mean_relative": _round(_mean([ratio(v) for by in corrupted.values() for v in by.values()])),
+        }
+    return {"seed": seed, "severities": list(severities), "corruptions": list(corruptions), "metrics": metrics}
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def robustness_lines(robustness: dict) -> list[str]:
+    lines = ["## Robustness to image corruptions", "",
+             "Each image corrupted before the model's preprocessing (ImageNet-C's corruptions with the parameters of "
+             f"its 64×64 version; seed {robustness['seed']}). **mean** is the figure's mean over the severities; "
+             "**relative** the mean over severities of corrupted / clean; the **mean relative** figure (mean "
+             "relative accuracy, 1 = no loss) averages corrupted / clean over every corruption and severity.", ""]
+    severities = robustness["severities"]
+    for metric, m in robustness["metrics"].items():
+        lines += [f"### {metric}: clean {_cell(m['clean'])}, mean corrupted {_cell(m['mean_corrupted'])}, "
+                  f"mean relative **{_cell(m['mean_relative'])}**", "",
+                  "| corruption | " + " | ".join(f"severity {s}" for s in severities) + " | mean | relative |",
+                  "|---|" + "---|" * (len(severities) + 2)]
+        for name, by_severity in m["corrupted"].items():
+            cells = [_cell(by_severity[str(s)]) for s in severities]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(m['mean'][name])} | {_cell(m['relative'][name])} |")
+        lines.append("")
+    return lines
+
+
+def _cell(value) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _robustness_plot(path: Path, robustness: dict) -> Path:
+    plt = _pyplot()
+    metrics = robustness["metrics"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, (metric, m) in zip(axes[0], metrics.items()):
+        xs = [0] + robustness["severities"]
+        for name, by_severity in m["corrupted"].items():
+            ax.plot(xs, [m["clean"]] + [by_severity[str(s)] for s in robustness["severities"]], marker="o", label=name)
+        ax.set_xlabel("severity (0 = clean)")
+        ax.set_xticks(xs)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("robustness to image corruptions")
+    return _save(fig, path)
 
 
 # --- what to evaluate ------------------------------------------------------------------
@@ -186,7 +330,8 @@ def describe_data(config: DataConfig) -> str:
 
 def _without_predictions(value):
     if isinstance(value, dict):
-        return {k: _without_predictions(v) for k, v in value.items() if k not in ("predictions", "perQuestion", "correct")}
+        return {k: _without_predictions(v) for k, v in value.items()
+                if k not in ("predictions", "perQuestion", "correct", "ranks")}
     return value
 
 
@@ -209,6 +354,8 @@ def write_report(results: dict, split_data, store: ImageStore, out: Path, extras
         plots.append(_caption_grid(out / "caption_samples.png", split_data, store, results["captions"]["predictions"]))
     if "retrieval" in results:
         plots.append(_recall_plot(out / "recall_at_k.png", results["retrieval"]))
+    if results.get("robustness", {}).get("metrics"):
+        plots.append(_robustness_plot(out / "robustness.png", results["robustness"]))
     atomic_write_text(out / "report.md", markdown_report(metrics, [p.name for p in plots if p], extras))
 
 
@@ -255,6 +402,10 @@ def markdown_report(metrics: dict, plots: list[str], extras: tuple[EvaluationExt
                   f"R@1 when several images fit a caption equally well, decided from {r['ceiling']['basis']}).", ""]
     for extra in extras:
         lines += extra.report(metrics)
+    if "robustness" in metrics:
+        lines += robustness_lines(metrics["robustness"])
+    if "groups" in metrics:
+        lines += report_lines(metrics["groups"])
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

@@ -13,6 +13,10 @@ has no scene graphs (`SplitFiles.scenes`) or the model lacks what it measures.
   every image whose scene makes all its claims true) instead of from identical captions only.
 - `ObjectHeadAccuracy`: a ShapesCLIP's object head, per attribute.
 - `ReaderGrounding`: where a ShapesVLM's image readers look, against the questions' referents.
+- `ParaphraseRobustness`: each VQA question asked again in other words (paraphrases.py): accuracy
+  on the paraphrases and the share of answers that change.
+- `SceneGroups`: the groups `multimodal evaluate --group-by color|shape|size` puts an item in: the
+  attribute values of the objects a question names (its referents), or of a caption's image's objects.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from ..data import formats
 from ..data.records import CaptionRecord, ConversationRecord, VQARecord
 from ..data.splits import ImageStore, SplitData
 from ..evaluate.harness import answered_turns, iterate_batches, retrieval_ceiling_of
+from ..evaluate.metrics.vqa import normalize_answer, single_question_accuracy
 from .claims import check_caption, fits, parse_caption
 from .grounding import Grounding, matched_tokens, padded_points
 from .layout import read_scenes
 from .objects import ObjectGrid
+from .paraphrases import paraphrases, pick
 
 
 @lru_cache(maxsize=4)
@@ -283,6 +289,152 @@ def _reader_grounding_table(per_form: dict) -> list[str]:
             cells.append(cell)
         lines.append(f"| {form} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+# --- paraphrased questions ------------------------------------------------------------------------
+
+
+class ParaphraseRobustness:
+    """Each VQA question the Shapes forms parse, asked again in one other generator wording ("seen")
+    and in one wording the generator never uses ("new"), picked by `seed` per question; in
+    results["paraphrases"]: per kind, accuracy on the originals and on the paraphrases (official VQA
+    accuracy), the share of answers that change (normalised as VQA scoring does), and the share of
+    paraphrases holding a word the model's tokenizer does not know; per question type too."""
+
+    def __init__(self, seed: int = 0, batch_size: int = 64):
+        self.seed = seed
+        self.batch_size = batch_size
+
+    def run(self, model, split: SplitData, store: ImageStore, results: dict, *, progress: bool = False) -> None:
+        if not hasattr(model, "answer_batch") or "predictions" not in results.get("vqa", {}):
+            return
+        asked: dict[str, list[tuple[VQARecord, str]]] = {"seen": [], "new": []}
+        unparsed = 0
+        for record in split.vqa:
+            found = paraphrases(record.question, record.question_type)
+            if found is None:
+                unparsed += 1
+                continue
+            for kind, options in (("seen", found.seen), ("new", found.new)):
+                if options:
+                    asked[kind].append((record, pick(options, f"{kind}:{record.question_id}", self.seed)))
+        if not asked["new"]:
+            return
+        original = results["vqa"]["predictions"]
+        out: dict = {"seed": self.seed, "unparsed": unparsed, "predictions": {}}
+        for kind, items in asked.items():
+            if not items:
+                continue
+            answers = _answer(model, items, store, self.batch_size, progress)
+            records = [r for r, _ in items]
+            out["predictions"].update({f"{kind}:{r.question_id}": a for r, a in zip(records, answers)})
+            out[kind] = _paraphrase_scores(records, [q for _, q in items], answers, original,
+                                           results["vqa"]["perQuestion"], getattr(model, "tokenizer", None))
+        results["paraphrases"] = out
+
+    def report(self, metrics: dict) -> list[str]:
+        if "paraphrases" not in metrics:
+            return []
+        p = metrics["paraphrases"]
+        lines = ["## Question paraphrases (Shapes)", "",
+                 "Each question asked again in other words, one paraphrase of each kind per question: **seen**, another "
+                 "wording the generator uses (or the two objects swapped with the relation turned round); **new**, a "
+                 "wording it never uses. *changed*: the share of answers that differ from the answer to the original.", "",
+                 "| wording | questions | accuracy on originals | accuracy on paraphrases | answers changed | "
+                 "with unknown words |", "|---|---|---|---|---|---|"]
+        for kind in ("seen", "new"):
+            if kind in p:
+                x = p[kind]
+                lines.append(f"| {kind} | {x['num']} | {x['original_accuracy']} | {x['paraphrase_accuracy']} | "
+                             f"{x['changed']}% | {x['unknown_words']}% |")
+        lines += ["", "| question type | " + " | ".join(f"{k} accuracy | {k} changed" for k in ("seen", "new") if k in p)
+                  + " |", "|---|" + "---|---|" * sum(k in p for k in ("seen", "new"))]
+        types = sorted({t for k in ("seen", "new") if k in p for t in p[k]["perQuestionType"]})
+        for t in types:
+            cells = []
+            for k in ("seen", "new"):
+                if k in p:
+                    x = p[k]["perQuestionType"].get(t)
+                    cells += [f"{x['paraphrase_accuracy']}", f"{x['changed']}%"] if x else ["–", "–"]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        return lines + [""]
+
+
+@torch.no_grad()
+def _answer(model, items: list[tuple[VQARecord, str]], store: ImageStore, batch_size: int, progress: bool) -> list[str]:
+    answers: list[str] = []
+    for batch in iterate_batches(items, batch_size, "paraphrases", progress):
+        pixels = store.batch([store.position(r.image) for r, _ in batch])
+        answers += model.answer_batch([q for _, q in batch], pixels=pixels)
+    return answers
+
+
+def _paraphrase_scores(records: list[VQARecord], questions: list[str], answers: list[str], original: dict,
+                       original_accuracy: dict, tokenizer) -> dict:
+    per_question = {r.question_id: single_question_accuracy(a, r.answers or (r.answer,)) for r, a in zip(records, answers)}
+    changed = {r.question_id: normalize_answer(a) != normalize_answer(original[r.question_id])
+               for r, a in zip(records, answers)}
+    unknown = [_has_unknown_word(tokenizer, q) for q in questions]
+    by_type: dict[str, list[VQARecord]] = defaultdict(list)
+    for r in records:
+        by_type[r.question_type or "vqa"].append(r)
+
+    def summary(subset: list[VQARecord]) -> dict:
+        return {"num": len(subset),
+                "original_accuracy": _mean_pct([original_accuracy[r.question_id] / 100 for r in subset]),
+                "paraphrase_accuracy": _mean_pct([per_question[r.question_id] for r in subset]),
+                "changed": _mean_pct([changed[r.question_id] for r in subset])}
+
+    return {**summary(records), "unknown_words": _mean_pct([u for u in unknown if u is not None]),
+            "perQuestionType": {t: summary(rs) for t, rs in sorted(by_type.items())}}
+
+
+def _mean_pct(values: list) -> float | None:
+    return round(100 * sum(values) / len(values), 2) if values else None
+
+
+def _has_unknown_word(tokenizer, text: str) -> bool | None:
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None or not hasattr(tokenizer, "encode"):
+        return None
+    return unk in tokenizer.encode(text)
+
+
+# --- groups of the objects a question names --------------------------------------------------------
+
+
+class SceneGroups:
+    """`--group-by color|shape|size` on Shapes data: a question is in the group of each value that the
+    objects it names (its referents, matched to the scene graph by centre) have; a caption, and a
+    retrieval query about its image, in the group of each value among its image's objects."""
+
+    FIELDS = ("color", "shape", "size")
+
+    def run(self, model, split: SplitData, store: ImageStore, results: dict, *, progress: bool = False) -> None:
+        return None  # nothing to measure: it only names groups
+
+    def report(self, metrics: dict) -> list[str]:
+        return []
+
+    def group_values(self, split: SplitData, field: str) -> dict | None:
+        scenes = scenes_of(split)
+        if field not in self.FIELDS or scenes is None:
+            return None
+        out: dict[str, dict] = {}
+        if split.vqa:
+            values = {}
+            for r in split.vqa:
+                scene = scenes.get(r.image_id)
+                if scene is None:
+                    continue
+                at = {(round(o.x, 4), round(o.y, 4)): o for o in scene.objects}
+                named = [at.get((round(x, 4), round(y, 4))) for points in r.referents for x, y in points]
+                values[r.question_id] = tuple(sorted({getattr(o, field) for o in named if o is not None}))
+            out["vqa"] = values
+        if split.captions:
+            out["captions"] = {r.image_id: tuple(sorted({getattr(o, field) for o in scenes[r.image_id].objects}))
+                               for r in split.captions if r.image_id in scenes}
+        return out
 
 
 # what `multimodal evaluate` and the Shapes tasks run beside the general metrics
