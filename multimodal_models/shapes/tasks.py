@@ -91,10 +91,11 @@ class ShapesContrastiveTask(GeneratesShapes, ContrastiveTask):
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         out = self.forward(model, batch)
-        loss = contrastive_loss(model, out)
+        loss = contrastive_loss(model, out, **self.gathering())
         if self.objects is not None:
             targets = self.objects.batch(batch["image_ids"])
-            loss = loss + model.object_head.loss(model.grid_tokens(out.image_tokens), targets)
+            inner = getattr(model, "module", model)  # under torchrun, the model inside DistributedDataParallel
+            loss = loss + inner.object_head.loss(inner.grid_tokens(out.image_tokens), targets)
         return loss
 
     def retrieval_ceiling(self, split: SplitData) -> dict:
