@@ -1,13 +1,13 @@
 """Continuous batching in the server: 1, 8 and 32 concurrent streaming clients on shapes-vlm, with
 batching on (--max-batch-size 32) and off (--max-batch-size 1, the reference), in one run.
 
-    .venv/bin/python benchmarks/serve_batching.py [--model shapes-vlm] [--clients 1 8 32] [--requests 2]
+    .venv/bin/python benchmarks/serve_batching.py [--model shapes-vlm] [--clients 1 8 32] [--requests 64]
                                                   [--tokens 32] [--workers 2] [--threads 1]
 
 Both servers are `multimodal serve` subprocesses (as a user runs them), started side by side and
-measured in turn, level by level; the clients are httpx threads in this process, each sending
-`--requests` streamed chat completions one after another (a Shapes scene each, "describe the
-image."). For each level: total tokens/s (completion tokens of all requests / wall time), time to
+measured in turn, level by level; the clients are httpx threads in this process, which send
+`--requests` streamed chat completions per level between them (each client its share, one after
+another; a Shapes scene each, "describe the image."), so every level does the same work. For each level: total tokens/s (completion tokens of all requests / wall time), time to
 first token (to the first content chunk) p50/p95, and request latency p50/p95. Ratios: each
 mode's total tokens/s at N clients over its own at one client (target for batching: >= 4 at 32),
 and batched over reference at each level. The load average before and after is printed too: other
@@ -75,7 +75,8 @@ def streamed(client, uri: str, tokens: int) -> dict:
 
 
 def level(url: str, images: list[str], clients: int, requests: int, tokens: int) -> dict:
-    """`clients` threads, each sending `requests` streams one after another."""
+    """`clients` threads, each sending requests / clients streams one after another."""
+    requests = max(1, -(-requests // clients))
     import httpx
 
     samples: list[dict] = []
@@ -108,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-vlm", help="VLM name or folder")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients per level")
-    parser.add_argument("--requests", type=int, default=2, help="streams each client sends, one after another")
+    parser.add_argument("--requests", type=int, default=64, help="streams per level, shared by its clients")
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--batch", type=int, default=32, help="--max-batch-size of the batching server")
     parser.add_argument("--workers", type=int, default=2, help="the servers' worker threads (prefill)")
@@ -124,7 +125,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     try:
         for mode, (_, url) in servers.items():  # warm-up
-            level(url, images, 2, 2, args.tokens)
+            level(url, images, 2, 4, args.tokens)
         for clients in args.clients:
             for mode, (_, url) in servers.items():
                 results[mode].append(level(url, images, clients, args.requests, args.tokens))
@@ -147,7 +148,7 @@ def main() -> None:
         str(n): round(next(r["ttft_ms"]["p50"] for r in results["batched"] if r["clients"] == n)
                       / next(r["ttft_ms"]["p50"] for r in results["reference"] if r["clients"] == n), 2)
         for n in args.clients}
-    print(json.dumps({"model": args.model, "max_tokens": args.tokens, "requests_per_client": args.requests,
+    print(json.dumps({"model": args.model, "max_tokens": args.tokens, "requests_per_level": args.requests,
                       "max_batch_size": modes, "workers": args.workers, "threads": args.threads, "device": "cpu",
                       "cpus": os.cpu_count(), "load_average_before": before, "load_average_after": after,
                       "results": results, "ratios": ratios}, indent=2))

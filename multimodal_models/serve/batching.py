@@ -73,11 +73,11 @@ class TokenFeed:
             if self._tokens or self.reason is not None:
                 return
             future = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(max(timeout, 0), _resolve, future)
         try:
-            await asyncio.wait_for(future, max(timeout, 0))
-        except TimeoutError:
-            pass
+            await future
         finally:
+            timer.cancel()
             with self._lock:
                 if self._waiter is future:
                     self._waiter = None
@@ -85,7 +85,10 @@ class TokenFeed:
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
-            self._loop.call_soon_threadsafe(_resolve, waiter)
+            try:
+                self._loop.call_soon_threadsafe(_resolve, waiter)
+            except RuntimeError:  # the request's event loop is closed: nobody is waiting any more
+                pass
 
 
 class Slot:
@@ -150,11 +153,14 @@ class Admission:
 
     def _give_back(self) -> None:
         with self._lock:
-            if self._waiting:  # hand the slot straight to the longest waiting request
+            while self._waiting:  # hand the slot straight to the longest waiting request
                 loop, future = self._waiting.popleft()
-                loop.call_soon_threadsafe(_resolve, future)
-            else:
-                self._free += 1
+                try:
+                    loop.call_soon_threadsafe(_resolve, future)
+                    return
+                except RuntimeError:  # its event loop is closed
+                    continue
+            self._free += 1
 
 
 @dataclass
