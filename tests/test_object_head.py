@@ -484,3 +484,27 @@ def test_readers_without_grounded_questions_are_warned_about(object_clip, tiny_s
     raw["task_options"]["exact_grounding"] = "sometimes"
     with pytest.raises(ValueError, match="task_options.exact_grounding: expected true, false or 'numbers', got 'sometimes'"):
         build_task(config_from_raw(raw), progress=False)
+
+
+def test_the_object_head_trains_under_torchrun(tiny_shapes, tmp_path):
+    """Two processes: the object head is reached inside DistributedDataParallel, and both losses are gathered."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .test_gathered_loss import free_port
+
+    raw = tiny_config("shapes-contrastive", tiny_shapes, tmp_path / "run", steps=2, eval_every=2, log_every=1)
+    raw["model"] = {**TINY_MODELS["shapes-contrastive"], "object_head": {"weight": 1.0}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+         "multimodal_models.cli", "train", str(tmp_path / "config.yaml"), "--quiet"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    assert load(tmp_path / "run/model").config.object_head is not None
