@@ -345,8 +345,9 @@ class ParaphraseRobustness:
         for kind in ("seen", "new"):
             if kind in p:
                 x = p[kind]
+                unknown = "–" if x["unknown_words"] is None else f"{x['unknown_words']}%"
                 lines.append(f"| {kind} | {x['num']} | {x['original_accuracy']} | {x['paraphrase_accuracy']} | "
-                             f"{x['changed']}% | {x['unknown_words']}% |")
+                             f"{x['changed']}% | {unknown} |")
         lines += ["", "| question type | " + " | ".join(f"{k} accuracy | {k} changed" for k in ("seen", "new") if k in p)
                   + " |", "|---|" + "---|---|" * sum(k in p for k in ("seen", "new"))]
         types = sorted({t for k in ("seen", "new") if k in p for t in p[k]["perQuestionType"]})
