@@ -57,8 +57,8 @@ from ..models.vlm import CAPTION_PROMPT
 from ..version import __version__
 from . import images as image_refs
 from . import schemas as S
-from .errors import APIError, bad_request, error_response
 from .batching import BatchEngine, TokenFeed
+from .errors import APIError, bad_request, error_response
 from .generation import REFUSAL, GenerationJob, GenerationOptions, OutputFilter
 from .guards import RequestGuard
 from .observe import Metrics, RequestTracking, request_id
