@@ -30,6 +30,12 @@ from multimodal_models.shapes.paraphrases import paraphrases, pick
 from .shapes_solver import solve
 
 
+@pytest.fixture(autouse=True)
+def no_meteor(monkeypatch):
+    """METEOR runs a Java process for seconds per report; nothing here needs it."""
+    monkeypatch.setattr("multimodal_models.evaluate.report.java_available", lambda: False)
+
+
 def textured(side: int = 64, seed: int = 3, block: int = 8) -> Image.Image:
     """Coloured blocks with edges: something each corruption visibly changes."""
     rng = np.random.default_rng(seed)

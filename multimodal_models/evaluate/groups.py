@@ -259,9 +259,10 @@ def group_table(scores: np.ndarray, memberships: list[tuple[str, ...]], *, resam
         rest_counts = counts.sum(1, keepdims=True) - group_counts
         rest = rest_sums / rest_counts
     table: dict[str, dict] = {}
+    raw: dict[str, float] = {}
     for k, name in enumerate(names):
         inside = member[k]
-        value = float(scores[inside].mean())
+        raw[name] = value = float(scores[inside].mean())
         entry = {"value": round(value, 4), "n": int(inside.sum()), "ci": _interval(boot[:, k], level)}
         if (~inside).any():
             entry["vs_rest"] = round(value - float(scores[~inside].mean()), 4)
@@ -274,11 +275,11 @@ def group_table(scores: np.ndarray, memberships: list[tuple[str, ...]], *, resam
                            "resamples": resamples, "level": level, "seed": seed, "min_n": min_n}
     if table:
         large = [g for g in names if table[g]["n"] >= min_n] or names
-        worst = min(large, key=lambda g: (table[g]["value"], g))
-        best = max(large, key=lambda g: (table[g]["value"], g))
+        worst = min(large, key=lambda g: (raw[g], g))
+        best = max(large, key=lambda g: (raw[g], g))
         out["worst"] = {"group": worst, "value": table[worst]["value"]}
         out["best"] = {"group": best, "value": table[best]["value"]}
-        out["gap"] = round(table[best]["value"] - table[worst]["value"], 4)
+        out["gap"] = round(raw[best] - raw[worst], 4)
         gap_ci = _interval(boot[:, index[best]] - boot[:, index[worst]], level) if best != worst else [0.0, 0.0]
         out["gap_ci"] = gap_ci
         out["gap_exceeds_noise"] = best != worst and gap_ci[0] is not None and gap_ci[0] > 0
