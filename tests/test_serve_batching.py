@@ -202,14 +202,15 @@ def test_a_client_that_goes_away_leaves_the_batch_and_frees_its_place(env):
     gate = gate_steps(engine.vlm.model)
     body = {"messages": image_messages(data_uri(env["red"]), "describe the image."), "max_tokens": 40}
     later = {**body, "max_tokens": 3}
-    left = threading.Event()
+    hang_up, left = threading.Event(), threading.Event()
 
     def leave_after_the_first_piece(url):
         with httpx.Client(base_url=url, timeout=30) as client:
             with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
                 for line in response.iter_lines():
                     if '"content": "' in line and '"content": ""' not in line:
-                        break  # the first piece of the answer: hang up
+                        assert hang_up.wait(20)
+                        break  # after the first piece of the answer
         left.set()
 
     with running(app) as url, ThreadPoolExecutor(2) as pool:
@@ -218,6 +219,7 @@ def test_a_client_that_goes_away_leaves_the_batch_and_frees_its_place(env):
         sequence = engine.batcher.rows[0]
         waiting = pool.submit(ask, url, later, False)
         wait_for(lambda: engine.batcher.admission.waiting == 1)
+        hang_up.set()
         assert left.wait(20)
         permits = 0
         while not waiting.done() and permits < 30:  # one decoding step at a time

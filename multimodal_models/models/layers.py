@@ -201,9 +201,10 @@ class BatchedKVCache:
         grown[: tensor.shape[0], : tensor.shape[1]] = tensor
         return grown
 
-    def add(self, cache: KVCache, row: int = 0) -> int:
-        """Copy row `row` of a filled KVCache (and its context) in as a new row; returns its index."""
-        index, length = self.size, cache.length
+    def add(self, cache: KVCache, row: int = 0, length: int | None = None) -> int:
+        """Copy row `row` of a filled KVCache (its first `length` positions, default all it holds, and its
+        context) in as a new row; returns its index."""
+        index, length = self.size, cache.length if length is None else length
         self._reserve(index + 1, length + 1)
         for layer in range(self.layers):
             self.keys[layer][index, :, :length] = cache.keys[layer][row, :, :length]

@@ -35,7 +35,7 @@ from ..data.hf_tokenizer import HFTokenizer
 from ..data.idefics3 import idefics3_image_text, load_image_processor
 from .chat import JinjaChatTemplate, WordChatTemplate, attach_images
 from .generation import GenerationConfig, beam_search_batch, decode_tokens, stream_text
-from .layers import activation, causal_mask, init_weights
+from .layers import KVCache, activation, causal_mask, init_weights
 from .packed_attention import PackedAttention, rows
 from .pretrained import PretrainedModel
 from .text import CausalDecoder, DecoderConfig
@@ -286,6 +286,31 @@ class VisionLanguageModel(PretrainedModel):
         if predict_at is not None and last_hooked:
             logits = rows(logits.flatten(0, 1), predict_at)
         return VLMOutput(logits, hook)
+
+    def prefill_batch(self, prompts: list[list[int]], pixels: list[torch.Tensor | None], *,
+                      room: int = 0) -> tuple[KVCache, torch.Tensor]:
+        """Run several prompts at once into a new KVCache, as each runs alone: right-padded (each prompt at
+        positions 0.., its pads seen by nothing), its images' pixels (or None) by prompt. Returns the cache
+        (row i holds prompt i's len(prompts[i]) positions; `room` more positions are allocated) and each
+        prompt's next-token logits (B, V). A batch's first step in continuous batching."""
+        lengths = [len(p) for p in prompts]
+        B, longest = len(prompts), max(lengths)
+        pad = 0 if self.config.image_token_id != 0 else 1  # any id but the placeholder: pads are masked out
+        ids = torch.full((B, longest), pad, dtype=torch.long, device=self.device)
+        valid = torch.zeros(B, longest, dtype=torch.bool, device=self.device)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
+            valid[row, : len(prompt)] = True
+        given = [p for p in pixels if p is not None]
+        features = self.image_features(torch.cat(given)) if given else None
+        mask = None  # prompts of one length: plain causal attention
+        if min(lengths) != longest:  # each pad sees itself only, so that its row has no empty softmax
+            eye = torch.eye(longest, dtype=torch.bool, device=self.device)
+            mask = ((causal_mask(longest, device=self.device) & valid[:, None, :]) | eye)[:, None]
+        cache = self.decoder.new_cache(B, longest + room)
+        logits = self(ids, features=features, mask=mask, cache=cache).logits
+        last = torch.tensor(lengths, device=self.device) - 1
+        return cache, logits[torch.arange(B, device=self.device), last]
 
     def decode_step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """One decoding step of a batch of independent sequences (continuous batching): tokens (B,), the

@@ -186,16 +186,17 @@ class Engine:
                        deadline: float) -> GenerationJob:
         """Start a generation, counted in the metrics until it ends: wait for a place in the decode batch
         (429 when the queue is full), then in a worker thread make the messages (`messages()`: images
-        decoded there), run the prompt and join the batch."""
+        decoded there) and hand the sequence to the engine."""
         slot = await self.batcher.admission.acquire(deadline - time.monotonic())
         feed = TokenFeed(asyncio.get_running_loop())
 
         def start() -> GenerationJob:
             job = GenerationJob.start(served.model, messages(), options, self.settings, deadline, feed=feed, slot=slot,
+                                      batched=self.batcher.batched,
                                       on_end=lambda job: self.metrics.generation_ended(served.id, job.completion_tokens))
             self.metrics.generation_started(served.id, job.prompt_tokens)
             if job.sequence is not None:
-                self.batcher.join(job.sequence)
+                self.batcher.submit(job.sequence)
             return job
 
         try:

@@ -2,18 +2,21 @@
 
 A request first takes a slot in the decode batch (`Admission`: at most `max_batch_size`
 sequences decode at once; more wait in a queue of at most `max_queue`, and only a request that
-finds the queue full gets 429). Its prompt then runs alone, in a worker thread (`GenerationJob.start`:
-the images, the prompt's KV cache, the first token), and the sequence joins the batch: the engine
-thread (`BatchEngine`) decodes every sequence of the batch in one forward pass per step
+finds the queue full gets 429). A worker thread reads its images and prompt (`GenerationJob.start`);
+then the engine's prefill thread runs its prompt, together with any others waiting to be run
+(`VisionLanguageModel.prefill_batch`: each prompt as alone), picks its first token, and hands the
+sequence to the decode thread, where it joins the batch at the next step boundary. The decode
+thread decodes every sequence of the batch in one forward pass per step
 (`VisionLanguageModel.decode_step` over a `BatchedKVCache`, each row at its own length and
-position), and sequences join and leave between steps. Each sequence picks its tokens with its
+position); a sequence that ends leaves the batch. Prefill and decoding run side by side on two
+threads (two cores). Each sequence picks its tokens with its
 own generator (`Sequence.accept`), so that its answer is the one it gets alone. Tokens go to the
 request through a `TokenFeed`; the request turns them into text (stop strings, the output filter)
 and may end the sequence (a stop string, a client gone), which leaves the batch at the next step.
 
 A model type that cannot be decoded in a batch (`can_decode_in_batches()` False: a block hook with
 state the batch cannot pad) is decoded in the same engine one sequence at a time, each its own
-forward pass per step; /health and the log say so. Beam search (captions) runs whole in the
+forward pass per step (its prompt run alone in the worker thread); /health and the log say so. Beam search (captions) runs whole in the
 worker thread, with its own batch of beams.
 """
 
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.generation import GenerationConfig, pick_token
+from ..models.layers import KVCache
 from ..models.vlm import VLMSession
 from .errors import APIError
 
@@ -165,10 +169,12 @@ class Admission:
 
 @dataclass
 class Sequence:
-    """One request's decoding state in the engine: its prompt's session (KV cache), how it picks tokens,
-    where they go."""
+    """One request's decoding state in the engine: its prompt (to run) or its session (a model decoded one
+    sequence at a time), how it picks tokens, where they go."""
 
-    session: VLMSession
+    prompt: list[int]
+    pixels: torch.Tensor | None
+    session: VLMSession | None  # its own prompt run and KV cache (a model decoded one sequence at a time)
     config: GenerationConfig
     stop_ids: set[int]
     generator: torch.Generator | None
@@ -179,6 +185,7 @@ class Sequence:
     produced: int = 0
     cancelled: bool = False  # set by the request (it ended, or its client is gone): leaves at the next step
     ended: bool = field(default=False, repr=False)
+    prefilled: tuple[KVCache, int] | None = field(default=None, repr=False)  # its prompt's cache and row there
 
     def accept(self, logits: torch.Tensor, greedy: int | None = None) -> bool:
         """Pick the next token from this sequence's logits (V,) (greedy: the argmax, already taken) and
@@ -214,8 +221,10 @@ class BatchEngine:
         self.solo: list[Sequence] = []  # sequences decoded one at a time (a model that cannot batch)
         self.cache = model.decoder.new_batched_cache() if self.batched else None
         self._joining: list[Sequence] = []
+        self._prompts: list[Sequence] = []  # sequences whose prompts wait to be run
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._prefill_thread: threading.Thread | None = None
         self._stopping = False
         if self.batched:
             log.info("generation: continuous batching, up to %d sequences per decoding step, %d more queued",
@@ -234,37 +243,87 @@ class BatchEngine:
         """Sequences decoding now."""
         return len(self.rows) + len(self.solo)
 
-    def join(self, sequence: Sequence) -> None:
-        """Add a prefilled sequence (any thread); it joins the batch at the next step boundary."""
+    def submit(self, sequence: Sequence) -> None:
+        """Take a sequence (any thread): its prompt is run with the others waiting (or, decoded one at a
+        time, was run already), then it joins the batch at the next step boundary."""
         with self._wake:
             if self._stopping:
                 sequence.end("cancelled")
                 return
-            self._joining.append(sequence)
+            if sequence.session is None:
+                self._prompts.append(sequence)
+            else:
+                self._joining.append(sequence)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="multimodal-batch", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="multimodal-decode", daemon=True)
                 self._thread.start()
-            self._wake.notify()
+            if self._prefill_thread is None and self.batched:
+                self._prefill_thread = threading.Thread(target=self._prefill, name="multimodal-prefill", daemon=True)
+                self._prefill_thread.start()
+            self._wake.notify_all()
 
     def close(self) -> None:
         """Stop the thread (the next sequence to join starts it again); sequences still decoding end as
         cancelled."""
         with self._wake:
             self._stopping = True
-            self._wake.notify()
-            thread = self._thread
-        if thread is not None:
-            thread.join(10)
+            self._wake.notify_all()
+            threads = (self._thread, self._prefill_thread)
+        for thread in threads:
+            if thread is not None:
+                thread.join(10)
         with self._wake:
-            for sequence in self._joining + self.rows + self.solo:
+            for sequence in self._prompts + self._joining + self.rows + self.solo:
                 if not sequence.ended:
                     sequence.end("cancelled")
-            self._joining, self.rows, self.solo = [], [], []
+            self._prompts, self._joining, self.rows, self.solo = [], [], [], []
             if self.batched:
                 self.cache = self.model.decoder.new_batched_cache()
-            self._thread, self._stopping = None, False
+            self._thread, self._prefill_thread, self._stopping = None, None, False
 
-    # -- the engine thread ---------------------------------------------------------------------
+    # -- the prefill thread ----------------------------------------------------------------------
+
+    def _prefill(self) -> None:
+        """Run the prompts waiting, together (those whose images have the same pixel size), pick their first
+        tokens, and hand them to the decode thread."""
+        with torch.no_grad():
+            while True:
+                with self._wake:
+                    while not (self._prompts or self._stopping):
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    waiting, self._prompts = self._prompts, []
+                groups: dict[tuple, list[Sequence]] = {}
+                for sequence in waiting:
+                    if sequence.cancelled:
+                        sequence.end("cancelled")
+                    else:
+                        shape = () if sequence.pixels is None else tuple(sequence.pixels.shape[1:])
+                        groups.setdefault(shape, []).append(sequence)
+                for group in groups.values():
+                    try:
+                        self._prefill_group(group)
+                    except Exception:
+                        log.exception("running prompts failed; their generations end with an error")
+                        for sequence in group:
+                            if not sequence.ended:
+                                sequence.end("error")
+
+    def _prefill_group(self, group: list[Sequence]) -> None:
+        room = max(s.config.max_new_tokens for s in group) + 1
+        cache, first = self.model.prefill_batch([s.prompt for s in group], [s.pixels for s in group], room=room)
+        joining = []
+        for row, sequence in enumerate(group):
+            sequence.pixels = None
+            if sequence.accept(first[row]):  # else its first token ended it
+                sequence.prefilled = (cache, row)
+                joining.append(sequence)
+        with self._wake:
+            self._joining.extend(joining)
+            self._wake.notify_all()
+
+    # -- the decode thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.no_grad():
@@ -290,8 +349,9 @@ class BatchEngine:
             if sequence.cancelled:
                 sequence.end("cancelled")
             elif self.batched:
-                self.cache.add(sequence.session.cache)
-                sequence.session.cache = None  # its rows live in the batch now
+                cache, row = sequence.prefilled
+                self.cache.add(cache, row, len(sequence.prompt))
+                sequence.prefilled = None  # its rows live in the batch now
                 self.rows.append(sequence)
             else:
                 self.solo.append(sequence)

@@ -138,12 +138,13 @@ class GenerationJob:
 
     @classmethod
     def start(cls, model, messages: list[dict], options: GenerationOptions, settings: Settings,
-              deadline: float, *, feed: TokenFeed, slot: Slot,
+              deadline: float, *, feed: TokenFeed, slot: Slot, batched: bool = True,
               on_end: Callable[[GenerationJob], None] | None = None) -> GenerationJob:
-        """Encode the prompt and the images (runs the vision tower), run the prompt into its own KV
-        cache and pick the first token: call from a worker thread, holding `slot`. The returned job's
-        `sequence`, if any, is for the engine to decode (BatchEngine.join). `messages` hold their
-        images inline ({"type": "image", "image": PIL image})."""
+        """Encode the prompt and read the images: call from a worker thread, holding `slot`. The returned
+        job's `sequence`, if any, is for the engine (BatchEngine.submit), which runs its prompt with others
+        (batched) and decodes it. Not batched, the prompt runs here, into the job's own KV cache, and
+        beam search runs whole here. `messages` hold their images inline ({"type": "image", "image": PIL
+        image})."""
         with torch.no_grad():
             template = model.chat_template()
             try:
@@ -176,10 +177,11 @@ class GenerationJob:
                                       stop=tuple(options.stop), seed=options.seed,
                                       num_beams=1 if sample else options.num_beams)
             config.validate()
-            ids = torch.tensor([encoding.ids], device=model.device)
             pixels = model._pixels(encoding.images)  # the model's own preprocessing (tiles for Idefics3)
-            session = VLMSession(model, ids, pixels, config)  # this job's own KV cache
             stop_ids = template.stop_ids()
+            session = None
+            if config.num_beams > 1 or not batched:  # this job's own KV cache
+                session = VLMSession(model, torch.tensor([encoding.ids], device=model.device), pixels, config)
             sequence = None
             if config.num_beams > 1:  # beam search: found whole here, with its own batch of beams
                 tokens = beam_search(session, config, stop_ids)
@@ -191,8 +193,9 @@ class GenerationJob:
                 generator = sampling_generator(config)
                 if config.do_sample and generator is None:  # unseeded: its own generator all the same
                     generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-                sequence = Sequence(session, config, stop_ids, generator, feed, deadline, slot)
-                if not sequence.accept(session.prefill()[0]):  # its first token ended it
+                sequence = Sequence(encoding.ids, None if session else pixels, session, config, stop_ids, generator,
+                                    feed, deadline, slot)
+                if session is not None and not sequence.accept(session.prefill()[0]):  # its first token ended it
                     sequence = None
         return cls(model=model, settings=settings, prompt_tokens=prompt_tokens, max_new_tokens=max_new, feed=feed,
                    sequence=sequence, text=TextStream(model.tokenizer.decode, config.stop),
