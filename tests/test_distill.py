@@ -11,7 +11,7 @@ from multimodal_models.errors import DataFormatError
 from multimodal_models.loading import load
 from multimodal_models.models.inputs import tokenize
 from multimodal_models.training.config import config_from_raw
-from multimodal_models.training.distill import soft_kl
+from multimodal_models.training.distill import soft_kl, start_from_teacher
 from multimodal_models.training.loop import build_task, train
 
 from .conftest import TINY_MODELS, tiny_config
@@ -175,3 +175,27 @@ def test_the_shapes_distill_task_trains_in_the_loop_and_exports_the_student_alon
     assert student.model_type == "shapes_clip" and student.config.vision.width == 16
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
     assert {"retrieval", "objects"} <= set(summary["final_eval"])  # evaluated as shapes-contrastive is
+
+
+def test_a_shallower_student_starts_from_evenly_spaced_teacher_blocks(tiny_shapes, teachers, tmp_path):
+    teacher = load(teachers["contrastive"])
+    deep = {**TINY_MODELS["contrastive"], "text": {**TINY_MODELS["contrastive"]["text"], "depth": 3}}
+    raw = {**tiny_config("contrastive", tiny_shapes, tmp_path / "t"), "model": deep}
+    three = build_task(config_from_raw(raw), progress=False).model  # a teacher with 3 text blocks
+    student = build_task(config_from_raw({**raw, "model": {**deep, "text": {**deep["text"], "depth": 2}}}),
+                         progress=False).model
+    assert start_from_teacher(student, three) == len(student.state_dict())  # everything has a source
+    for mine, theirs in ((0, 0), (1, 2)):  # 2 of 3 blocks: the first and the last
+        for (name, a), (_, b) in zip(student.text.blocks[mine].state_dict().items(),
+                                     three.text.blocks[theirs].state_dict().items()):
+            assert torch.equal(a, b), name
+    assert torch.equal(student.vision.stem.state_dict()["layers.0.weight"], three.vision.stem.state_dict()["layers.0.weight"])
+    # through the task option, the student's outputs start as the teacher's where nothing was left out
+    config = config_from_raw(distill_config("distill-contrastive", "contrastive", teachers["contrastive"], tiny_shapes,
+                                            tmp_path / "s", {"init_from_teacher": True}))
+    task = build_task(config, progress=False)
+    batch = task.make_batch(list(range(4)), random.Random(0))
+    with torch.no_grad():
+        assert torch.allclose(task.forward(task.model, batch).logits_per_image,
+                              task.forward(task.teacher, batch).logits_per_image, atol=1e-5)
+    assert sum(p.numel() for p in teacher.parameters()) == sum(p.numel() for p in task.model.parameters())

@@ -48,6 +48,9 @@ class DistillFields:
     teacher: str | None = None  # the teacher: a shipped name, a saved folder or a Hugging Face checkpoint (required)
     alpha: float = 0.5  # weight of the distillation loss; 1 - alpha weighs the student task's own loss
     temperature: float = 2.0  # both distributions are softened by it; the KL term is scaled by its square
+    # start the student from the teacher's weights wherever a name and shape match, a shorter stack of blocks
+    # from evenly spaced teacher blocks (start_from_teacher; DistilBERT's initialisation); needs the same tokenizer
+    init_from_teacher: bool = False
 
 
 @dataclass
@@ -79,6 +82,37 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * T * T
 
 
+def start_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module, keep: tuple[str, ...] = ()) -> int:
+    """Copy the teacher's weights into the student wherever a name and shape match, except under the
+    student modules named in `keep`; returns how many tensors were copied. Where the student has fewer blocks in a stack (`...blocks.I.`) its block i takes
+    teacher block round(i (n_t - 1) / (n_s - 1)): the first and the last are kept, the rest evenly spaced
+    (a single block takes the last)."""
+    depths: dict[str, int] = {}
+    for model, name in ((student, "student"), (teacher, "teacher")):
+        for key in model.state_dict():
+            stack, found, rest = key.partition(".blocks.")
+            if found:
+                index = int(rest.split(".")[0])
+                depths[f"{name}:{stack}"] = max(depths.get(f"{name}:{stack}", 0), index + 1)
+    theirs = teacher.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for key, tensor in student.state_dict().items():
+            if any(key.startswith(prefix + ".") for prefix in keep):
+                continue
+            source = key
+            stack, found, rest = key.partition(".blocks.")
+            if found and f"teacher:{stack}" in depths:
+                index, tail = rest.split(".", 1)
+                n_s, n_t = depths[f"student:{stack}"], depths[f"teacher:{stack}"]
+                mapped = n_t - 1 if n_s == 1 else round(int(index) * (n_t - 1) / (n_s - 1))
+                source = f"{stack}.blocks.{mapped}.{tail}"
+            if source in theirs and theirs[source].shape == tensor.shape:
+                tensor.copy_(theirs[source])
+                copied += 1
+    return copied
+
+
 def same_vocabulary(a, b) -> bool:
     """Whether two tokenizers (WordTokenizer or HFTokenizer) map the same tokens to the same ids."""
     return type(a) is type(b) and a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
@@ -98,10 +132,22 @@ class Distills:
         self.alpha, self.temperature = options.alpha, options.temperature
         self._student_out = None
         super().__init__(config, train, evaluation, progress=progress)
+        if options.init_from_teacher:
+            if not same_vocabulary(self.teacher.tokenizer, self.model.tokenizer):
+                raise ValueError("task_options.init_from_teacher copies the teacher's token embeddings too: the student "
+                                 "needs the teacher's tokenizer")
+            copied = start_from_teacher(self.model, self.teacher, keep=self.kept_at_start())
+            if progress:
+                print(f"distill: the student starts from {copied} of the teacher's weight tensors "
+                      f"(of {len(self.model.state_dict())})", flush=True)
         if self.teacher.image_processor != self.model.image_processor:
             raise ValueError(f"the teacher {options.teacher} reads images differently from the student "
                              f"({self.teacher.image_processor} against {self.model.image_processor}); the teacher reads "
                              "the student's pixels, so their image preprocessing (model.vision.image_size) must match")
+
+    def kept_at_start(self) -> tuple[str, ...]:
+        """The student modules init_from_teacher leaves as the student task made them (none here)."""
+        return ()
 
     def forward(self, model, batch: dict, **options):
         out = super().forward(model, batch, **options)
@@ -227,6 +273,13 @@ class DistillsVLM(Distills):
                              "these must match")
         self._batch_images: list[int] = []
         self._shares_features: bool | None = None  # decided on the first batch (shared_features)
+
+    def kept_at_start(self) -> tuple[str, ...]:
+        """A vision side that task_options.vision_from gave stays that model's."""
+        if not self.options.vision_from:
+            return ()
+        vision = [id(module) for module in self.model.vision_modules()]
+        return tuple(name for name, module in self.model.named_modules() if id(module) in vision)
 
     def frozen_features(self, images: list[int]) -> torch.Tensor | None:
         self._batch_images = images  # the store positions of this batch's images, for the teacher
