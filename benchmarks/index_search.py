@@ -1,38 +1,52 @@
-"""Search latency and recall of the image index: exact (flat) and approximate (IVF) side by side.
+"""Search latency, recall, build time and memory of the image index types, beside exact search.
 
-    .venv/bin/python benchmarks/index_search.py [--sizes 10000 100000 1000000] [--dim 256]
-        [--queries 200] [--nprobe 8 32 128] [--data uniform|clustered] [--threads 1]
+    .venv/bin/python benchmarks/index_search.py --sizes 1000000 --dim 512 --data clustered \\
+        [--types ivf ivfpq hnsw] [--nprobe 8 16 32] [--refine 1 5 10 20] [--rerank-from sqlite memmap] \\
+        [--queries 200] [--threads 1] [--build-threads 2] [--vectors embeddings.npy]
 
-For each collection size, both indexes are built by `multimodal_models.index.vectors`
-(what `multimodal index` ships) over the same random unit vectors, and the same queries
-are run through both in the same process, interleaved query by query:
+For each collection size, every index is built by `multimodal_models.index.vectors` (what
+`multimodal index` ships) over the same unit vectors, and the same queries run through all of
+them in the same process, interleaved query by query, on `--threads` FAISS threads:
 
-- `single_ms`: p50 / p95 latency of one query at a time (k=10);
-- `batch_ms_per_query`: all queries in one call, divided by their number;
-- `recall_at_10`: the share of the exact top 10 that the approximate top 10 finds (IVF,
-  per nprobe); `top1_agreement`: how often both agree on the best hit.
+- `build_s`: training + adding, on `--build-threads` threads;
+- `bytes_per_vector`: the index structure's serialized size / vectors: what it holds in RAM
+  (codes or float32 vectors, ids, IVF centroids, PQ codebooks, HNSW graph), without the
+  per-list allocation slack of std::vector (a few %). The exact vectors IVF-PQ re-ranks with
+  are *not* counted: they stay in SQLite on disk (the index's source of truth), or in a float16
+  file (`--rerank-from memmap`), read through the OS page cache;
+- `single_ms`: p50 / p95 latency of one query at a time (k=10), re-ranking included;
+- `recall_at_10`: the share of the exact top 10 found; `top1_agreement`.
 
-`uniform` data (unit vectors uniform on the sphere, the default) is the hard case for any
-approximate index: no clusters, neighbours barely closer than strangers. `clustered`
-data (a mixture of 1000 Gaussian blobs on the sphere) is closer to real embeddings.
-The reference is the exact index; `speedup` is exact p50 / approximate p50.
+IVF-PQ is measured per (nprobe, refine): FAISS returns 10 x refine candidates by their codes,
+and those are re-ranked with exact vectors fetched from `--rerank-from` (refine 1: no re-ranking,
+the codes' own ranking).
+
+`uniform` data (unit vectors uniform on the sphere) is the hard case for any approximate index:
+no clusters, neighbours barely closer than strangers. `clustered` data (a mixture of 1000
+Gaussian blobs on the sphere) is closer to real embeddings. `--vectors FILE.npy` measures on
+real embeddings instead (its last `--queries` rows are the queries, held out of the index).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sqlite3
+import tempfile
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
 
+from multimodal_models.index import store
 from multimodal_models.index import vectors as V
 
 
 def random_unit(n: int, dim: int, rng: np.random.Generator, kind: str, centres: np.ndarray | None) -> np.ndarray:
     out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, 100_000):  # in chunks: 1M x 256 float64 normals would take 2 GB at once
+    for start in range(0, n, 100_000):  # in chunks: 1M x 512 float64 normals would take 4 GB at once
         m = min(100_000, n - start)
         x = rng.standard_normal((m, dim), dtype=np.float32)
         if kind == "clustered":
@@ -47,86 +61,140 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50": round(float(np.percentile(ms, 50)), 3), "p95": round(float(np.percentile(ms, 95)), 3)}
 
 
-def run_size(n: int, args, rng: np.random.Generator) -> dict:
-    centres = rng.standard_normal((1000, args.dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    data = random_unit(n, args.dim, rng, args.data, centres)
-    queries = random_unit(args.queries, args.dim, rng, args.data, centres)
+def bytes_per_vector(index: faiss.Index) -> float:
+    return round(len(faiss.serialize_index(index)) / max(index.ntotal, 1), 1)
+
+
+def rerank_sources(data: np.ndarray, wanted: list[str], folder: Path) -> dict:
+    """{name: fetch(ids) -> float32 vectors}: SQLite as the index stores them (one row per id,
+    float32 blob, read by `store.vectors_by_id`), or a memory-mapped float16 file."""
+    sources = {}
+    if "sqlite" in wanted:
+        conn = sqlite3.connect(str(folder / "vectors.sqlite"), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, vector BLOB NOT NULL)")
+        conn.execute("BEGIN")
+        for start in range(0, len(data), 50_000):
+            chunk = data[start : start + 50_000]
+            conn.executemany("INSERT INTO files VALUES (?, ?)",
+                             ((start + i, store.vector_bytes(v)) for i, v in enumerate(chunk)))
+        conn.execute("COMMIT")
+        dim = data.shape[1]
+        sources["sqlite"] = lambda ids: store.vectors_by_id(conn, ids, dim)
+    if "memmap" in wanted:
+        path = folder / "vectors.f16"
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=data.shape)
+        mm[:] = data
+        mm.flush()
+        del mm
+        mm = np.load(path, mmap_mode="r")
+        sources["memmap"] = lambda ids: mm[np.asarray(ids)].astype(np.float32)
+    return sources
+
+
+def build(ids, data, kind: str, threads: int) -> tuple[faiss.Index, float]:
+    faiss.omp_set_num_threads(threads)
+    start = time.perf_counter()
+    index = V.build(ids, data, data.shape[1], approximate_threshold=1, index_type=kind)
+    return index, round(time.perf_counter() - start, 2)
+
+
+def run_size(n: int, args, rng: np.random.Generator, folder: Path) -> dict:
+    if args.vectors:
+        everything = V.as_unit_rows(np.load(args.vectors, mmap_mode="r")[: n + args.queries])
+        if len(everything) < n + args.queries:
+            raise SystemExit(f"{args.vectors} holds {len(everything)} rows, fewer than {n} + {args.queries} queries")
+        data, queries = everything[:n], everything[n:]
+        dim = data.shape[1]
+    else:
+        dim = args.dim
+        centres = rng.standard_normal((1000, dim)).astype(np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        data = random_unit(n, dim, rng, args.data, centres)
+        queries = random_unit(args.queries, dim, rng, args.data, centres)
     ids = np.arange(n, dtype=np.int64)
 
-    start = time.perf_counter()
-    exact = V.build(ids, data, args.dim, approximate_threshold=n + 1)
-    exact_build = time.perf_counter() - start
-    start = time.perf_counter()
-    approx = V.build(ids, data, args.dim, approximate_threshold=1)
-    approx_build = time.perf_counter() - start
-    nlist = faiss.extract_index_ivf(approx).nlist
+    exact, exact_build = build(ids, data, "flat", args.build_threads)
+    indexes, result = {}, {"size": n, "dim": dim, "queries": args.queries,
+                           "exact": {"index": "IDMap,Flat (inner product)", "build_s": exact_build,
+                                     "bytes_per_vector": bytes_per_vector(exact)}}
+    for kind in args.types:
+        indexes[kind], seconds = build(ids, data, kind, args.build_threads)
+        ivf = V.ivf_of(indexes[kind])
+        name = (f"IVF{ivf.nlist},Flat" if kind == "ivf" else f"IVF{ivf.nlist},PQ{ivf.pq.M}x{ivf.pq.nbits}"
+                if kind == "ivfpq" else f"IDMap,HNSW{V.HNSW_M},Flat")
+        result[kind] = {"index": name, "build_s": seconds, "bytes_per_vector": bytes_per_vector(indexes[kind]),
+                        "runs": {}}
+        print(json.dumps({"built": kind, **result[kind]}), flush=True)
+    sources = rerank_sources(data, args.rerank_from, folder) if "ivfpq" in args.types else {}
+    faiss.omp_set_num_threads(args.threads)
+
+    configs = []  # (kind, label, search options)
+    for kind in args.types:
+        if kind == "ivf":
+            configs += [(kind, f"nprobe={p}", {"nprobe": p}) for p in args.nprobe]
+        elif kind == "hnsw":
+            configs += [(kind, f"efSearch={e}", {"ef_search": e}) for e in args.ef_search]
+        else:
+            for p in args.nprobe:
+                configs.append((kind, f"nprobe={p},refine=1", {"nprobe": p, "refine": 1}))
+                for r in (r for r in args.refine if r > 1):
+                    configs += [(kind, f"nprobe={p},refine={r},from={s}", {"nprobe": p, "refine": r, "fetch": f})
+                                for s, f in sources.items()]
 
     truth_scores, truth = V.search(exact, queries, 10)
-    result = {"size": n, "dim": args.dim, "queries": args.queries,
-              "exact": {"index": "IDMap,Flat (inner product)", "build_s": round(exact_build, 2)},
-              "approximate": {"index": f"IVF{nlist},Flat (inner product, spherical k-means)",
-                              "build_s": round(approx_build, 2), "by_nprobe": {}}}
-
-    # single queries, interleaved: exact, then each nprobe, per query
-    single = {"exact": []} | {p: [] for p in args.nprobe}
-    for q in queries:
+    single = {"exact": []} | {(kind, label): [] for kind, label, _ in configs}
+    found = {(kind, label): [] for kind, label, _ in configs}
+    for q in queries:  # single queries, interleaved: exact, then each configuration
         q = q[None, :]
         start = time.perf_counter()
         V.search(exact, q, 10)
         single["exact"].append(time.perf_counter() - start)
-        for p in args.nprobe:
+        for kind, label, options in configs:
             start = time.perf_counter()
-            V.search(approx, q, 10, nprobe=p)
-            single[p].append(time.perf_counter() - start)
-    # the whole batch at once, interleaved too
-    batch = {"exact": []} | {p: [] for p in args.nprobe}
-    found = {}
-    for _ in range(args.batch_repeats):
-        start = time.perf_counter()
-        V.search(exact, queries, 10)
-        batch["exact"].append(time.perf_counter() - start)
-        for p in args.nprobe:
-            start = time.perf_counter()
-            _, found[p] = V.search(approx, queries, 10, nprobe=p)
-            batch[p].append(time.perf_counter() - start)
-
+            _, hit = V.search(indexes[kind], q, 10, **options)
+            single[(kind, label)].append(time.perf_counter() - start)
+            found[(kind, label)].append(hit[0])
     result["exact"]["single_ms"] = percentiles(single["exact"])
-    result["exact"]["batch_ms_per_query"] = round(min(batch["exact"]) * 1000 / args.queries, 4)
     exact_p50 = result["exact"]["single_ms"]["p50"]
-    for p in args.nprobe:
-        recall = np.mean([len(set(found[p][i]) & set(truth[i])) / 10 for i in range(args.queries)])
-        top1 = np.mean(found[p][:, 0] == truth[:, 0])
-        single_ms = percentiles(single[p])
-        result["approximate"]["by_nprobe"][str(p)] = {
-            "single_ms": single_ms,
-            "batch_ms_per_query": round(min(batch[p]) * 1000 / args.queries, 4),
-            "recall_at_10": round(float(recall), 4),
-            "top1_agreement": round(float(top1), 4),
-            "speedup_single_p50": round(exact_p50 / max(single_ms["p50"], 1e-9), 2),
-        }
+    for kind, label, _ in configs:
+        hits = np.stack(found[(kind, label)])
+        recall = np.mean([len(set(hits[i]) & set(truth[i])) / 10 for i in range(len(queries))])
+        ms = percentiles(single[(kind, label)])
+        result[kind]["runs"][label] = {"single_ms": ms, "recall_at_10": round(float(recall), 4),
+                                       "top1_agreement": round(float(np.mean(hits[:, 0] == truth[:, 0])), 4),
+                                       "speedup_single_p50": round(exact_p50 / max(ms["p50"], 1e-9), 1)}
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, V.DEFAULT_NPROBE, 128])
-    parser.add_argument("--data", choices=["uniform", "clustered"], default="uniform")
-    parser.add_argument("--batch-repeats", type=int, default=3, help="timed repeats of the batched search (best kept)")
-    parser.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads (default 1)")
+    parser.add_argument("--types", nargs="+", choices=["ivf", "ivfpq", "hnsw"], default=["ivf", "ivfpq"])
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, V.DEFAULT_NPROBE])
+    parser.add_argument("--refine", type=int, nargs="+", default=[1, 5, V.DEFAULT_REFINE, 20])
+    parser.add_argument("--rerank-from", nargs="+", choices=["sqlite", "memmap"], default=["sqlite", "memmap"])
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[64, V.DEFAULT_EF_SEARCH])
+    parser.add_argument("--data", choices=["uniform", "clustered"], default="clustered")
+    parser.add_argument("--vectors", default=None, help=".npy of real embeddings (N + queries, E) instead of --data")
+    parser.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads for the queries (default 1)")
+    parser.add_argument("--build-threads", type=int, default=2, help="FAISS OpenMP threads for building (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="folder for the re-ranking files (default: a temporary one)")
     args = parser.parse_args()
-    faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     runs = []
-    for n in args.sizes:
-        runs.append(run_size(n, args, rng))
-        print(json.dumps(runs[-1]), flush=True)  # one line per size as soon as it is done
-    print(json.dumps({"faiss": faiss.__version__, "threads": args.threads, "data": args.data,
-                      "blas_threshold": V.BLAS_THRESHOLD, "runs": runs}, indent=2))
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for n in args.sizes:
+            folder = Path(tmp, str(n))
+            folder.mkdir()
+            runs.append(run_size(n, args, rng, folder))
+            print(json.dumps(runs[-1]), flush=True)  # one line per size as soon as it is done
+    print(json.dumps({"faiss": faiss.__version__, "threads": args.threads, "build_threads": args.build_threads,
+                      "data": args.vectors or args.data, "blas_threshold": V.BLAS_THRESHOLD,
+                      "load_average": os.getloadavg(), "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

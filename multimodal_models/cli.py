@@ -562,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--approx-threshold", type=int, default=None,
                     help="from this many images up search is approximate (IVF), below it exact; kept by the index "
                          "(default 100000)")
+    ix.add_argument("--index-type", choices=("auto", "flat", "ivf", "ivfpq", "hnsw"), default=None,
+                    help="FAISS index type: auto (by size: flat, ivf from --approx-threshold, ivfpq, compressed to "
+                         "~80 bytes per 512-d vector, from --compressed-threshold), or one of them whatever the size; "
+                         "kept by the index (default auto)")
+    ix.add_argument("--compressed-threshold", type=int, default=None,
+                    help="with --index-type auto: from this many images up the index is IVF-PQ; kept by the index "
+                         "(default 1000000)")
     ix.add_argument("--quiet", action="store_true", help="no progress bar")
     device_options(ix)
     ix.set_defaults(func=cmd_index)
@@ -574,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--model", default=None, help="dual encoder (default: the model that built the index)")
     se.add_argument("--nprobe", type=int, default=None,
                     help="approximate indexes: lists scanned per query; more is slower and finds more (default 32)")
+    se.add_argument("--refine", type=int, default=None,
+                    help="IVF-PQ indexes: the best k x REFINE candidates of the compressed codes are re-ranked with "
+                         "the exact vectors (default 10)")
+    se.add_argument("--shard", type=Path, action="append", default=[], metavar="INDEX",
+                    help="another index (a shard of the collection, built with the same model) searched together "
+                         "with INDEX; the results are merged (repeatable)")
     se.add_argument("--json", action="store_true", help='JSON lines {"rank", "path", "score", "file", "caption"}')
     rerank_options(se, "text queries are ranked")
     device_options(se)

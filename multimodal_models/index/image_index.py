@@ -79,7 +79,7 @@ class UpdateReport:
     rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why) not indexed
     total: int = 0  # files in the index afterwards
     generation: int = 0  # of the vector set afterwards
-    kind: str = "flat"  # "flat" (exact) or "ivf" (approximate)
+    kind: str = "flat"  # "flat" (exact), "ivf", "ivfpq" or "hnsw" (approximate)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -218,9 +218,10 @@ class ImageIndex:
     refused. Search results always come from one published generation.
     """
 
-    def __init__(self, path: Path, conn, *, nprobe: int):
+    def __init__(self, path: Path, conn, *, nprobe: int, refine: int = V.DEFAULT_REFINE):
         self.path = path
         self.nprobe = nprobe
+        self.refine = refine
         self._conn = conn
         self._lock = threading.RLock()
         self._faiss = None
@@ -230,12 +231,14 @@ class ImageIndex:
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, create: bool = False, nprobe: int = V.DEFAULT_NPROBE) -> ImageIndex:
+    def open(cls, path: str | os.PathLike, *, create: bool = False, nprobe: int = V.DEFAULT_NPROBE,
+             refine: int = V.DEFAULT_REFINE) -> ImageIndex:
         """Open the index folder `path` (or a folder of images holding one in `.multimodal-index`).
 
         create=True makes a new empty index when `path` does not hold one (the folder
         must not exist yet, or be empty). `nprobe`: IVF lists scanned per query (approximate
-        indexes only; more is slower and finds more of the true neighbours).
+        indexes only; more is slower and finds more of the true neighbours). `refine`: an IVF-PQ
+        index re-ranks the best k x refine candidates of its codes with the exact vectors.
         """
         path = Path(path).expanduser()
         if not (path / DB_NAME).is_file() and (path / DEFAULT_INDEX_DIRNAME / DB_NAME).is_file():
@@ -257,7 +260,10 @@ class ImageIndex:
             conn.close()
             raise MultimodalError(f"{path / DB_NAME}: index format version {version!r}; this package reads version "
                                   f"{store.FORMAT_VERSION!r}. Rebuild the index into a new folder.")
-        return cls(path.resolve(), conn, nprobe=nprobe)
+        if nprobe < 1 or refine < 1:
+            conn.close()
+            raise ValueError(f"nprobe and refine must be at least 1, got {nprobe} and {refine}")
+        return cls(path.resolve(), conn, nprobe=nprobe, refine=refine)
 
     def close(self) -> None:
         with self._lock:
@@ -281,7 +287,7 @@ class ImageIndex:
         """Settings and provenance: model_name, model_fingerprint, embed_dim, generation, root, ..."""
         with self._lock:
             info: dict[str, Any] = store.read_info(self._conn)
-        for key in ("embed_dim", "generation", "approximate_threshold"):
+        for key in ("embed_dim", "generation", "approximate_threshold", "compressed_threshold"):
             if key in info:
                 info[key] = int(info[key])
         return info
@@ -334,7 +340,8 @@ class ImageIndex:
                 return [[] for _ in range(len(np.atleast_2d(np.asarray(queries))))]
             q = V.as_unit_rows(queries, dim, what="query vectors")
             index = self._current_faiss()
-            scores, ids = V.search(index, q, k, nprobe=self.nprobe)
+            scores, ids = V.search(index, q, k, nprobe=self.nprobe, refine=self.refine,
+                                   fetch=lambda wanted: store.vectors_by_id(self._conn, wanted, dim))
             wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
             rows: dict[int, tuple[str, str | None]] = {}
             for start in range(0, len(wanted), 500):  # SQLite caps the number of '?' per statement
@@ -428,7 +435,7 @@ class ImageIndex:
         index = self._read_faiss(generation, dim, count)
         if index is None:
             ids, vectors = store.all_vectors(self._conn, dim)
-            index = V.build(ids, vectors, dim, self._threshold(info))
+            index = V.build(ids, vectors, dim, *self._kind_settings(info))
             try:
                 V.write_atomic(index, self._faiss_path(generation))
             except OSError:  # a read-only copy of the index: search from memory
@@ -450,13 +457,16 @@ class ImageIndex:
         return self.path / FAISS_PATTERN.format(generation=generation)
 
     @staticmethod
-    def _threshold(info: dict) -> int:
-        return int(info.get("approximate_threshold", V.DEFAULT_APPROXIMATE_THRESHOLD))
+    def _kind_settings(info: dict) -> tuple[int, str, int]:
+        """(approximate_threshold, index_type, compressed_threshold) as the index records them."""
+        return (int(info.get("approximate_threshold", V.DEFAULT_APPROXIMATE_THRESHOLD)), info.get("index_type", "auto"),
+                int(info.get("compressed_threshold", V.DEFAULT_COMPRESSED_THRESHOLD)))
 
     # -- updating ----------------------------------------------------------------------------
 
     def update(self, folder: str | os.PathLike, model, *, model_name: str | None = None, batch_size: int = 32,
                captioner=None, captioner_name: str | None = None, approximate_threshold: int | None = None,
+               index_type: str | None = None, compressed_threshold: int | None = None,
                progress: bool = True) -> UpdateReport:
         """Bring the index in line with `folder`: embed new and changed images, drop removed ones.
 
@@ -466,13 +476,20 @@ class ImageIndex:
             caption is stored with each image (also added to already indexed images that lack one).
         approximate_threshold: from this many images up, search is approximate (IVF);
             a value given is remembered by the index. Default 100000.
+        index_type: "flat", "ivf", "ivfpq" or "hnsw" whatever the size, or "auto" (by size: flat,
+            ivf from approximate_threshold, ivfpq from compressed_threshold, default 1000000);
+            remembered by the index (changing it rebuilds the FAISS file). See `vectors.py`.
         Every `batch_size` images are committed together, so an interrupted update resumes
         where it stopped; searches see the old index until the update publishes.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if approximate_threshold is not None and approximate_threshold < 1:
-            raise ValueError(f"approximate_threshold must be at least 1, got {approximate_threshold}")
+        for what, value in (("approximate_threshold", approximate_threshold),
+                            ("compressed_threshold", compressed_threshold)):
+            if value is not None and value < 1:
+                raise ValueError(f"{what} must be at least 1, got {value}")
+        if index_type is not None:
+            V.check_type(index_type)
         folder = Path(folder).expanduser().resolve()
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} is not a folder")
@@ -480,7 +497,8 @@ class ImageIndex:
         with self._lock, _exclusive_lock(self.path / LOCK_NAME, self.path):
             name = model_name or default_model_name(model)
             self._claim_model(model, name, folder, approximate_threshold,
-                              captioner_name or (default_model_name(captioner) if captioner else None))
+                              captioner_name or (default_model_name(captioner) if captioner else None),
+                              index_type=index_type, compressed_threshold=compressed_threshold)
             report = UpdateReport(folder=str(folder), index=str(self.path), model=name)
             scan = scan_folder(folder, exclude=self.path)
             report.images = len(scan)
@@ -498,7 +516,8 @@ class ImageIndex:
         report.seconds = round(time.perf_counter() - start, 3)
         return report
 
-    def _claim_model(self, model, name: str, folder: Path, threshold: int | None, captioner_name: str | None) -> None:
+    def _claim_model(self, model, name: str, folder: Path, threshold: int | None, captioner_name: str | None, *,
+                     index_type: str | None = None, compressed_threshold: int | None = None) -> None:
         """Record the model on first use, refuse a different one afterwards; drop staged work
         that an interrupted update left for another folder."""
         self.check_model(model)
@@ -512,6 +531,10 @@ class ImageIndex:
                     store.set_info(self._conn, model_quantize=model.quantized)
             if threshold is not None:
                 store.set_info(self._conn, approximate_threshold=threshold)
+            if index_type is not None:
+                store.set_info(self._conn, index_type=index_type)
+            if compressed_threshold is not None:
+                store.set_info(self._conn, compressed_threshold=compressed_threshold)
             if captioner_name is not None:
                 store.set_info(self._conn, caption_model=captioner_name)
             if info.get("staged_root") not in (None, str(folder)):
@@ -681,25 +704,27 @@ class ImageIndex:
         info = self.info
         if "embed_dim" not in info:
             return  # nothing was ever embedded
-        dim, threshold = info["embed_dim"], self._threshold(info)
+        dim, settings = info["embed_dim"], self._kind_settings(info)
         index = self._read_faiss(diff.generation, dim, diff.count)
-        if index is not None and not V.needs_rebuild(index, diff.count, threshold):
+        if index is not None and not V.needs_rebuild(index, diff.count, *settings):
             self._faiss, self._faiss_generation = index, diff.generation  # nothing changed, or a crashed run wrote it
             return
         index = None  # (a changed approximate_threshold rebuilds the same generation's file)
         if diff.generation != diff.old_generation:
             index = self._read_faiss(diff.old_generation, dim, diff.old_count)
+            if index is not None and diff.removed_ids and not V.can_remove(index):
+                index = None  # HNSW: rebuilt
             if index is not None:
                 V.remove(index, diff.removed_ids)
                 if diff.added:
                     V.add(index, np.array([i for i, _ in diff.added], dtype=np.int64),
                           np.stack([np.frombuffer(v, dtype="<f4") for _, v in diff.added]))
-                if index.ntotal != diff.count or V.needs_rebuild(index, diff.count, threshold):
+                if index.ntotal != diff.count or V.needs_rebuild(index, diff.count, *settings):
                     index = None
         if index is None:
             with store.read_transaction(self._conn):
                 ids, vectors = store.all_vectors(self._conn, dim)
-            index = V.build(ids, vectors, dim, threshold)
+            index = V.build(ids, vectors, dim, *settings)
         V.write_atomic(index, self._faiss_path(diff.generation), before_replace=lambda: _crash_point("faiss-tmp"))
         _crash_point("faiss-replaced")
         self._faiss, self._faiss_generation = index, diff.generation
@@ -713,6 +738,85 @@ class ImageIndex:
             stale_tmp = name.startswith(".vectors-") and name.endswith(".tmp")
             if stale_index or stale_tmp:
                 path.unlink(missing_ok=True)
+
+
+class ShardedIndex:
+    """Several image indexes (shards of one collection, e.g. one per machine or per sub-folder, all
+    built with the same model) searched together: each shard's top k, merged by score
+    (`vectors.merge`). For exact (flat) shards the result is what one index over all of their
+    images returns; approximate shards give near the same (each shard has its own lists).
+
+        with ShardedIndex.open(["a/.multimodal-index", "b/.multimodal-index"]) as shards:
+            shards.search_vector(v, k=10)  # [(shard number, SearchHit)]; hit.path relative to that shard's root
+    """
+
+    def __init__(self, shards: Sequence[ImageIndex]):
+        if not shards:
+            raise ValueError("a sharded index needs at least one shard")
+        self.shards = list(shards)
+        models = {(s.info.get("model_fingerprint"), s.info.get("embed_dim")) for s in self.shards
+                  if s.info.get("model_fingerprint") is not None}
+        if len(models) > 1:
+            names = ", ".join(f"{s.path}: {s.info.get('model_name')} ({s.info.get('model_fingerprint')})"
+                              for s in self.shards)
+            raise MultimodalError(f"the shards were built with different models ({names}); their vectors are not "
+                                  "comparable")
+
+    @classmethod
+    def open(cls, paths: Sequence[str | os.PathLike], **options) -> ShardedIndex:
+        """Open each path as `ImageIndex.open(path, **options)` does (nprobe, refine)."""
+        opened: list[ImageIndex] = []
+        try:
+            for path in paths:
+                opened.append(ImageIndex.open(path, **options))
+            return cls(opened)
+        except BaseException:
+            for index in opened:
+                index.close()
+            raise
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+    def __enter__(self) -> ShardedIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return sum(len(shard) for shard in self.shards)
+
+    def search_vectors(self, queries, k: int = 10) -> list[list[tuple[int, SearchHit]]]:
+        """(Q, E) query vectors -> for each, up to k (shard number, hit), best first over all shards."""
+        per_shard = [shard.search_vectors(queries, k) for shard in self.shards]
+        merged = []
+        for q in range(len(per_shard[0])):
+            results = [(np.array([[h.score for h in hits[q]]], dtype=np.float32).reshape(1, -1),
+                        np.array([[n for n in range(len(hits[q]))]], dtype=np.int64).reshape(1, -1))
+                       for hits in per_shard]
+            _, positions, shard_numbers = V.merge(results, k)
+            merged.append([(int(s), per_shard[s][q][int(p)]) for p, s in zip(positions[0], shard_numbers[0]) if p >= 0])
+        return merged
+
+    def search_vector(self, vector, k: int = 10) -> list[tuple[int, SearchHit]]:
+        return self.search_vectors(V.as_unit_rows(vector, what="the query vector")[:1], k)[0]
+
+    def search(self, model, text: str | None = None, image=None, k: int = 10) -> list[tuple[int, SearchHit]]:
+        """By a text, an image, or both, as `ImageIndex.search`."""
+        if text is None and image is None:
+            raise ValueError("give a text query, an image query, or both")
+        if text is not None and not text.strip():
+            raise ValueError("the text query is empty")
+        for shard in self.shards:
+            shard.check_model(model)
+        parts = []
+        if text is not None:
+            parts.append(V.as_unit_rows(model.embed_texts([text]), what="the text embedding"))
+        if image is not None:
+            parts.append(V.as_unit_rows(model.embed_images([load_image(image)]), what="the image embedding"))
+        return self.search_vector(np.sum(parts, axis=0), k)
 
 
 @contextlib.contextmanager

@@ -144,3 +144,21 @@ def all_vectors(conn: sqlite3.Connection, dim: int) -> tuple[np.ndarray, np.ndar
         ids[i] = row_id
         vectors[i] = np.frombuffer(blob, dtype="<f4")
     return ids, vectors
+
+
+def vectors_by_id(conn: sqlite3.Connection, ids, dim: int) -> np.ndarray:
+    """(len(ids), dim) float32 vectors of the files with these ids, in their order (call inside the
+    search's read transaction: the same snapshot as the FAISS index). IVF-PQ re-ranks with them."""
+    ids = [int(i) for i in ids]
+    out = np.empty((len(ids), dim), dtype=np.float32)
+    position = {row_id: n for n, row_id in enumerate(ids)}
+    found = 0
+    for start in range(0, len(ids), 500):  # SQLite caps the number of '?' per statement
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row_id, blob in conn.execute(f"SELECT id, vector FROM files WHERE id IN ({marks})", chunk):
+            out[position[row_id]] = np.frombuffer(blob, dtype="<f4")
+            found += 1
+    if found != len(position):
+        raise LookupError(f"{len(position) - found} of {len(position)} vector ids are not in the index's files")
+    return out
