@@ -282,13 +282,22 @@ def logged(log: Path) -> list[str]:
 def crash_scenario(tmp_path_factory):
     """An index of 6 images; then the folder changes (7 added, 1 changed, 1 removed: 8 to embed,
     4 batches of 2); `reference` is that update done without interruption."""
-    root = tmp_path_factory.mktemp("crash")
+    return make_crash_scenario(tmp_path_factory.mktemp("crash"))
+
+
+@pytest.fixture(scope="module")
+def crash_scenario_ivfpq(tmp_path_factory):
+    """The same with an IVF-PQ index (named when it was created; the updates keep it)."""
+    return make_crash_scenario(tmp_path_factory.mktemp("crash-ivfpq"), index_type="ivfpq")
+
+
+def make_crash_scenario(root: Path, index_type: str | None = None) -> dict:
     folder = root / "images"
     for i in range(6):
         write_image(folder / f"old/{i}.png", (40 * i, 100, 200), seed=i)
     base = root / "base"
     with ImageIndex.open(base, create=True) as index:
-        index.update(folder, ColourEncoder(), batch_size=2, progress=False)
+        index.update(folder, ColourEncoder(), batch_size=2, index_type=index_type, progress=False)
         old = state(index)
     for i in range(7):
         write_image(folder / f"new/{i}.png", (200, 30 * i, 50), seed=100 + i)
@@ -301,12 +310,21 @@ def crash_scenario(tmp_path_factory):
         new, generation = state(index), index.info["generation"]
     assert old != new and len(new) == 12
     return {"root": root, "folder": folder, "base": base, "old": old, "new": new, "generation": generation,
-            "changed": changed}
+            "changed": changed, "kind": index_type or "flat"}
 
 
 @pytest.mark.parametrize("crash", CRASH_POINTS)
 def test_kill_9_leaves_a_consistent_index_and_the_rerun_resumes(crash_scenario, crash):
-    s = crash_scenario
+    check_kill_9_and_resume(crash_scenario, crash)
+
+
+@pytest.mark.parametrize("crash", CRASH_POINTS)
+def test_kill_9_of_an_ivfpq_index_leaves_it_consistent_and_the_rerun_resumes(crash_scenario_ivfpq, crash):
+    """The compressed type is patched (remove + add) and written the same way: the same guarantees."""
+    check_kill_9_and_resume(crash_scenario_ivfpq, crash)
+
+
+def check_kill_9_and_resume(s: dict, crash: str) -> None:
     work = s["root"] / f"run-{crash.replace(':', '-')}"
     index_dir = work / "index"
     shutil.copytree(s["base"], index_dir)
@@ -319,6 +337,7 @@ def test_kill_9_leaves_a_consistent_index_and_the_rerun_resumes(crash_scenario, 
     shutil.copytree(index_dir, work / "inspect")
     with ImageIndex.open(work / "inspect") as index:
         summary = index.verify()
+        assert summary["kind"] == s["kind"]
         published = crash not in ("batch:2", "before-publish")
         assert state(index) == (s["new"] if published else s["old"])  # the old index or the new one, not a mix
         for entry in index.entries():  # and searchable: each image finds itself
@@ -336,7 +355,7 @@ def test_kill_9_leaves_a_consistent_index_and_the_rerun_resumes(crash_scenario, 
     with ImageIndex.open(index_dir) as index:
         assert state(index) == s["new"]  # equal to the uninterrupted run: same paths, same vectors
         assert index.info["generation"] == s["generation"]
-        assert index.verify() == {"files": 12, "generation": s["generation"], "staged": 0, "kind": "flat"}
+        assert index.verify() == {"files": 12, "generation": s["generation"], "staged": 0, "kind": s["kind"]}
     leftovers = sorted(p.name for p in index_dir.iterdir() if p.name.startswith((".", "vectors-")))
     assert leftovers == [f"vectors-{s['generation']:08d}.faiss"]
 
