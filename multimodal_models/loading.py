@@ -17,9 +17,11 @@ from .errors import WrongModelError
 from .export.onnx import use_onnx
 from .models.quantize import QUANTIZE_CHOICES, quantize as quantize_model
 from .pretrained import is_hf_checkpoint, load_hf, unsupported_layout
+from .pretrained.clap import load_clap
 from .pretrained.hub import looks_like_hub_id, resolve_checkpoint
 from .pretrained.idefics3 import load_idefics3
 from .pretrained.llava import load_llava
+from .pretrained.whisper import MODEL_TYPE as WHISPER_MODEL_TYPE, load_whisper
 from .pretrained.peft_adapters import adapter_base, apply_adapter, is_adapter_folder, read_adapter_config
 
 if TYPE_CHECKING:
@@ -159,6 +161,10 @@ def _load(name_or_path: str | Path, device: torch.device):
         return load_hf(folder).to(device).eval()
     if config.get("model_type") in ("llava", "idefics3", "smolvlm"):  # LLaVA / Idefics3 / SmolVLM layout
         return hf_vlm_loaders()[config["model_type"]](folder, config).to(device).eval()
+    if config.get("model_type") == "clap":  # ClapModel: the audio-text dual encoder
+        return load_clap(folder, config).to(device).eval()
+    if config.get("model_type") == WHISPER_MODEL_TYPE:  # WhisperForConditionalGeneration: speech to text
+        return load_whisper(folder, config).to(device).eval()
     model_type = config.get("model_type")
     if model_type not in registry.MODEL_TYPES:
         raise unsupported_layout(config_file, config, sorted(registry.MODEL_TYPES))  # names the layouts we read

@@ -13,6 +13,8 @@ import importlib
 
 MODEL_TYPES: dict[str, str] = {
     "dual_encoder": "multimodal_models.models.dual_encoder:DualEncoder",
+    "audio_text": "multimodal_models.models.audio_text:AudioTextEncoder",
+    "speech_to_text": "multimodal_models.models.speech:SpeechToText",
     "fusion_classifier": "multimodal_models.models.classifier:FusionClassifier",
     "vlm": "multimodal_models.models.vlm:VisionLanguageModel",
     "shapes_clip": "multimodal_models.shapes.models:ShapesCLIP",

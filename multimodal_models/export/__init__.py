@@ -3,7 +3,8 @@
     onnx   a dual encoder's image and text towers as ONNX graphs, for ONNX Runtime (export/onnx.py);
            with quantize="int8", quantized by ONNX Runtime
     hf     the Hugging Face layout transformers loads: CLIPModel / SiglipModel for dual encoders,
-           LlavaForConditionalGeneration or Idefics3ForConditionalGeneration for VLMs (the
+           ClapModel for audio-text encoders, LlavaForConditionalGeneration or
+           Idefics3ForConditionalGeneration for VLMs (the
            writers live with each family's reader in `pretrained`)
 """
 
@@ -13,10 +14,14 @@ import os
 from pathlib import Path
 
 from ..errors import WrongModelError
+from ..models.audio_text import AudioTextEncoder
 from ..models.dual_encoder import DualEncoder
+from ..models.speech import SpeechToText
 from ..models.vlm import VisionLanguageModel
 from ..pretrained import export_hf, idefics3
+from ..pretrained.clap import export_clap
 from ..pretrained.llava import export_llava
+from ..pretrained.whisper import export_whisper
 from .onnx import export_onnx
 
 FORMATS = ("onnx", "hf")
@@ -37,6 +42,10 @@ def export(model, out: str | os.PathLike, *, format: str, quantize: str | None =
 def _export_hf(model, out: Path) -> Path:
     if isinstance(model, DualEncoder):
         return export_hf(model, out)
+    if isinstance(model, AudioTextEncoder):
+        return export_clap(model, out)
+    if isinstance(model, SpeechToText):
+        return export_whisper(model, out)
     if isinstance(model, VisionLanguageModel):
         if model.config.image_prompt == "idefics3":
             if not hasattr(idefics3, "export_idefics3"):
@@ -44,4 +53,4 @@ def _export_hf(model, out: Path) -> Path:
             return idefics3.export_idefics3(model, out)
         return export_llava(model, out)
     raise WrongModelError(f"a {getattr(model, 'model_type', type(model).__name__)} model has no Hugging Face "
-                          "layout: --format hf writes dual encoders (CLIP, SigLIP) and VLMs (LLaVA, Idefics3)")
+                          "layout: --format hf writes dual encoders (CLIP, SigLIP, CLAP) and VLMs (LLaVA, Idefics3)")

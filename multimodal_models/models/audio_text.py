@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.audio import load_audio
+from ..data.hf_tokenizer import checkpoint_tokenizer
 from ..errors import DataFormatError
 from .htsat import HTSAT, HTSATConfig
 from .inputs import evaluating, require_preprocessing, tokenize
@@ -201,7 +203,7 @@ class AudioFeatureExtractor:
 
     def _fused(self, mel: np.ndarray, total: int, chunk: int, rng) -> np.ndarray:
         """The whole clip shrunk to `chunk` frames (bilinear), then a random window from each third."""
-        thirds = np.array_split(list(range(0, total - chunk + 1)), 3)
+        thirds = np.array_split(np.arange(total - chunk + 1), 3)
         thirds = [third if len(third) else [0] for third in thirds]
         starts = [rng.choice(third) for third in thirds]
         shrunk = F.interpolate(torch.from_numpy(mel)[None, None], size=[chunk, mel.shape[1]], mode="bilinear",
@@ -232,38 +234,13 @@ def _randint(rng, low: int, high: int) -> int:
     return int(rng.integers(low, high) if hasattr(rng, "integers") else rng.randint(low, high))
 
 
-def read_audio(path: str | os.PathLike, sampling_rate: int) -> np.ndarray:
-    """A mono float waveform at `sampling_rate` from an audio file (WAV, FLAC, OGG, MP3: soundfile),
-    the channels averaged and resampled with soxr."""
-    import soundfile
-    import soxr
-
-    try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (RuntimeError, soundfile.LibsndfileError) as exc:
-        raise DataFormatError(path, f"not a readable audio file: {exc}") from None
-    if data.shape[0] == 0:
-        raise DataFormatError(path, "holds no samples")
-    mono = data.mean(axis=1)
-    if rate != sampling_rate:
-        mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")
-    return mono.astype(np.float32)
-
-
 def as_waveform(audio, sampling_rate: int, given_rate: int | None = None) -> np.ndarray:
-    """A path (read and resampled) or a mono array (at `given_rate`, default the model's) -> (samples,)."""
-    if isinstance(audio, (str, os.PathLike)):
-        return read_audio(audio, sampling_rate)
-    array = np.asarray(audio, dtype=np.float32)
-    if array.ndim == 2 and 1 in array.shape:
-        array = array.reshape(-1)
-    if array.ndim != 1:
-        raise ValueError(f"expected a mono waveform (samples,) or a file path, got an array of shape {array.shape}")
-    if given_rate is not None and given_rate != sampling_rate:
-        import soxr
-
-        array = soxr.resample(array, given_rate, sampling_rate, quality="HQ").astype(np.float32)
-    return array
+    """An audio file (path, bytes or binary file object: WAV, FLAC, MP3, OGG) or an array of samples
+    (at `given_rate`, default the model's) -> float32 mono samples at `sampling_rate` (data/audio.py:
+    channels mixed down, resampled with soxr, broken or over-long sources refused by name)."""
+    if isinstance(audio, (np.ndarray, torch.Tensor)):
+        return load_audio(audio, rate=sampling_rate, source_rate=given_rate or sampling_rate)
+    return load_audio(audio, rate=sampling_rate, source_rate=given_rate)
 
 
 # --- the text tower: RoBERTa ---------------------------------------------------------------
@@ -416,7 +393,8 @@ class AudioTextEncoder(PretrainedModel):
 
     def embed_audios(self, audios: Sequence, *, sampling_rate: int | None = None, batch_size: int = 16,
                      rng=None) -> torch.Tensor:
-        """Audio files (WAV, FLAC, OGG, MP3) or mono float arrays -> (N, E) unit vectors on the CPU.
+        """Audio files (paths or bytes: WAV, FLAC, OGG, MP3; any rate and channel count) or arrays of
+        samples (at `sampling_rate`, default the model's) -> (N, E) unit vectors on the CPU.
         A single file or array is taken as a list of one."""
         audios = _audio_list(audios)
         if not audios:
@@ -478,8 +456,6 @@ class AudioTextEncoder(PretrainedModel):
             self.audio_processor.save(directory)
 
     def attach_preprocessing(self, directory: Path) -> None:
-        from ..data.hf_tokenizer import checkpoint_tokenizer  # noqa: PLC0415 (data is below models)
-
         self.tokenizer = checkpoint_tokenizer(directory)
         config = directory / AUDIO_CONFIG_NAME
         if config.is_file():
@@ -488,8 +464,9 @@ class AudioTextEncoder(PretrainedModel):
 
 
 def _audio_list(audios) -> list:
-    if isinstance(audios, (str, os.PathLike)) or (isinstance(audios, np.ndarray) and audios.ndim == 1):
+    """One clip (path, bytes, file object, 1-D array or tensor) or a sequence of them -> a list."""
+    if isinstance(audios, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(audios, "read"):
         return [audios]
-    if isinstance(audios, torch.Tensor):
-        return [audios.numpy()] if audios.ndim == 1 else list(audios.numpy())
+    if isinstance(audios, (np.ndarray, torch.Tensor)) and audios.ndim == 1:
+        return [audios]
     return list(audios)

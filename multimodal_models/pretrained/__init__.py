@@ -18,7 +18,7 @@ from pathlib import Path
 from ..data.hf_tokenizer import HFTokenizer
 from ..errors import DataFormatError
 from ..models.templates import CLIP_IMAGENET_TEMPLATES, CLIP_IMAGENET_TEMPLATES_7
-from . import clip, idefics3, llava, siglip
+from . import clap, clip, idefics3, llava, siglip, whisper
 from .checkpoint import check_expressible, load_dual_encoder, ours_to_hf, write_hf_folder
 from .hub import HubDownloadError, resolve_checkpoint
 
@@ -43,7 +43,8 @@ def is_hf_checkpoint(config: dict) -> bool:
 def supported_layouts() -> dict[str, str]:
     """Every Hugging Face layout this package reads: config.json "model_type" -> transformers' class."""
     return {clip.MODEL_TYPE: clip.ARCHITECTURE, siglip.MODEL_TYPE: siglip.ARCHITECTURE,
-            llava.MODEL_TYPE: llava.ARCHITECTURE, **idefics3.ARCHITECTURES}
+            llava.MODEL_TYPE: llava.ARCHITECTURE, **idefics3.ARCHITECTURES,
+            clap.MODEL_TYPE: clap.ARCHITECTURE, whisper.MODEL_TYPE: whisper.ARCHITECTURE}
 
 
 def unsupported_layout(config_file: Path, config: dict, own_types: list[str] | None = None) -> DataFormatError:

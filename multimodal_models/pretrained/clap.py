@@ -132,7 +132,7 @@ def buffer_keys(config: AudioTextConfig) -> dict[str, torch.Tensor]:
     for s, depth in enumerate(config.audio.depths):
         index = relative_position_index(min(config.audio.window_size, sides[s]))
         for b in range(depth):
-            buffers[f"{_AUDIO}.layers.{s}.blocks.{b}.attention.self.relative_position_index"] = index
+            buffers[f"{_AUDIO}.layers.{s}.blocks.{b}.attention.self.relative_position_index"] = index.clone()
     return buffers
 
 
