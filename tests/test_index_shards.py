@@ -4,7 +4,9 @@ for the approximate types, whose shards each train their own lists)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -126,3 +128,31 @@ def test_sharded_image_indexes_search_like_one_index_over_the_whole_folder(colou
     with pytest.raises(MultimodalError, match="different models"):
         ShardedIndex.open([halves[0], other])
     assert PATHS  # (the fixture's layout)
+
+
+def test_cli_search_with_shards_equals_one_index(tmp_path, capsys):
+    import torch
+
+    from multimodal_models.cli import main
+    from tests.test_dual_encoder import random_images, tiny_model
+
+    torch.set_num_threads(1)
+    model_dir = tiny_model().save_pretrained(tmp_path / "model")
+    whole = tmp_path / "whole"
+    for i, image in enumerate(random_images(6, seed=5)):
+        for folder in (whole / ("a" if i % 2 else "b"), tmp_path / ("a" if i % 2 else "b")):
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{i}.png")
+    for folder in (whole, tmp_path / "a", tmp_path / "b"):
+        assert main(["index", str(folder), "--model", str(model_dir), "--quiet", "--index-type", "flat"]) == 0
+        assert json.loads(capsys.readouterr().out)["kind"] == "flat"
+
+    def search(index, *options) -> list[tuple[str, float]]:
+        assert main(["search", index, "a red circle", "-k", "4", "--json", *options]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        return [(Path(line["file"]).name, line["score"]) for line in lines]
+
+    one = search(str(whole))
+    sharded = search(str(tmp_path / "a"), "--shard", str(tmp_path / "b"))
+    assert [name for name, _ in sharded] == [name for name, _ in one] and len(one) == 4
+    np.testing.assert_allclose([s for _, s in sharded], [s for _, s in one], atol=1e-5)
