@@ -261,3 +261,76 @@ def _reason(exc: Exception) -> str:
     if "does not exist or is not a regular file" in text:  # libsndfile's words for data it cannot place
         return "unrecognised or cut-off data"
     return text
+
+
+# -- log-mel features (Whisper's) ----------------------------------------------------------------
+
+
+def _hertz_to_mel(frequency: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above (librosa's htk=False)."""
+    frequency = np.asarray(frequency, dtype=np.float64)
+    mels = 3.0 * frequency / 200.0
+    above = frequency >= 1000.0
+    mels = np.where(above, 15.0 + np.log(np.maximum(frequency, 1e-10) / 1000.0) * (27.0 / np.log(6.4)), mels)
+    return mels
+
+
+def _mel_to_hertz(mels: np.ndarray) -> np.ndarray:
+    mels = np.asarray(mels, dtype=np.float64)
+    frequency = 200.0 * mels / 3.0
+    return np.where(mels >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (mels - 15.0)), frequency)
+
+
+def mel_filters(n_fft: int, n_mels: int, sampling_rate: int, *, min_frequency: float = 0.0,
+                max_frequency: float = 8000.0) -> np.ndarray:
+    """(n_fft // 2 + 1, n_mels) triangular filters on Slaney's mel scale with Slaney's area
+    normalisation, in float64: the bank Whisper's feature extractor uses (librosa.filters.mel with
+    norm="slaney", the same as transformers' mel_filter_bank(norm="slaney", mel_scale="slaney"))."""
+    bins = n_fft // 2 + 1
+    edges = _mel_to_hertz(np.linspace(_hertz_to_mel(min_frequency), _hertz_to_mel(max_frequency), n_mels + 2))
+    fft_frequencies = np.linspace(0, sampling_rate // 2, bins)
+    slopes = edges[None, :] - fft_frequencies[:, None]  # (bins, n_mels + 2)
+    gaps = np.diff(edges)
+    down = -slopes[:, :-2] / gaps[:-1]
+    up = slopes[:, 2:] / gaps[1:]
+    filters = np.maximum(0.0, np.minimum(down, up))
+    return filters * (2.0 / (edges[2:n_mels + 2] - edges[:n_mels]))[None, :]
+
+
+class LogMelFeatures:
+    """Whisper's input: audio padded with silence (or cut) to `chunk_length` seconds, a centred STFT
+    (periodic Hann window of n_fft, reflect padding, the last frame dropped), power through the mel
+    filters, log10 floored at 1e-10, then clipped to 8 below each example's maximum and scaled by
+    (x + 4) / 4. Computed with torch.stft in float32, as transformers' WhisperFeatureExtractor does
+    when torch is installed. Returns (B, n_mels, chunk_length * sampling_rate // hop_length)."""
+
+    def __init__(self, n_mels: int = 80, sampling_rate: int = 16000, n_fft: int = 400, hop_length: int = 160,
+                 chunk_length: int = 30):
+        self.n_mels, self.sampling_rate, self.n_fft = n_mels, sampling_rate, n_fft
+        self.hop_length, self.chunk_length = hop_length, chunk_length
+        self.samples = chunk_length * sampling_rate
+        self.frames = self.samples // hop_length
+        self.filters = mel_filters(n_fft, n_mels, sampling_rate)
+
+    def __call__(self, audio, *, device=None):
+        """audio: one 1-D array (or tensor) of samples at `sampling_rate`, or a list of them."""
+        import torch
+
+        items = [audio] if isinstance(audio, np.ndarray) and audio.ndim == 1 or _is_tensor(audio) and audio.ndim == 1 \
+            else list(audio)
+        batch = np.zeros((len(items), self.samples), dtype=np.float32)
+        for row, item in enumerate(items):
+            item = np.asarray(item.detach().cpu() if _is_tensor(item) else item, dtype=np.float32).reshape(-1)
+            if item.shape[0] > self.samples:
+                raise ValueError(f"audio of {item.shape[0] / self.sampling_rate:.1f} s: the model reads at most "
+                                 f"{self.chunk_length} s at a time")
+            batch[row, : item.shape[0]] = item
+        waveform = torch.from_numpy(batch).to(device or "cpu")
+        window = torch.hann_window(self.n_fft, device=waveform.device)
+        stft = torch.stft(waveform, self.n_fft, self.hop_length, window=window, return_complex=True)
+        power = (stft[..., :-1].abs() ** 2).contiguous()
+        filters = torch.from_numpy(self.filters).to(waveform.device, torch.float32)
+        log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()
+        ceiling = log_spec.amax(dim=(1, 2), keepdim=True)
+        log_spec = torch.maximum(log_spec, ceiling - 8.0)
+        return (log_spec + 4.0) / 4.0
