@@ -251,3 +251,22 @@ def test_a_model_type_that_cannot_batch_is_decoded_one_sequence_at_a_time(env, c
     assert steps > 0 and metric(metrics, "multimodal_decode_batch_size_bucket", le="1.0") == steps
     with running(app) as url:
         assert httpx.get(f"{url}/health").json()["generation"]["decoding"] == "one sequence at a time"
+
+
+def test_the_batch_and_queue_flags_and_their_checks():
+    import argparse
+
+    from multimodal_models.errors import MultimodalError
+    from multimodal_models.serve.runner import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--max-batch-size", "4", "--max-queue", "0"]))
+    assert (settings.max_batch_size, settings.max_queue) == (4, 0)
+    defaults = settings_from_args(parser.parse_args([]))
+    assert (defaults.max_batch_size, defaults.max_queue) == (16, 64)
+    assert defaults.max_concurrent >= defaults.max_batch_size + defaults.max_queue  # the queue is reachable
+    with pytest.raises(MultimodalError, match="max_batch_size must be at least 1"):
+        Settings(max_batch_size=0).check()
+    with pytest.raises(MultimodalError, match="max_queue must be at least 0"):
+        Settings(max_queue=-1).check()
