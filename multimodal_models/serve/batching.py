@@ -209,7 +209,8 @@ class Sequence:
 
 
 class BatchEngine:
-    """The thread that decodes all running sequences of one model, step by step (see the module)."""
+    """The two threads of one model's generations (see the module): the prefill thread runs the prompts
+    waiting, together; the decode thread decodes all running sequences, step by step."""
 
     def __init__(self, model, *, max_batch_size: int, max_queue: int,
                  observe_step: Callable[[int], None] | None = None):
@@ -217,10 +218,10 @@ class BatchEngine:
         self.batched = bool(model.can_decode_in_batches())
         self.admission = Admission(max_batch_size, max_queue)
         self.observe_step = observe_step
-        self.rows: list[Sequence] = []  # the batch, in the cache's row order (engine thread only)
+        self.rows: list[Sequence] = []  # the batch, in the cache's row order (decode thread only)
         self.solo: list[Sequence] = []  # sequences decoded one at a time (a model that cannot batch)
         self.cache = model.decoder.new_batched_cache() if self.batched else None
-        self._joining: list[Sequence] = []
+        self._joining: list[Sequence] = []  # sequences whose prompts have run, to join at the next step
         self._prompts: list[Sequence] = []  # sequences whose prompts wait to be run
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
