@@ -183,19 +183,24 @@ def test_the_batch_cache_grows_moves_rows_and_masks_each_rows_own_positions():
         cache.update(0, torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
 
 
-@pytest.fixture(scope="module", params=["llama-clip", "qwen2-siglip"])
-def llava(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama-clip", "qwen2-siglip", "idefics3-split"])
+def checkpoint(request, tmp_path_factory):
     pytest.importorskip("transformers")
     import multimodal_models
 
-    from .test_pretrained_vlm import make_llava
+    from .test_pretrained_vlm import make_idefics3, make_llava
 
-    folder, _ = make_llava(tmp_path_factory.mktemp(f"llava-{request.param}"), request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param.startswith("idefics3"):
+        make_idefics3(folder, splitting=True)
+    else:
+        make_llava(folder, request.param)
     return multimodal_models.load(folder)
 
 
 @pytest.mark.parametrize("configs", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_a_llava_checkpoint_decodes_in_a_batch_as_alone(llava, configs):
-    """RoPE at each row's own positions, grouped-query attention, the checkpoint's template."""
-    assert llava.can_decode_in_batches()
-    check_side_by_side(llava, configs, joins_at=[0, 0, 2, 3, 5])
+def test_a_hugging_face_checkpoint_decodes_in_a_batch_as_alone(checkpoint, configs):
+    """LLaVA (RoPE at each row's own positions, grouped-query attention, the checkpoint's template) and
+    Idefics3 (images split into tiles: prompts with different numbers of image tokens)."""
+    assert checkpoint.can_decode_in_batches()
+    check_side_by_side(checkpoint, configs, joins_at=[0, 0, 2, 2, 5])
