@@ -269,18 +269,20 @@ def rewrite_config(folder, tmp_path, change) -> str:
     return target
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("patch_stride", [2, 2], "patch stride other than the patch size"),
-    ("fusion_type", "channel_map", "fusion 'channel_map' is not supported"),
-    ("patch_embed_input_channels", 2, "only one input channel"),
-    ("window_size", 5, "not tiled by 5x5 windows"),
-    ("hidden_size", 64, "is not the last stage's width"),
+@pytest.mark.parametrize("section, field, value, message", [
+    ("audio_config", "patch_stride", [2, 2], "patch stride other than the patch size"),
+    ("audio_config", "fusion_type", "channel_map", "fusion 'channel_map' is not supported"),
+    ("audio_config", "patch_embed_input_channels", 2, "only one input channel"),
+    ("audio_config", "window_size", 5, "not tiled by 5x5 windows"),
+    ("audio_config", "hidden_size", 64, "is not the last stage's width"),
+    ("text_config", "position_embedding_type", "relative_key", "'relative_key' positions are not supported"),
 ])
-def test_settings_the_published_checkpoints_do_not_use_are_refused(fused, tmp_path, field, value, message):
+def test_settings_the_published_checkpoints_do_not_use_are_refused(fused, tmp_path, section, field, value, message):
     folder, _, _ = fused
-    changed = rewrite_config(folder, tmp_path, lambda config: config["audio_config"].update({field: value}))
-    with pytest.raises(DataFormatError, match=message):
+    changed = rewrite_config(folder, tmp_path, lambda config: config[section].update({field: value}))
+    with pytest.raises(DataFormatError, match=message) as error:
         multimodal_models.load(changed)
+    assert f"{section}.{field}" in str(error.value) or field in str(error.value)
 
 
 def test_missing_keys_and_mismatched_features_are_named(unfused, fused, tmp_path):

@@ -77,7 +77,8 @@ class HTSATConfig:
         for stage, side in enumerate(self.resolutions() if not problems else []):
             window = min(self.window_size, side)
             if side % window:
-                problems.append(f"stage {stage}'s {side}x{side} grid is not tiled by {window}x{window} windows")
+                problems.append(f"stage {stage}'s {side}x{side} grid is not tiled by {window}x{window} windows "
+                                f"(window_size {self.window_size})")
         for stage, heads in enumerate(self.heads):
             if (self.width * 2**stage) % heads:
                 problems.append(f"stage {stage}'s width {self.width * 2**stage} does not split into {heads} heads")

@@ -173,6 +173,9 @@ def config_from_hf(hf: dict, source: Path) -> AudioTextConfig:
     if audio["enable_fusion"] and audio["fusion_type"] not in (None, "aff_2d"):
         refuse("audio_config.fusion_type", f"fusion {audio['fusion_type']!r} is not supported; the published fused "
                                            "checkpoint uses the attentional fusion (fusion_type null / 'aff_2d')")
+    if text.get("position_embedding_type", "absolute") != "absolute":  # older config.json files name it
+        refuse("text_config.position_embedding_type", f"{text['position_embedding_type']!r} positions are not "
+                                                      "supported; RoBERTa's are 'absolute'")
     if not isinstance(text.get("pad_token_id"), int):
         refuse("text_config.pad_token_id", "RoBERTa's positions need an integer pad_token_id")
     depths, heads = list(audio["depths"]), list(audio["num_attention_heads"])
