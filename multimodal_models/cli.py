@@ -7,6 +7,7 @@
     multimodal baseline blind|caption   write the predictions of a model-free baseline
     multimodal index DIR                index a folder of images (incremental, resumable)
     multimodal search INDEX "query"     search it by text and/or --image
+    multimodal transcribe AUDIO...      speech to text with a Whisper checkpoint
     multimodal serve                    HTTP API (OpenAI-compatible) and web page on 127.0.0.1:8000
     multimodal demo                     the main job on the shipped defaults
 
@@ -260,6 +261,21 @@ def cmd_chat(args) -> None:
             reply += piece
         print()
         messages.append({"role": "assistant", "content": reply})
+
+
+DEFAULT_SPEECH_MODEL = "openai/whisper-tiny"
+
+
+def cmd_transcribe(args) -> None:
+    model = _load(args.model, args, "speech_to_text")
+    for audio in args.audio:  # one at a time: a broken file stops the run naming it, after those before it
+        [(text, language)] = model.transcribe_with_language([str(audio)], language=args.language, task=args.task,
+                                                            max_new_tokens=args.max_tokens)
+        if args.json:
+            print(json.dumps({"audio": str(audio), "text": text.strip(), "language": language}, ensure_ascii=False),
+                  flush=True)
+        else:
+            print(f"{audio}\t{text.strip()}", flush=True)
 
 
 def cmd_classify(args) -> None:
@@ -534,6 +550,19 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--adapter", default=None, metavar="FOLDER", help=ADAPTER_HELP)
     generation_options(ch)
     ch.set_defaults(func=cmd_chat)
+
+    tc = commands.add_parser("transcribe", help="speech to text with a Whisper checkpoint (WAV, FLAC, MP3, OGG)")
+    tc.add_argument("audio", nargs="+", type=Path, help="audio files (any rate and channels; up to 30 s each)")
+    tc.add_argument("--model", default=DEFAULT_SPEECH_MODEL,
+                    help=f"a Whisper checkpoint: hub id or folder (default {DEFAULT_SPEECH_MODEL}, downloaded once; "
+                         "offline, download it first: hf download openai/whisper-tiny --local-dir DIR, then --model DIR)")
+    tc.add_argument("--language", default=None, help="the spoken language's code, e.g. en (default: detected)")
+    tc.add_argument("--task", choices=("transcribe", "translate"), default=None,
+                    help="transcribe (default), or translate into English")
+    tc.add_argument("--max-tokens", type=int, default=None, help="most tokens per file (default: the model's max_length)")
+    tc.add_argument("--json", action="store_true", help="one JSON object per file: audio, text, language")
+    device_options(tc)
+    tc.set_defaults(func=cmd_transcribe)
 
     cl = commands.add_parser("classify", help="zero-shot classification with a dual encoder")
     cl.add_argument("image", type=Path, help="image file")

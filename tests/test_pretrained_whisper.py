@@ -294,3 +294,48 @@ def test_layouts_that_do_not_fit_are_refused(checkpoints, tmp_path):
     (folder / "processor_config.json").write_text(json.dumps(processor))
     with pytest.raises(DataFormatError, match=r"processor_config\.json, field 'dither': dither 0\.01 is not supported"):
         multimodal_models.load(folder)
+
+
+# -- multimodal transcribe --------------------------------------------------------------------------
+
+
+def test_transcribe_command(checkpoints, tmp_path, capsys, monkeypatch):
+    from multimodal_models.cli import main
+
+    folder = checkpoints["stops"]
+    theirs, processor = reference(folder)
+    audio = clips((1.0, 1.5), seed=7)
+    paths = []
+    for i, (samples, kind) in enumerate(zip(audio, ("WAV", "FLAC"))):
+        paths.append(tmp_path / f"clip{i}.{kind.lower()}")
+        soundfile.write(str(paths[-1]), samples, 16000, format=kind)
+    features = processor.feature_extractor([load_audio(p) for p in paths], sampling_rate=16000,
+                                           return_tensors="pt").input_features
+    expected = [t.strip() for t in processor.batch_decode(theirs.generate(features), skip_special_tokens=True)]
+    detected = theirs.detect_language(features).tolist()
+    codes = {i: t.strip("<|>") for t, i in theirs.generation_config.lang_to_id.items()}
+
+    assert main(["transcribe", *map(str, paths), "--model", str(folder)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, expected)]
+    assert main(["transcribe", *map(str, paths), "--model", str(folder), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [{"audio": str(p), "text": t, "language": codes[d]} for p, t, d in zip(paths, expected, detected)]
+
+    french = processor.batch_decode(theirs.generate(features, language="fr", max_new_tokens=3), skip_special_tokens=True)
+    assert main(["transcribe", *map(str, paths), "--model", str(folder), "--language", "fr", "--max-tokens", "3",
+                 "--json", "--dtype", "float32"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == [t.strip() for t in french] and {l["language"] for l in lines} == {"fr"}
+
+    (tmp_path / "broken.mp3").write_bytes(b"ID3 but nothing else")
+    assert main(["transcribe", str(paths[0]), str(tmp_path / "broken.mp3"), "--model", str(folder)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{paths[0]}\t{expected[0]}"]  # those before the broken file are printed
+    assert f"{tmp_path / 'broken.mp3'}: is not a readable audio file" in captured.err
+    assert main(["transcribe", str(paths[0]), "--model", "shapes-clip"]) == 2
+    assert "needs a speech_to_text model" in capsys.readouterr().err
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the default model, not downloaded: how to get it
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    assert main(["transcribe", str(paths[0])]) == 2
+    assert "openai/whisper-tiny" in (err := capsys.readouterr().err) and "hf download openai/whisper-tiny" in err

@@ -232,8 +232,9 @@ class SpeechToText(PretrainedModel):
 
     @torch.no_grad()
     def generate_ids(self, features: torch.Tensor, *, language: str | None = None, task: str | None = None,
-                     max_new_tokens: int | None = None) -> list[list[int]]:
-        """Greedy token ids after the prompt (the end token and padding left off), one list per row."""
+                     max_new_tokens: int | None = None, with_prompts: bool = False):
+        """Greedy token ids after the prompt (the end token and padding left off), one list per row;
+        with_prompts: (ids, prompts), each row's prompt with its language token filled in."""
         c = self.config
         states = self.encode(features)
         cross = self.decoder.cross_keys_values(states)
@@ -278,19 +279,29 @@ class SpeechToText(PretrainedModel):
             if bool(done.all()):
                 break
             step_ids = token[:, None]
-        return out
+        return (out, rows) if with_prompts else out
 
     def transcribe(self, audio, *, source_rate: int | None = None, language: str | None = None,
                    task: str | None = None, max_new_tokens: int | None = None) -> str | list[str]:
         """The text of one audio (a path, bytes, a file object or an array at `source_rate`), or of each
         in a list. language: a code ("en") or token ("<|en|>"), else the checkpoint's or the detected one;
         task: "transcribe" (default) or "translate" (into English)."""
+        results = self.transcribe_with_language(audio, source_rate=source_rate, language=language, task=task,
+                                                max_new_tokens=max_new_tokens)
+        texts = [text for text, _ in results]
+        return texts if isinstance(audio, (list, tuple)) else texts[0]
+
+    def transcribe_with_language(self, audio, *, source_rate: int | None = None, language: str | None = None,
+                                 task: str | None = None, max_new_tokens: int | None = None) -> list[tuple[str, str | None]]:
+        """(text, language code or None) of each audio (one or a list): the language given or detected."""
         if self.tokenizer is None:
             raise ValueError("the model has no tokenizer (tokenizer.json) to turn tokens into text")
         features = self.audio_features(audio, source_rate=source_rate)
-        ids = self.generate_ids(features, language=language, task=task, max_new_tokens=max_new_tokens)
-        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
-        return texts if isinstance(audio, (list, tuple)) else texts[0]
+        ids, prompts = self.generate_ids(features, language=language, task=task, max_new_tokens=max_new_tokens,
+                                         with_prompts=True)
+        codes = {token: name.strip("<|>") for name, token in self.config.language_tokens.items()}
+        return [(self.tokenizer.decode(row, skip_special_tokens=True),
+                 next((codes[t] for t in prompt if t in codes), None)) for row, prompt in zip(ids, prompts)]
 
     # -- files ------------------------------------------------------------------------------------
 
