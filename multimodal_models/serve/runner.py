@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--timeout", type=float, default=d.request_timeout_s,
                         help=f"seconds a request may take: then 504, or a stream ends (default {d.request_timeout_s:g})")
     limits.add_argument("--workers", type=int, default=d.workers,
-                        help=f"inference threads (default {d.workers})")
+                        help=f"worker threads: embeddings, search, classification, reading images and prompts "
+                             f"(generation runs in its own prefill and decode threads; default {d.workers})")
     limits.add_argument("--threads", type=int, default=d.torch_threads,
                         help=f"torch threads per inference (default {d.torch_threads})")
     output = parser.add_argument_group("output filter")

@@ -72,7 +72,7 @@ class Settings:
     max_batch_size: int = 16  # sequences decoded side by side (continuous batching); 1: one at a time
     max_queue: int = 64  # generations waiting for a place in the batch; more get 429
     request_timeout_s: float = 60.0  # a request still running then gets 504 (a stream ends with an error event)
-    workers: int = 2  # inference threads (the event loop never runs a model)
+    workers: int = 2  # worker threads (the event loop never runs a model; generation has its own two threads)
     torch_threads: int = 1  # torch intra-op threads, set by `run` (not by create_app)
     # -- output filter ------------------------------------------------------------------------
     blocklist: tuple[str, ...] = ()  # words (case-insensitive, whole words) filtered from generated text
