@@ -192,3 +192,10 @@ def test_endless_streams_are_refused(tmp_path):
         os.mkfifo(fifo)
         with pytest.raises(AudioLoadError, match=r"pipe\.wav: is not a regular file"):
             load_audio(fifo)  # refused from its type, without opening (which would block)
+
+
+def test_ogg_opus(tmp_path):
+    path = tmp_path / "voice.opus.ogg"
+    soundfile.write(str(path), tone(600.0, 48000, 1.0), 48000, format="OGG", subtype="OPUS")
+    samples = load_audio(path, rate=16000)
+    assert abs(len(samples) - 16000) <= 40 and abs(spectrum_peak(samples, 16000)[0] - 600.0) <= 2.0
