@@ -296,3 +296,21 @@ def test_missing_keys_and_mismatched_features_are_named(unfused, fused, tmp_path
     assert supported_layouts()["clap"] == "ClapModel"
     with pytest.raises(DataFormatError, match="ClapModel|not a CLIPModel"):
         multimodal_models.pretrained.load_hf(folder)
+
+
+def test_the_truncation_is_the_one_the_model_reads(fused, tmp_path):
+    folder, reference, _ = fused
+    changed = tmp_path / "rand-trunc-settings"
+    changed.mkdir()
+    for path in folder.iterdir():
+        (changed / path.name).write_bytes(path.read_bytes())
+    processor = json.loads((folder / "processor_config.json").read_text())
+    processor["feature_extractor"]["truncation"] = "rand_trunc"
+    (changed / "processor_config.json").write_text(json.dumps(processor))
+    model = multimodal_models.load(changed)
+    assert model.audio_processor.truncation == "rand_trunc"  # kept as the file says, written back so
+    batch = clips(6, (0.5, 1.8))
+    features, longer = model.audio_features(batch, rng=np.random.RandomState(2))
+    assert features.shape[1] == 4 and longer.tolist() == [False, True]
+    torch.testing.assert_close(model.embed_audios(batch, rng=np.random.RandomState(2)),
+                               hf_audio_embeds(reference, features, longer), **TOL)

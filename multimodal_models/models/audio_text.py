@@ -383,11 +383,17 @@ class AudioTextEncoder(PretrainedModel):
 
     def audio_features(self, audios: Sequence, *, sampling_rate: int | None = None, rng=None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Audio files or mono arrays (at `sampling_rate`, default the model's) -> (features, is_longer)."""
+        """Audio files or mono arrays (at `sampling_rate`, default the model's) -> (features, is_longer).
+        The truncation is the one the model reads whatever the settings say: "fusion" for a fused
+        model, "rand_trunc" for an unfused one (as transformers' own tests call laion/clap-htsat-fused)."""
         if self.audio_processor is None:
             raise RuntimeError(f"this {type(self).__name__} has no audio_processor attached; load it from a folder "
                                "with a preprocessor_config.json, or set model.audio_processor")
         extractor = self.audio_processor
+        if (extractor.truncation == "fusion") != self.config.audio.fusion:
+            # what this model reads: 4 spectrograms (fused) or one; transformers' processor would follow the
+            # file and hand a fused model one channel, or an unfused one four (which it cannot run)
+            extractor = dataclasses.replace(extractor, truncation="fusion" if self.config.audio.fusion else "rand_trunc")
         waveforms = [as_waveform(a, extractor.sampling_rate, sampling_rate) for a in _audio_list(audios)]
         return extractor(waveforms, rng=rng)
 

@@ -282,11 +282,6 @@ def _check_features_fit(extractor: AudioFeatureExtractor, config: AudioTextConfi
     if extractor.frames > audio.spec_size * audio.freq_ratio:
         raise DataFormatError(where, f"a window of {extractor.frames} frames, more than the model reads "
                                      f"({audio.spec_size * audio.freq_ratio})", field="max_length_s")
-    if (extractor.truncation == "fusion") != audio.fusion:
-        kind = "a fused" if audio.fusion else "an unfused"
-        raise DataFormatError(where, f"truncation {extractor.truncation!r} does not fit {kind} model "
-                                     f"(fused models read 'fusion' features, unfused ones 'rand_trunc')",
-                              field="truncation")
 
 
 # -- writing ----------------------------------------------------------------------------------------
