@@ -56,6 +56,17 @@ def test_int8_vlm_answers_as_float32():
     assert same >= 0.9 * len(pairs), f"{same} of {len(pairs)} answers unchanged"
 
 
+def test_quantize_frees_the_float32_weights_it_replaces():
+    import weakref
+
+    model = tiny_model()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    weights = [weakref.ref(m.weight) for m in linears]
+    del linears
+    quantize(model)
+    assert all(w() is None for w in weights), "float32 weights of quantized layers are still alive"
+
+
 def test_quantize_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="float32"):
         quantize(tiny_model().to(torch.bfloat16))
