@@ -227,6 +227,21 @@ def test_every_question_parses_and_its_seen_paraphrases_keep_the_answer(tiny_sha
     assert checked > len(questions) / 2
 
 
+class Vocabulary:
+    """A word tokenizer's unknown-word test: id 0 for a word outside the vocabulary."""
+
+    unk_id = 0
+
+    def __init__(self, words: set[str]):
+        self.words = words
+
+    def encode(self, text: str) -> list[int]:
+        return [1 if w in self.words else 0 for w in text.replace("?", " ?").replace(".", " .").replace(",", " ,").split()]
+
+    def knows(self, text: str) -> bool:
+        return 0 not in self.encode(text)
+
+
 class Echo(torch.nn.Module):
     """Answers a question the split asks with the gold answer of its first asking, any other with "no"."""
 
@@ -252,6 +267,7 @@ def test_paraphrase_robustness_counts_changed_answers_exactly(tiny_shapes, tmp_p
     for r in split.vqa:
         gold.setdefault(r.question, r.answer)
     model = Echo(gold)
+    model.tokenizer = Vocabulary({w for q in gold for w in q.replace("?", " ?").split()})
     results = evaluate_model(model, tiny_shapes, tmp_path / "p", progress=False, extras=(ParaphraseRobustness(seed=5),))
     p = results["paraphrases"]
     assert p["unparsed"] == 0 and p["seed"] == 5
@@ -266,10 +282,17 @@ def test_paraphrase_robustness_counts_changed_answers_exactly(tiny_shapes, tmp_p
         assert p[kind]["original_accuracy"] == pct([model.answer(r.question) == r.answer for r, _ in asked])
         assert p[kind]["paraphrase_accuracy"] == pct([model.answer(q) == r.answer for r, q in asked])
         assert p[kind]["changed"] == pct([model.answer(q) != model.answer(r.question) for r, q in asked])
-        assert p[kind]["unknown_words"] is None  # the stub has no tokenizer
+        unknown = [not model.tokenizer.knows(q) for _, q in asked]
+        assert p[kind]["unknown_words"] == pct(unknown)
+        known = [(r, q) for r, q in asked if model.tokenizer.knows(q)]
+        assert p[kind]["known_words"]["num"] == len(known)
+        assert p[kind]["known_words"]["changed"] == (pct([model.answer(q) != model.answer(r.question) for r, q in known])
+                                                     if known else None)
+    assert p["new"]["unknown_words"] > 0  # "colour", "picture", ...
     assert p["new"]["num"] == len(split.vqa) and 0 < p["new"]["changed"] < 100
     x = p["new"]
     report = (tmp_path / "p" / "report.md").read_text()
     assert "## Question paraphrases (Shapes)" in report
-    assert (f"| new | {x['num']} | {x['original_accuracy']} | {x['paraphrase_accuracy']} | {x['changed']}% | – |"
-            in report)
+    assert (f"| new | {x['num']} | {x['original_accuracy']} | {x['paraphrase_accuracy']} | {x['changed']}% | "
+            f"{x['unknown_words']}% |" in report)
+    assert f"| new, known words only | {x['known_words']['num']} |" in report

@@ -348,6 +348,10 @@ class ParaphraseRobustness:
                 unknown = "–" if x["unknown_words"] is None else f"{x['unknown_words']}%"
                 lines.append(f"| {kind} | {x['num']} | {x['original_accuracy']} | {x['paraphrase_accuracy']} | "
                              f"{x['changed']}% | {unknown} |")
+                if x.get("known_words", {}).get("num") and x["unknown_words"]:
+                    k = x["known_words"]
+                    lines.append(f"| {kind}, known words only | {k['num']} | {k['original_accuracy']} | "
+                                 f"{k['paraphrase_accuracy']} | {k['changed']}% | 0% |")
         lines += ["", "| question type | " + " | ".join(f"{k} accuracy | {k} changed" for k in ("seen", "new") if k in p)
                   + " |", "|---|" + "---|---|" * sum(k in p for k in ("seen", "new"))]
         types = sorted({t for k in ("seen", "new") if k in p for t in p[k]["perQuestionType"]})
@@ -386,8 +390,11 @@ def _paraphrase_scores(records: list[VQARecord], questions: list[str], answers: 
                 "paraphrase_accuracy": _mean_pct([per_question[r.question_id] for r in subset]),
                 "changed": _mean_pct([changed[r.question_id] for r in subset])}
 
-    return {**summary(records), "unknown_words": _mean_pct([u for u in unknown if u is not None]),
-            "perQuestionType": {t: summary(rs) for t, rs in sorted(by_type.items())}}
+    out = {**summary(records), "unknown_words": _mean_pct([u for u in unknown if u is not None]),
+           "perQuestionType": {t: summary(rs) for t, rs in sorted(by_type.items())}}
+    if any(u is not None for u in unknown):  # wording apart from vocabulary: the paraphrases of known words only
+        out["known_words"] = summary([r for r, u in zip(records, unknown, strict=True) if u is False])
+    return out
 
 
 def _mean_pct(values: list) -> float | None:
