@@ -64,7 +64,8 @@ def evaluate_model(model, data: EvaluationData, out: str | Path, *, split: str |
     split_data = first_images(load_split(config, "eval"), limit)
     groups_of = require_fields(split_data, tuple(group_by), extras) if group_by else {}  # a wrong field fails now
     for name in corruptions:
-        Corruption(name, severities[0] if severities else 1)  # an unknown name or severity fails now
+        for severity in severities:
+            Corruption(name, severity)  # an unknown name or severity fails now, before the model runs
     sources = [r.image for r in split_data.captions] + [r.image for r in split_data.vqa]
     sources += [s for r in split_data.conversations for s in r.images]
     store = ImageStore(sources, model.image_processor, progress=progress, desc="images")
