@@ -1,7 +1,7 @@
 """Continuous batching in the server: 1, 8 and 32 concurrent streaming clients on shapes-vlm, with
 batching on (--max-batch-size 32) and off (--max-batch-size 1, the reference), in one run.
 
-    .venv/bin/python benchmarks/serve_batching.py [--model shapes-vlm] [--clients 1 8 32] [--requests 64]
+    .venv/bin/python benchmarks/serve_batching.py [--model shapes-vlm] [--clients 1 8 32] [--requests 256]
                                                   [--tokens 32] [--workers 2] [--threads 1]
 
 Both servers are `multimodal serve` subprocesses (as a user runs them), started side by side and
@@ -109,7 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-vlm", help="VLM name or folder")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients per level")
-    parser.add_argument("--requests", type=int, default=64, help="streams per level, shared by its clients")
+    parser.add_argument("--requests", type=int, default=256, help="streams per level, shared by its clients "
+                                                                  "(enough for 32 clients to reach a steady state)")
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--batch", type=int, default=32, help="--max-batch-size of the batching server")
     parser.add_argument("--workers", type=int, default=2, help="the servers' worker threads (prefill)")
