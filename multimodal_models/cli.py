@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="approximate indexes: lists scanned per query; more is slower and finds more (default 32)")
     se.add_argument("--refine", type=int, default=None,
                     help="IVF-PQ indexes: the best k x REFINE candidates of the compressed codes are re-ranked with "
-                         "the exact vectors (default 10)")
+                         "the exact vectors (default 40)")
     se.add_argument("--shard", type=Path, action="append", default=[], metavar="INDEX",
                     help="another index (a shard of the collection, built with the same model) searched together "
                          "with INDEX; the results are merged (repeatable)")
