@@ -520,3 +520,22 @@ def test_sharded_checkpoints_load_and_a_missing_shard_is_named(clip_checkpoint, 
     shards[-1].unlink()
     with pytest.raises(FileNotFoundError, match=f"{shards[-1].name} not found: model.safetensors.index.json"):
         multimodal_models.load(sharded)
+
+
+def test_an_image_size_that_is_not_a_multiple_of_the_patch_loads_as_transformers_runs_it(tmp_path):
+    """SigLIP at 384 px with 14 px patches (llava-interleave's tower) drops the pixels past the last whole
+    patch; so does ours: here 38 px with 8 px patches, a 4 x 4 grid."""
+    from multimodal_models import load
+
+    config = transformers.SiglipConfig(text_config=dict(vocab_size=16, max_position_embeddings=16, **TINY_TOWER),
+                                       vision_config=dict(**TINY_TOWER, image_size=38, patch_size=8))
+    torch.manual_seed(3)
+    theirs = transformers.SiglipModel(config).eval()
+    theirs.save_pretrained(tmp_path)
+    transformers.SiglipImageProcessorPil(size={"height": 38, "width": 38}).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning):  # no tokenizer in this folder: images only
+        ours = load(tmp_path)
+    pixels = torch.randn(2, 3, 38, 38, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(theirs.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        torch.testing.assert_close(ours.encode_image(pixels), expected, **TOL)

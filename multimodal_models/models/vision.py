@@ -48,8 +48,11 @@ class VisionConfig:
         return self.grid**2
 
     def validate(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        # A patch stem drops the pixels past the last whole patch, as a strided convolution (and
+        # transformers' ViTs: SigLIP at 384 px with 14 px patches has a 27 x 27 grid) does
+        if self.stem == "conv" and self.image_size % self.patch_size:
+            raise ValueError(f"the conv stem needs image_size ({self.image_size}) to be a multiple of patch_size "
+                             f"({self.patch_size})")
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"the conv stem needs a power-of-two patch_size, got {self.patch_size}")
         if self.pool == "cls" and not self.class_token:
