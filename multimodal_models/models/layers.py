@@ -27,8 +27,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps), one kernel
         return self.weight * x.to(dtype)
 
 
@@ -311,12 +310,13 @@ class Attention(nn.Module):
         if cache is not None:
             offset = cache.length
             k, v = cache.update(layer, k, v)
-        if self.kv_heads != self.heads:  # grouped-query attention: share each k/v head among a group
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        grouped = self.kv_heads != self.heads  # grouped-query attention: each k/v head serves a group of queries
         if isinstance(mask, PackedAttention):  # packed training rows: only the blocks the mask lets through
             if cache is not None or causal or context is not None:
                 raise ValueError("packed attention is for self-attention over packed rows, without a cache")
+            if grouped:
+                k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+                v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
             y = mask.attend(q, k, v)
             return self._output(y, keep)
         if causal and (offset > 0 and T > 1 or mask is not None):
@@ -326,7 +326,8 @@ class Attention(nn.Module):
             causal = False
         elif causal and offset > 0:  # one new token attends to everything cached
             causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
+        # enable_gqa: the kernel reads each k/v head for its group instead of a copy of the whole cache per step
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=grouped)  # (B, H, T, D)
         return self._output(y, keep)
 
     def _output(self, y: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
