@@ -416,3 +416,20 @@ def test_decoding_goes_on_after_the_model_writes_its_placeholder(readers):
     answers = model.answer_batch(["what colour is it?"] * 2, images=IMAGES[:2], max_new_tokens=6)
     assert all("<image>" not in a for a in answers)
     assert model.caption_batch(images=IMAGES[:2], num_beams=2, max_new_tokens=6)
+
+
+def test_generation_runs_no_forward_pass_after_its_last_token():
+    from multimodal_models.models.generation import GenerationConfig, generate_tokens
+
+    class Counting:
+        steps = 0
+
+        def prefill(self):
+            return torch.tensor([[0.0, 1.0, 0.0]])
+
+        def step(self, tokens):
+            Counting.steps += 1
+            return torch.tensor([[0.0, 1.0, 0.0]])
+
+    tokens = list(generate_tokens(Counting(), GenerationConfig(max_new_tokens=5), stop_ids=set()))
+    assert tokens == [1] * 5 and Counting.steps == 4  # prefill gives the first; each later token one step

@@ -87,12 +87,13 @@ def generate_tokens(session: DecodingSession, config: GenerationConfig, stop_ids
     config.validate()
     generator = sampling_generator(config)
     logits = session.prefill()
-    for _ in range(config.max_new_tokens):
+    for done in range(1, config.max_new_tokens + 1):
         token = pick_token(logits[0], config, generator)
         if token in stop_ids:
             return
         yield token
-        logits = session.step(torch.tensor([token], device=logits.device))
+        if done < config.max_new_tokens:  # the budget's last token needs no forward pass after it
+            logits = session.step(torch.tensor([token], device=logits.device))
 
 
 def beam_search(session: DecodingSession, config: GenerationConfig, stop_ids: set[int]) -> list[int]:
