@@ -4,6 +4,8 @@ Endpoints (OpenAPI schema at /openapi.json, rendered at /docs; the web page at /
 
     POST /v1/chat/completions   OpenAI chat: text + image_url parts, streamed (SSE) or not
     POST /v1/embeddings         OpenAI embeddings of texts and (extension) images
+    POST /v1/audio/transcriptions  OpenAI speech to text (multipart upload; with --speech-model); chat
+                                messages' input_audio parts are transcribed by the same model
     POST /v1/search             the image index by text and/or image: paths, scores, thumbnails
     POST /v1/caption            caption an image     (JSON with a data: URI, or a multipart upload)
     POST /v1/answer             answer a question about an image                  (same)
@@ -47,6 +49,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from ..data.audio import AudioLoadError, load_audio
 from ..data.images import encode_png, load_image
 from ..data.tokenizer import IMAGE
 from ..errors import ImageLoadError, MultimodalError
@@ -92,7 +95,7 @@ class ServedModel:
     model: Any
     id: str  # the name the API reports (the first of --served-model-name when given)
     name: str  # as given (name or folder)
-    kind: str  # "vlm" | "dual_encoder"
+    kind: str  # "vlm" | "dual_encoder" | "speech_to_text"
     created: int
     aliases: tuple[str, ...] = ()  # --served-model-name: the only names requests may use (else id and name)
 
@@ -109,17 +112,20 @@ class ServedModel:
 class Engine:
     """The models, the index and the worker threads behind the endpoints."""
 
-    def __init__(self, settings: Settings, vlm: ServedModel | None, embedder: ServedModel | None, index):
+    def __init__(self, settings: Settings, vlm: ServedModel | None, embedder: ServedModel | None, index,
+                 speech: ServedModel | None = None):
         self.settings = settings
         self.vlm = vlm
         self.embedder = embedder
+        self.speech = speech
         self.index = index
         self._executor: ThreadPoolExecutor | None = None
         self.filter = OutputFilter.from_settings(settings)
         self.active = 0  # requests holding a concurrency slot (RequestGuard)
-        served = [m for m in (vlm, embedder) if m is not None]
+        served = [m for m in (vlm, embedder, speech) if m is not None]
         self.metrics = Metrics(in_progress=lambda: self.active, info={
             "version": __version__, "vlm": vlm.id if vlm else "", "embedder": embedder.id if embedder else "",
+            "speech": speech.id if speech else "",
             "device": ",".join(sorted({m.device for m in served}))},
             batch_size=lambda: self.batcher.size if self.batcher else 0,
             generations_waiting=lambda: self.batcher.admission.waiting if self.batcher else 0)
@@ -164,23 +170,64 @@ class Engine:
             raise bad_request(str(exc)) from None
 
     def require(self, kind: str, requested: str | None, *, what: str) -> ServedModel:
-        served = self.vlm if kind == "vlm" else self.embedder
-        others = [m for m in (self.vlm, self.embedder) if m is not None and m is not served]
+        served = {"vlm": self.vlm, "dual_encoder": self.embedder, "speech_to_text": self.speech}[kind]
+        others = [m for m in (self.vlm, self.embedder, self.speech) if m is not None and m is not served]
         if requested is not None and served is not None and requested in served.names:
             return served
         if requested is not None and any(requested in m.names for m in others):
-            need = "a vision-language model (VLM)" if kind == "vlm" else "a dual encoder"
+            need = {"vlm": "a vision-language model (VLM)", "dual_encoder": "a dual encoder",
+                    "speech_to_text": "a speech-to-text model"}[kind]
             have = f"; this server's is '{served.id}'" if served else ""
             raise APIError(400, f"model '{requested}' cannot do {what}: that needs {need}{have}", param="model",
                            code="model_not_supported")
         if served is None:
-            raise APIError(404, f"this server runs no model for {what} (start it with "
-                                f"{'--model' if kind == 'vlm' else '--embedder'} NAME)", param="model",
+            flag = {"vlm": "--model", "dual_encoder": "--embedder", "speech_to_text": "--speech-model"}[kind]
+            raise APIError(404, f"this server runs no model for {what} (start it with {flag} NAME)", param="model",
                            code="model_not_found")
         if requested is not None:
             raise APIError(404, f"the model '{requested}' is not served here; for {what} use '{served.id}' "
                                 "(GET /v1/models lists them)", param="model", code="model_not_found")
         return served
+
+    def transcribe(self, data: bytes, *, param: str, language: str | None = None,
+                   source: str) -> tuple[str, str | None, float]:
+        """(text, language, seconds) of an encoded audio file, in the calling (worker) thread. The audio is
+        refused (400 naming `param`) when it is not audio or longer than --max-audio-seconds or the speech
+        model's window."""
+        served = self.speech
+        config = served.model.config
+        window = float(config.chunk_length)
+        limit, which = ((self.settings.max_audio_seconds, "--max-audio-seconds")
+                        if self.settings.max_audio_seconds <= window else (window, "the speech model's window"))
+        try:
+            samples = load_audio(data, rate=config.sampling_rate, max_seconds=limit,
+                                 max_bytes=self.settings.max_body_bytes, name=param)
+        except AudioLoadError as exc:
+            raise bad_request(str(exc).replace("(max_seconds)", f"({which})"), param=param,
+                              code="invalid_audio") from None
+        seconds = len(samples) / config.sampling_rate
+        language = self.speech_language(language)
+        [(text, detected)] = served.model.transcribe_with_language([samples], source_rate=config.sampling_rate,
+                                                                   language=language)
+        self.metrics.transcribed(served.id, source, seconds)
+        return text.strip(), detected or language, seconds
+
+    def speech_language(self, language: str | None) -> str | None:
+        """The language to pass the speech model (None: its own or detected); 400 naming `language` when it
+        does not know it. An English-only model takes 'en' as given."""
+        if language is None or not language.strip():
+            return None
+        config = self.speech.model.config
+        if not config.language_tokens:
+            if language.strip().lower() in ("en", "english", "<|en|>"):
+                return None
+            raise bad_request(f"language {language!r}: this speech model is English-only (en)", param="language",
+                              code="unsupported_language")
+        try:
+            self.speech.model.language_token(language)
+        except ValueError as exc:
+            raise bad_request(f"language: {exc}", param="language", code="unsupported_language") from None
+        return language.strip().lower().strip("<|>")
 
     async def generate(self, served: ServedModel, messages: Callable[[], list[dict]], options: GenerationOptions,
                        deadline: float) -> GenerationJob:
@@ -231,22 +278,24 @@ class Engine:
 def load_served(name: str, kind: str, dtype: str | None = None, device: str = "auto",
                 aliases: tuple[str, ...] = (), *, quantize: str | None = None, runtime: str = "torch",
                 adapter: str | None = None) -> ServedModel:
+    needed_by = {"vlm": "--model", "dual_encoder": "--embedder", "speech_to_text": "--speech-model"}[kind]
     model = load(name, device=device, dtype=dtype, quantize=quantize, runtime=runtime, adapter=adapter, expect=kind,
-                 needed_by="--model" if kind == "vlm" else "--embedder")
+                 needed_by=needed_by)
     return ServedModel(model, aliases[0] if aliases else model_id(name), name, kind, int(time.time()), aliases)
 
 
 def _served(given, name: str | None, kind: str, settings: Settings, index_info: dict | None = None
             ) -> ServedModel | None:
-    aliases = settings.served_model_name if kind == "vlm" else settings.served_embedder_name
+    aliases = {"vlm": settings.served_model_name, "dual_encoder": settings.served_embedder_name,
+               "speech_to_text": settings.served_speech_name}[kind]
     if given is not None:  # a model object passed in (tests, benchmarks): named after `name` if any, on its device
         return ServedModel(given, aliases[0] if aliases else model_id(name or kind), name or kind, kind,
                            int(time.time()), aliases)
     if not name:
         return None
-    vlm = kind == "vlm"  # --runtime is the embedder's, --adapter the VLM's
-    runtime = "torch" if vlm else settings.runtime
-    dtype, quantize = settings.dtype, settings.quantize
+    vlm = kind == "vlm"  # --runtime is the embedder's, --adapter the VLM's, --quantize not the speech model's
+    runtime = settings.runtime if kind == "dual_encoder" else "torch"
+    dtype, quantize = settings.dtype, settings.quantize if kind != "speech_to_text" else None
     if index_info:  # the embedder of an index embeds as the index's vectors were, unless told otherwise
         dtype = dtype or index_info.get("model_dtype")
         quantize = quantize or (index_info.get("model_quantize") if runtime == "torch" else None)
@@ -254,7 +303,7 @@ def _served(given, name: str | None, kind: str, settings: Settings, index_info: 
                        adapter=settings.adapter if vlm else None)
 
 
-def build_engine(settings: Settings, *, vlm=None, embedder=None) -> Engine:
+def build_engine(settings: Settings, *, vlm=None, embedder=None, speech=None) -> Engine:
     """Load what the settings name, on settings.device in settings.dtype (a model object passed in
     is used as is, for tests and benchmarks). The index's queries are embedded by the embedder,
     so on its device."""
@@ -271,7 +320,8 @@ def build_engine(settings: Settings, *, vlm=None, embedder=None) -> Engine:
         if served_embedder is None:
             raise MultimodalError(f"--index {settings.index} needs the dual encoder that built it (--embedder)")
         index.check_model(served_embedder.model)
-    return Engine(settings, served_vlm, served_embedder, index)
+    served_speech = _served(speech, settings.speech_model, "speech_to_text", settings)
+    return Engine(settings, served_vlm, served_embedder, index, served_speech)
 
 
 # --- request helpers ----------------------------------------------------------------------------
@@ -502,14 +552,107 @@ async def read_upload_body(request: Request, model: type[BaseModel], engine: Eng
                    code="unsupported_media_type")
 
 
+TRANSCRIPTION_FIELDS = ("model", "language", "response_format", "prompt", "temperature", "stream",
+                        "timestamp_granularities[]", "timestamp_granularities", "include[]", "include",
+                        "chunking_strategy", "known_speaker_names[]", "known_speaker_references[]")
+
+
+def audio_base64(text: str, *, param: str) -> bytes:
+    """The bytes of a base64 audio file (or a base64 data: URI)."""
+    text = text.strip()
+    if text.lower().startswith("data:"):
+        head, _, text = text.partition(",")
+        if ";base64" not in head.lower():
+            raise bad_request(f"{param}: a data: URI of audio must be base64-encoded", param=param,
+                              code="invalid_audio")
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (ValueError, TypeError):
+        raise bad_request(f"{param}: not valid base64", param=param, code="invalid_audio") from None
+    if not data:
+        raise bad_request(f"{param}: the audio data is empty", param=param, code="invalid_audio")
+    return data
+
+
+async def read_transcription_form(request: Request, settings: Settings) -> tuple[dict[str, str], bytes]:
+    """The multipart form of /v1/audio/transcriptions: (its text fields, the file's bytes). A field OpenAI's
+    endpoint does not have is refused by name."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException
+
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):  # (the latter: no file)
+        raise APIError(415, f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data with "
+                            "the audio file in the field 'file'", code="unsupported_media_type")
+    try:
+        form = await request.form(max_files=2, max_fields=32, max_part_size=settings.max_body_bytes)
+    except MultiPartException as exc:
+        raise bad_request(f"invalid multipart body: {exc.message}", code="invalid_multipart") from None
+    except StarletteHTTPException as exc:
+        raise bad_request(f"invalid form body: {exc.detail}", code="invalid_multipart") from None
+    except (ValueError, KeyError, AssertionError) as exc:
+        raise bad_request(f"invalid multipart body: {exc}", code="invalid_multipart") from None
+    fields: dict[str, Any] = {}
+    for key in form:
+        values = form.getlist(key)
+        if key == "file":
+            continue
+        if key not in TRANSCRIPTION_FIELDS:
+            raise APIError(400, f"unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
+        if any(not isinstance(v, str) for v in values):
+            raise bad_request(f"field '{key}' must be text, not a file", param=key)
+        fields[key] = values if key.endswith("[]") or key in ("include", "timestamp_granularities") else values[-1]
+    upload = form.get("file")
+    if upload is None:
+        raise APIError(400, "missing required field 'file' (the audio file)", param="file",
+                       code="missing_required_parameter")
+    if not isinstance(upload, UploadFile):
+        raise bad_request("file: send the audio as a file upload, not a text field", param="file",
+                          code="invalid_audio")
+    data = await upload.read()
+    if not data:
+        raise bad_request("file: the uploaded file is empty", param="file", code="invalid_audio")
+    return fields, data
+
+
+def check_transcription_options(fields: dict[str, Any]) -> None:
+    """Refuse (400, naming the field) what OpenAI's transcription request may ask and this server cannot do."""
+    response_format = fields.get("response_format")
+    if response_format not in (None, "", *S.TRANSCRIPTION_FORMATS):
+        raise _refuse("response_format", f"response_format {response_format!r} is not supported: this server "
+                                         f"answers {' or '.join(S.TRANSCRIPTION_FORMATS)} (no timestamps for srt, vtt "
+                                         "or verbose_json)")
+    if (fields.get("prompt") or "").strip():
+        raise _refuse("prompt", "prompt is not supported by this server: its speech model takes no prompt text")
+    temperature = fields.get("temperature")
+    if temperature not in (None, ""):
+        try:
+            value = float(temperature)
+        except ValueError:
+            raise bad_request(f"temperature: not a number (got {temperature!r})", param="temperature") from None
+        if value != 0:
+            raise _refuse("temperature", f"temperature={value:g}: this server transcribes greedily (only 0)")
+    if (fields.get("stream") or "false").strip().lower() not in ("false", "0"):
+        raise _refuse("stream", "stream=true: this server returns the whole transcript at once")
+    for name in ("timestamp_granularities[]", "timestamp_granularities"):
+        if fields.get(name):
+            raise _refuse(name, f"{name}: this server gives no timestamps")
+    for name in ("include[]", "include"):
+        if fields.get(name):
+            raise _refuse(name, f"{name}: this server returns no logprobs")
+    for name in ("chunking_strategy", "known_speaker_names[]", "known_speaker_references[]"):
+        if fields.get(name):
+            raise _refuse(name, f"{name} is not supported by this server (one window of audio, no speakers)")
+
+
 # --- the app ------------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, vlm=None, embedder=None, speech=None) -> FastAPI:
     """The app for `settings` (models loaded now; model objects passed in are used as they are)."""
     settings = settings or Settings()
     settings.check()
-    engine = build_engine(settings, vlm=vlm, embedder=embedder)
+    engine = build_engine(settings, vlm=vlm, embedder=embedder, speech=speech)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -533,7 +676,14 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
                     "Prometheus metrics are at `/metrics`.\n\n"
                     "Embeddings extension: an `input` item that is a string starting with `data:image/`, or an "
                     "object `{\"type\": \"image_url\", \"image_url\": {\"url\": ...}}`, is an image; it is "
-                    "embedded into the same space as the texts.",
+                    "embedded into the same space as the texts.\n\n"
+                    "Voice (with --speech-model, a Whisper checkpoint): `POST /v1/audio/transcriptions` is OpenAI's "
+                    "speech to text (a multipart upload of a WAV, FLAC, MP3 or OGG file; `response_format` json or "
+                    "text). A chat message may hold OpenAI's audio parts, `{\"type\": \"input_audio\", "
+                    "\"input_audio\": {\"data\": BASE64, \"format\": \"wav\" | \"mp3\"}}`: the server transcribes "
+                    "each with the speech model and puts the transcript in the message in its place, as a text part "
+                    "(the VLM reads text and images only). Without a speech model audio parts are refused (400). "
+                    "Audio longer than --max-audio-seconds (and the model's 30 s window) is refused.",
         docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
@@ -583,8 +733,9 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
         index = None
         if engine.index is not None:
             index = {"images": await engine.run(len, engine.index)}
+        speech = {"speech": engine.speech.id} if engine.speech else {}  # (named only when served)
         return {"status": "ok", "models": {"vlm": engine.vlm.id if engine.vlm else None,
-                                           "embedder": engine.embedder.id if engine.embedder else None},
+                                           "embedder": engine.embedder.id if engine.embedder else None, **speech},
                 "index": index, "busy": engine.active, "max_concurrent": settings.max_concurrent,
                 "generation": None if engine.batcher is None else {
                     "decoding": engine.batcher.mode, "running": engine.batcher.admission.in_use,
@@ -592,7 +743,8 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
                     "max_queue": settings.max_queue},
                 "auth": bool(settings.resolved_api_key()),
                 "devices": {"vlm": engine.vlm.device if engine.vlm else None,
-                            "embedder": engine.embedder.device if engine.embedder else None}}
+                            "embedder": engine.embedder.device if engine.embedder else None,
+                            **({"speech": engine.speech.device} if engine.speech else {})}}
 
     @app.get("/metrics", tags=["server"], response_class=Response,
              responses={200: {"description": "Prometheus text format",
@@ -609,7 +761,8 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
         (--served-model-name) is listed once per name."""
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": m.created, "owned_by": "multimodal-models", "kind": m.kind}
-            for m in (engine.vlm, engine.embedder) if m is not None for name in (m.aliases or (m.id,))]}
+            for m in (engine.vlm, engine.embedder, engine.speech) if m is not None
+            for name in (m.aliases or (m.id,))]}
 
     # -- chat completions -------------------------------------------------------------------
 
@@ -625,7 +778,7 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
         if len(stop) > MAX_STOP_STRINGS:
             raise bad_request(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        messages, sources, chars = [], [], 0
+        messages, sources, audios, chars = [], [], [], 0
         for i, message in enumerate(body.messages):
             role = "system" if message.role == "developer" else message.role
             content = message.content
@@ -640,12 +793,34 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
                 if isinstance(part, S.TextPart):
                     chars += len(check_text(part.text, settings, param=param))
                     parts.append({"type": "text", "text": part.text})
+                elif isinstance(part, S.InputAudioPart):
+                    if role != "user":
+                        raise bad_request(f"{param}: audio may only be sent in user messages", param=param)
+                    if engine.speech is None:
+                        raise APIError(400, f"{param}: audio parts need a speech model and this server runs none "
+                                            "(start it with --speech-model NAME)", param=param,
+                                       code="unsupported_parameter")
+                    audios.append((audio_base64(part.input_audio.data, param=f"{param}.input_audio.data"),
+                                   f"{param}.input_audio"))
+                    parts.append({"type": "audio", "audio": len(audios) - 1})
                 else:
                     if role != "user":
                         raise bad_request(f"{param}: images may only be sent in user messages", param=param)
                     sources.append(await image_part_source(part, settings, param=param))
                     parts.append({"type": "image", "image": len(sources) - 1})
             messages.append({"role": role, "content": parts})
+        if len(audios) > settings.max_audio_inputs:
+            raise APIError(400, f"the request has {len(audios)} audio parts; this server accepts at most "
+                                f"{settings.max_audio_inputs}", param="messages", code="too_many_audio_inputs")
+        if audios:  # transcribed first (in a worker thread), so that no place in the decode batch waits on them
+            transcripts = await engine.run(lambda: [engine.transcribe(data, param=param, source="chat")[0]
+                                                    for data, param in audios])
+            for message in messages:
+                for k, part in enumerate(message["content"]):
+                    if part["type"] == "audio":
+                        text = transcripts[part["audio"]]
+                        chars += len(check_text(text, settings, param=audios[part["audio"]][1]))
+                        message["content"][k] = {"type": "text", "text": text}
         if chars > settings.max_prompt_chars:
             raise APIError(400, f"the messages hold {chars:,} characters of text; this server accepts at most "
                                 f"{settings.max_prompt_chars:,}", param="messages", code="prompt_too_long")
@@ -678,6 +853,28 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None) -> 
                                                  "refusal": REFUSAL if refused else None},
                          "logprobs": None, "finish_reason": job.finish_reason}],
             "usage": usage(job), "system_fingerprint": None})
+
+    # -- audio transcriptions ------------------------------------------------------------------
+
+    @app.post("/v1/audio/transcriptions", tags=["openai"], openapi_extra=S.transcription_form_schema(),
+              responses={**ERROR_RESPONSES, 200: {"description": "json: {text, language, usage}; text: the text",
+                                                  "content": {"application/json": {"schema": S.Transcription.model_json_schema()},
+                                                              "text/plain": {"schema": {"type": "string"}}}}})
+    async def transcriptions(request: Request):
+        """OpenAI's speech to text: a multipart upload (`file`, `model`, `language`, `response_format`) of a
+        WAV, FLAC, MP3 or OGG file, transcribed by the served speech model (--speech-model)."""
+        fields, upload = await read_transcription_form(request, settings)
+        served = engine.require("speech_to_text", fields.get("model"), what="audio transcriptions")
+        check_transcription_options(fields)
+        response_format = fields.get("response_format") or "json"
+        language = fields.get("language")
+        engine.speech_language(language)  # an unknown language: 400 before the audio is read
+        text, detected, seconds = await engine.run(engine.transcribe, upload, param="file", language=language,
+                                                   source="upload")
+        if response_format == "text":
+            return Response(text, media_type="text/plain; charset=utf-8")
+        return JSONResponse({"text": text, "language": detected,
+                             "usage": {"type": "duration", "seconds": round(seconds, 3)}, "model": served.id})
 
     # -- embeddings ---------------------------------------------------------------------------
 

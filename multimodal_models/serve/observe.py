@@ -17,6 +17,9 @@
     multimodal_http_request_duration_seconds{route, method}     histogram
     multimodal_errors_total{status, code}                        error responses (and stream errors)
     multimodal_prompt_tokens_total{model}, multimodal_generated_tokens_total{model}
+    multimodal_transcriptions_total{model, source}               audio transcribed: source "upload"
+                                                                 (/v1/audio/transcriptions) or "chat" (input_audio)
+    multimodal_transcribed_audio_seconds_total{model}            seconds of audio transcribed
     multimodal_requests_in_progress                              requests holding a concurrency slot
     multimodal_generations_in_flight                             generations started and not ended
     multimodal_queue_depth                                       model calls waiting for a worker thread
@@ -92,6 +95,11 @@ class Metrics:
                                                                  "included)", ["model"], registry=registry)
         self.generated_tokens = Counter("multimodal_generated_tokens", "tokens generated", ["model"],
                                         registry=registry)
+        self.transcriptions = Counter("multimodal_transcriptions", "audio transcribed by the speech model, by source: "
+                                      "'upload' (/v1/audio/transcriptions) or 'chat' (input_audio parts)",
+                                      ["model", "source"], registry=registry)
+        self.audio_seconds = Counter("multimodal_transcribed_audio_seconds", "seconds of audio transcribed",
+                                     ["model"], registry=registry)
         self.in_progress = Gauge("multimodal_requests_in_progress", "API requests holding a concurrency slot "
                                                                     "(--max-concurrent)", registry=registry)
         self.in_progress.set_function(in_progress)
@@ -117,6 +125,10 @@ class Metrics:
     def generation_ended(self, model: str, completion_tokens: int) -> None:
         self.generations.dec()
         self.generated_tokens.labels(model).inc(completion_tokens)
+
+    def transcribed(self, model: str, source: str, seconds: float) -> None:
+        self.transcriptions.labels(model, source).inc()
+        self.audio_seconds.labels(model).inc(seconds)
 
     def error(self, status: int, code: str | None) -> None:
         self.errors.labels(str(status), code or "none").inc()

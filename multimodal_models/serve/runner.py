@@ -30,11 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, metavar="FOLDER",
                         help="a LoRA adapter folder in peft's layout (adapter_config.json + adapter_model.safetensors) "
                              "applied to --model")
+    parser.add_argument("--speech-model", default=None, metavar="NAME",
+                        help="a Whisper checkpoint (hub id or folder) for POST /v1/audio/transcriptions, chat "
+                             "messages' input_audio parts and the web page's microphone (default: none)")
     parser.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
                         help="the name(s) the API reports for --model (the first) and accepts in requests' 'model' "
                              "(default: the model's name or folder name)")
     parser.add_argument("--served-embedder-name", nargs="+", default=[], metavar="NAME",
                         help="the same for --embedder")
+    parser.add_argument("--served-speech-name", nargs="+", default=[], metavar="NAME",
+                        help="the same for --speech-model")
     parser.add_argument("--index", default=None, help="image index for /v1/search (built by 'multimodal index')")
     parser.add_argument("--host", default=d.host,
                         help=f"address to listen on (default {d.host}: this machine only; any other address needs "
@@ -65,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest max_tokens a request may ask for (default {d.max_tokens_limit})")
     limits.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                         help=f"tokens generated when a request gives no max_tokens (default {d.default_max_tokens})")
+    limits.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds,
+                        help=f"longest audio transcribed, per file or chat audio part (default {d.max_audio_seconds:g}; "
+                             "at most the speech model's window, 30 s for Whisper)")
+    limits.add_argument("--max-audio-inputs", type=int, default=d.max_audio_inputs,
+                        help=f"audio parts per chat request (default {d.max_audio_inputs})")
     limits.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
                         help=f"requests in progress at once on all endpoints; more get 429 (default {d.max_concurrent}; "
                              "generations are limited further by --max-batch-size and --max-queue)")
@@ -103,8 +113,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             blocklist = [w.strip() for w in args.blocklist.split(",") if w.strip()]
     return Settings(
         model=_none(args.model), embedder=_none(args.embedder), dtype=args.dtype, device=args.device,
-        quantize=args.quantize, runtime=args.runtime, adapter=args.adapter,
+        quantize=args.quantize, runtime=args.runtime, adapter=args.adapter, speech_model=_none(args.speech_model),
         served_model_name=tuple(args.served_model_name), served_embedder_name=tuple(args.served_embedder_name),
+        served_speech_name=tuple(args.served_speech_name), max_audio_seconds=args.max_audio_seconds,
+        max_audio_inputs=args.max_audio_inputs,
         index=args.index, host=args.host, port=args.port,
         api_key=args.api_key, allow_remote_images=args.allow_remote_images, image_roots=tuple(args.image_root),
         allowed_hosts=tuple(args.allowed_host), max_body_bytes=int(args.max_body_mb * 2**20),
@@ -171,7 +183,8 @@ def run(settings: Settings) -> None:
     port = sock.getsockname()[1]
     url = url_of(settings.host, port)
     engine = app.state.engine
-    served = ", ".join(f"{m.kind} {m.id} on {m.device}" for m in (engine.vlm, engine.embedder) if m is not None)
+    served = ", ".join(f"{m.kind} {m.id} on {m.device}" for m in (engine.vlm, engine.embedder, engine.speech)
+                       if m is not None)
     print(f"multimodal serve: {url}/  (API docs: {url}/docs; serving {served}"
           f"{'; index of ' + str(len(engine.index)) + ' images' if engine.index is not None else ''}"
           f"{'; API key required' if settings.resolved_api_key() else ''})", flush=True)

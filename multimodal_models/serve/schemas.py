@@ -58,7 +58,21 @@ class ImageRefPart(BaseModel):
     image: str | None = Field(None, description="as url (over HTTP an image can only be a reference)")
 
 
-ContentPart = Annotated[TextPart | ImagePart | ImageRefPart, Field(discriminator="type")]
+class InputAudio(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="the encoded audio file in base64")
+    format: Literal["wav", "mp3"] = Field(description="the file's format, as OpenAI's chat API has it")
+
+
+class InputAudioPart(BaseModel):
+    """OpenAI's audio input part. The server transcribes it with its speech model (--speech-model) and
+    puts the transcript in the message in its place, as a text part; without a speech model it is refused."""
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | ImageRefPart | InputAudioPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -284,6 +298,47 @@ class ClassifyResponse(BaseModel):
     best: str
 
 
+# --- audio transcriptions ------------------------------------------------------------------
+
+TRANSCRIPTION_FORMATS = ("json", "text")
+
+
+class TranscriptionUsage(BaseModel):
+    type: Literal["duration"]
+    seconds: float = Field(description="the audio's duration")
+
+
+class Transcription(BaseModel):
+    text: str
+    language: str | None = Field(None, description="the language given, or the one the model detected")
+    usage: TranscriptionUsage
+
+
+def transcription_form_schema() -> dict:
+    """The multipart/form-data body of POST /v1/audio/transcriptions (OpenAI's fields)."""
+    refused = "refused (400) unless "
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"],
+        "properties": {
+            "file": {"type": "string", "format": "binary",
+                     "description": "the audio file: WAV, FLAC, MP3 or OGG, any rate and channels, up to the "
+                                    "server's --max-audio-seconds"},
+            "model": {"type": "string", "description": "the served speech model's name (GET /v1/models); default: "
+                                                       "that one"},
+            "language": {"type": "string", "description": "the spoken language's code (e.g. en); default: detected"},
+            "response_format": {"type": "string", "enum": list(TRANSCRIPTION_FORMATS),
+                                "description": "json (default): {text, language, usage}; text: the text alone. "
+                                               "srt, vtt, verbose_json and diarized_json are refused (400)"},
+            "prompt": {"type": "string", "description": refused + "empty: the model takes no prompt text"},
+            "temperature": {"type": "number", "description": refused + "0: decoding is greedy"},
+            "stream": {"type": "boolean", "description": refused + "false"},
+            "timestamp_granularities[]": {"type": "array", "items": {"type": "string"},
+                                          "description": "refused (400): no timestamps"},
+            "include[]": {"type": "array", "items": {"type": "string"}, "description": "refused (400): no logprobs"},
+            "chunking_strategy": {"type": "string", "description": "refused (400): one window of audio"},
+        }}}}}}
+
+
 # --- models and health ----------------------------------------------------------------------
 
 
@@ -292,7 +347,8 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
-    kind: str = Field(description="'vlm' (chat, caption, answer) or 'dual_encoder' (embeddings, search, classify)")
+    kind: str = Field(description="'vlm' (chat, caption, answer), 'dual_encoder' (embeddings, search, classify) or "
+                                  "'speech_to_text' (audio transcriptions, chat audio parts)")
 
 
 class ModelList(BaseModel):

@@ -41,10 +41,14 @@ class Settings:
     quantize: str | None = None  # "int8": both models' linear layers in int8 on the CPU
     runtime: str = "torch"  # "onnx": the embedder's embeddings by ONNX Runtime (its folder holds an ONNX export)
     adapter: str | None = None  # a LoRA adapter folder (peft's layout) applied to the VLM
+    # speech to text (a Whisper checkpoint: name, hub id or folder) for /v1/audio/transcriptions and
+    # chat messages' input_audio parts; None: no speech served
+    speech_model: str | None = None
     # The names the API reports and accepts for the VLM (the first is reported; default: the
     # model's folder name), and for the embedder
     served_model_name: tuple[str, ...] = ()
     served_embedder_name: tuple[str, ...] = ()
+    served_speech_name: tuple[str, ...] = ()
     index: str | None = None  # image index folder for /v1/search (built by `multimodal index`)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -64,6 +68,10 @@ class Settings:
     default_max_tokens: int = 64  # when a request gives none (cut to what the context leaves)
     default_temperature: float = 0.0  # when a request gives none; 0 is greedy (reproducible answers)
     max_embedding_inputs: int = 256
+    # the longest audio transcribed (an upload or a chat audio part); also at most the speech model's
+    # window (Whisper's 30 s)
+    max_audio_seconds: float = 30.0
+    max_audio_inputs: int = 4  # audio parts in one chat request
     max_labels: int = 64
     max_k: int = 100  # search results
     # requests in progress at once, on every endpoint; more get 429 with Retry-After. Generations are
@@ -87,6 +95,7 @@ class Settings:
         self.allowed_hosts = tuple(self.allowed_hosts)
         self.served_model_name = tuple(self.served_model_name)
         self.served_embedder_name = tuple(self.served_embedder_name)
+        self.served_speech_name = tuple(self.served_speech_name)
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get(API_KEY_ENV) or None
@@ -102,11 +111,13 @@ class Settings:
         for name in ("max_body_bytes", "max_image_pixels", "max_images", "max_prompt_chars", "max_tokens_limit",
                      "default_max_tokens", "max_embedding_inputs", "max_labels", "max_k", "max_concurrent", "workers",
                      "max_batch_size",
-                     "torch_threads", "max_remote_image_bytes"):
+                     "max_audio_inputs", "torch_threads", "max_remote_image_bytes"):
             if getattr(self, name) < 1:
                 raise MultimodalError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise MultimodalError(f"max_queue must be at least 0, got {self.max_queue}")
+        if self.max_audio_seconds <= 0:
+            raise MultimodalError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
         if self.request_timeout_s <= 0:
             raise MultimodalError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if not 0 <= self.default_temperature <= 2:
@@ -114,17 +125,23 @@ class Settings:
         for root in self.image_roots:
             if not Path(root).expanduser().is_dir():
                 raise MultimodalError(f"--image-root {root} is not a folder")
-        if self.model is None and self.embedder is None:
+        if self.model is None and self.embedder is None and self.speech_model is None:
             raise MultimodalError("nothing to serve: both the VLM and the embedder are disabled")
         for flag, names in (("--served-model-name", self.served_model_name),
-                            ("--served-embedder-name", self.served_embedder_name)):
+                            ("--served-embedder-name", self.served_embedder_name),
+                            ("--served-speech-name", self.served_speech_name)):
             for name in names:
                 if not isinstance(name, str) or not name.strip() or name != name.strip():
                     raise MultimodalError(f"{flag}: a model name must be a non-empty string without surrounding "
                                           f"spaces, got {name!r}")
-        if set(self.served_model_name) & set(self.served_embedder_name):
-            raise MultimodalError("--served-model-name and --served-embedder-name share the name(s) "
-                                  f"{sorted(set(self.served_model_name) & set(self.served_embedder_name))}")
+        for (flag_a, a), (flag_b, b) in ((("--served-model-name", self.served_model_name),
+                                          ("--served-embedder-name", self.served_embedder_name)),
+                                         (("--served-model-name", self.served_model_name),
+                                          ("--served-speech-name", self.served_speech_name)),
+                                         (("--served-embedder-name", self.served_embedder_name),
+                                          ("--served-speech-name", self.served_speech_name))):
+            if set(a) & set(b):
+                raise MultimodalError(f"{flag_a} and {flag_b} share the name(s) {sorted(set(a) & set(b))}")
         if self.quantize not in (None, "int8"):
             raise MultimodalError(f"--quantize: expected int8, got {self.quantize!r}")
         if self.runtime not in ("torch", "onnx"):
