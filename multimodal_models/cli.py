@@ -227,24 +227,48 @@ def cmd_caption(args) -> None:
         print(f"{image}\t{model.caption(str(image), **_generation_options(args))}")
 
 
+def _speech_model(args):
+    """The speech-to-text model of --speech-model, on --device in --dtype (not quantized)."""
+    from .loading import load  # heavy: torch
+
+    return load(args.speech_model, device=args.device, dtype=args.dtype, expect="speech_to_text",
+                needed_by="--speech-model")
+
+
+def _heard(speech, audio: Path, language: str | None) -> str:
+    """The transcript of a spoken question or turn; nothing heard is an error naming the file."""
+    text = speech.transcribe(str(audio), language=language).strip()
+    if not text:
+        raise MultimodalError(f"{audio}: the speech model heard no words in it")
+    return text
+
+
 def cmd_ask(args) -> None:
+    if (args.question is None) == (args.audio is None):
+        raise MultimodalError("give the question as text or as --audio FILE (one of the two)")
+    question = args.question
+    if args.audio is not None:  # transcribed first: a bad audio file fails before the VLM loads
+        question = _heard(_speech_model(args), args.audio, args.language)
+        print(f"question: {question}", flush=True)
     model = _load(args.model, args, adapter=args.adapter)
     if model.model_type == "fusion_classifier":
-        answer, confidence = model.answer(str(args.image), args.question)
+        answer, confidence = model.answer(str(args.image), question)
         print(f"{answer}\t(confidence {confidence:.3f})")
         return
     from .models.vlm import VisionLanguageModel  # heavy: torch
 
     if not isinstance(model, VisionLanguageModel):
         raise MultimodalError(f"{args.model} is a {model.model_type} model; 'ask' needs a vlm or fusion_classifier")
-    print(model.ask(str(args.image), args.question, **_generation_options(args)))
+    print(model.ask(str(args.image), question, **_generation_options(args)))
 
 
 def cmd_chat(args) -> None:
     model = _load(args.model, args, "vlm", adapter=args.adapter)
     images = [str(p) for p in args.images]
     messages: list[dict] = []
-    print(f"Chatting about {len(images)} image(s). An empty line or Ctrl-D ends.", file=sys.stderr)
+    speech = None  # loaded at the first voice turn
+    print(f"Chatting about {len(images)} image(s). An empty line or Ctrl-D ends; @FILE.wav speaks a turn "
+          "(@@ types a leading @).", file=sys.stderr)
     while True:
         try:
             text = input("you> ").strip()
@@ -252,6 +276,19 @@ def cmd_chat(args) -> None:
             break
         if not text:
             break
+        if text.startswith("@@"):
+            text = text[1:]
+        elif text.startswith("@"):  # a voice turn: the audio file's transcript is sent
+            audio = Path(text[1:].strip()).expanduser()
+            try:
+                speech = speech or _speech_model(args)
+                text = _heard(speech, audio, args.language)
+            except MultimodalError as exc:  # a bad file ends the turn, not the chat (a bad model ends both)
+                if speech is None:
+                    raise
+                print(f"multimodal: error: {exc}", file=sys.stderr)
+                continue
+            print(f"you (voice)> {text}", flush=True)
         content = [{"type": "image"} for _ in images] if not messages else []  # the images open the chat
         messages.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
         print("model> ", end="", flush=True)
@@ -529,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
         p.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
+    def speech_options(p):  # ask --audio, voice turns in chat
+        p.add_argument("--speech-model", default=DEFAULT_SPEECH_MODEL, metavar="NAME",
+                       help=f"the Whisper checkpoint that transcribes spoken questions: hub id or folder (default "
+                            f"{DEFAULT_SPEECH_MODEL})")
+        p.add_argument("--language", default=None, help="the spoken language's code, e.g. en (default: detected)")
+
     cp = commands.add_parser("caption", help="caption images with a native multimodal LM")
     cp.add_argument("images", nargs="+", type=Path, help="image files")
     cp.add_argument("--model", default="shapes-vlm", help="model name or folder (default shapes-vlm)")
@@ -538,7 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = commands.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", type=Path, help="image file")
-    ask.add_argument("question", help="the question")
+    ask.add_argument("question", nargs="?", default=None, help="the question (or --audio)")
+    ask.add_argument("--audio", type=Path, default=None, metavar="FILE",
+                     help="the question spoken in an audio file (WAV, FLAC, MP3, OGG; up to 30 s), transcribed by "
+                          "--speech-model; the transcript is printed first ('question: ...')")
+    speech_options(ask)
     ask.add_argument("--model", default="shapes-vlm", help="model name or folder (default shapes-vlm)")
     ask.add_argument("--adapter", default=None, metavar="FOLDER", help=ADAPTER_HELP)
     generation_options(ask)
@@ -548,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("images", nargs="+", type=Path, help="image files the chat is about")
     ch.add_argument("--model", default="shapes-vlm", help="model name or folder (default shapes-vlm)")
     ch.add_argument("--adapter", default=None, metavar="FOLDER", help=ADAPTER_HELP)
+    speech_options(ch)
     generation_options(ch)
     ch.set_defaults(func=cmd_chat)
 

@@ -228,3 +228,47 @@ def test_the_openai_client_transcribes_and_chats_with_audio(env):
         reply = client.chat.completions.create(model="tiny-vlm",
                                                messages=audio_messages(env, env["question"].read_bytes()))
         assert reply.choices[0].message.content
+
+
+# --- the command line: ask --audio, voice turns in chat ---------------------------------------------
+
+
+def test_ask_with_a_spoken_question_prints_the_transcript_and_the_answer(env, capsys, tmp_path):
+    from multimodal_models.cli import main
+
+    image = tmp_path / "red.png"
+    image.write_bytes(env["image"])
+    args = ["ask", str(image), "--audio", str(env["question"]), "--speech-model", str(env["whisper"]),
+            "--model", str(env["vlm"]), "--max-tokens", "6"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = load(env["vlm"]).ask(str(image), env["text"], max_new_tokens=6)
+    assert lines == [f"question: {env['text']}", expected]
+    assert main(["ask", str(image), "typed?", "--audio", str(env["question"]), "--model", str(env["vlm"])]) == 2
+    assert "one of the two" in capsys.readouterr().err
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF....WAVEfmt nonsense")
+    assert main(["ask", str(image), "--audio", str(broken), "--speech-model", str(env["whisper"]),
+                 "--model", str(env["vlm"])]) == 2
+    assert str(broken) in capsys.readouterr().err
+
+
+def test_chat_voice_turns_are_transcribed_and_sent(env, capsys, monkeypatch, tmp_path):
+    from multimodal_models.cli import main
+
+    image = tmp_path / "red.png"
+    image.write_bytes(env["image"])
+    turns = f"@{env['question']}\n@{tmp_path / 'missing.wav'}\n@@typed\n\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(turns))
+    assert main(["chat", str(image), "--speech-model", str(env["whisper"]), "--model", str(env["vlm"]),
+                 "--max-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    vlm = load(env["vlm"])
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": env["text"]}]}]
+    reply = "".join(vlm.chat(first, images=[str(image)], stream=True, max_new_tokens=6))
+    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": [
+        {"type": "text", "text": "@typed"}]}]
+    reply2 = "".join(vlm.chat(second, images=[str(image)], stream=True, max_new_tokens=6))
+    assert f"you (voice)> {env['text']}\n" in out
+    assert f"model> {reply}\n" in out and out.endswith(f"model> {reply2}\nyou> ")
+    assert "missing.wav" in err  # a bad file ends its turn, not the chat
