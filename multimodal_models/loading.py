@@ -31,6 +31,7 @@ SHIPPED_DIR = Path(__file__).parent / "checkpoints"
 SHIPPED = {
     "shapes-clip": "dual encoder (CLIP-style) trained on the Shapes benchmark: retrieval, zero-shot classification",
     "shapes-vlm": "native multimodal LM trained on the Shapes benchmark: captions, answers, chat",
+    "shapes-clip-small": "shapes-clip distilled into half its parameters (docs/distillation.md): retrieval",
 }
 DEFAULT_VLM = "shapes-vlm"
 DEFAULT_DUAL_ENCODER = "shapes-clip"
