@@ -65,7 +65,7 @@ DEFAULT_NPROBE = 32
 DEFAULT_COMPRESSED_THRESHOLD = 1_000_000
 # IVF-PQ: FAISS returns k * refine candidates by their codes, re-ranked with the exact vectors.
 # At 1M x 512 clustered (1000 vectors per blob, so the top 10 differ by little), 64-byte codes alone
-# find 26% of the true top 10; re-ranking 10 x 10 / 20 / 40 candidates finds 77 / 91 / 99%
+# find 26% of the true top 10; re-ranking 10 x 10 / 20 / 40 candidates finds 77 / 91 / 98%
 # (docs/index-at-scale.md).
 DEFAULT_REFINE = 40
 # HNSW: neighbours per node, and the search breadth (at least k).
