@@ -58,10 +58,15 @@ Why a kill -9 at any moment cannot leave a broken index
     the matching FAISS index used, and the hit ids turned into paths from the same
     snapshot; a search during an update sees the previous generation.
 
-Search is exact (`IDMap,Flat`, inner product = cosine on unit vectors) below
-`approximate_threshold` images (default 100000; `--approx-threshold`, stored in the index)
-and IVF-Flat above it (`vectors.py` says why IVF rather than HNSW; `nprobe` trades speed
-for recall). `benchmarks/index_search.py` measures both side by side.
+The index type follows the size, or `--index-type` (stored in the index): exact
+(`IDMap,Flat`, inner product = cosine on unit vectors) below `approximate_threshold` images
+(default 100,000; `--approx-threshold`), IVF-Flat above it, and IVF-PQ from the compressed
+threshold (1M; `--compressed-threshold`): 64-byte codes whose shortlist (k x `refine`) is
+re-ranked with the exact vectors from SQLite, so scores stay exact cosines. HNSW by flag.
+`nprobe` and `refine` trade speed for recall. An index split across machines or folders is
+searched as one with `ShardedIndex` (`multimodal search INDEX --shard OTHER`): the same top-k as
+one index over all the vectors. `benchmarks/index_search.py` measures every type beside exact
+search, and docs/index-at-scale.md projects 100M images.
 """
 
 from .image_index import (
@@ -70,6 +75,7 @@ from .image_index import (
     ImageIndex,
     IndexEntry,
     SearchHit,
+    ShardedIndex,
     UpdateReport,
     model_fingerprint,
     scan_folder,
@@ -84,6 +90,7 @@ __all__ = [
     "ImageIndex",
     "IndexEntry",
     "SearchHit",
+    "ShardedIndex",
     "UpdateReport",
     "model_fingerprint",
     "scan_folder",
