@@ -1,6 +1,7 @@
 """The web page end to end: `multimodal serve` over an index of a generated Shapes collection,
 driven in headless Chromium by Playwright: search, upload, caption, ask, streamed chat, a bad
-file's error, picking a search result. Skips without Chromium (fails in CI: see .ci/run)."""
+file's error, picking a search result; and the microphone (a fake capture device fed from a file,
+a tiny random Whisper). Skips without Chromium (fails in CI: see .ci/run)."""
 
 from __future__ import annotations
 
@@ -55,13 +56,20 @@ def server(tiny_shapes, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def chromium():
+    """(Playwright's chromium launcher, the executable): one Playwright per module, whatever browsers it starts."""
     executable = require_program("chromium", "headless browser for the web page tests")
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
+        yield p.chromium, executable
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    launcher, executable = chromium
+    browser = launcher.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+    yield browser
+    browser.close()
 
 
 @pytest.fixture
@@ -181,3 +189,86 @@ def test_dropping_an_image_captions_it(page, server):
     page.click("#similar-button")  # search by the dropped image: the image itself comes first
     expect()(page.locator("#search-info")).to_contain_text("results for dropped.png")
     assert page.locator("#results figcaption .path").first.inner_text() == image.name
+
+
+# --- the microphone: a fake capture device fed from a WAV file --------------------------------------
+
+
+def spoken_wav(path: Path, seconds: float = 2.0, rate: int = 16000) -> Path:
+    """A steady broadband sound: the harmonics of 100 Hz up to 7.9 kHz with fixed random phases. It repeats
+    every 10 ms, so the loop the fake capture device plays has no seam and wherever the recording starts its
+    spectrum is the same; every mel band holds energy, so the recording's codec noise hardly changes the
+    log-mel features (a pure tone's near-empty bands would be all noise)."""
+    import numpy as np
+    import soundfile
+
+    t = np.arange(int(rate * seconds)) / rate
+    phases = np.random.default_rng(0).uniform(0, 2 * np.pi, 79)
+    wave = sum(np.sin(2 * np.pi * 100 * k * t + phases[k - 1]) for k in range(1, 80))
+    soundfile.write(path, 0.3 * wave / np.abs(wave).max(), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def voice(tmp_path_factory, chromium):
+    """A server with a tiny random Whisper (2-second window) and a browser whose microphone plays a sound
+    file, with the Whisper's transcript of that file computed in advance."""
+    pytest.importorskip("transformers")
+    launcher, executable = chromium
+    import numpy as np
+
+    from multimodal_models import load
+
+    from .test_pretrained_whisper import make_whisper
+
+    root = tmp_path_factory.mktemp("voice-web")
+    whisper = make_whisper(root / "whisper", "multilingual")
+    vlm = tiny_vlm().save_pretrained(root / "vlm")
+    sound = spoken_wav(root / "question.wav")
+    speech = load(whisper)
+    expected = speech.transcribe(str(sound)).strip()
+    # the transcript tells this sound from silence and from a tone: the page's text comes from what it recorded
+    rate = speech.config.sampling_rate
+    silence, tone = np.zeros(2 * rate, np.float32), 0.3 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)
+    assert expected not in (speech.transcribe(silence, source_rate=rate).strip(),
+                            speech.transcribe(tone, source_rate=rate).strip())
+    args = [*CHROMIUM_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={sound}"]
+    with serve("--model", str(vlm), "--embedder", "none", "--speech-model", str(whisper)) as url:
+        browser = launcher.launch(executable_path=executable, args=args, headless=True)
+        try:
+            yield {"url": url, "browser": browser, "text": expected}
+        finally:
+            browser.close()
+
+
+def test_the_microphone_records_transcribes_and_asks(voice, tiny_shapes):
+    import httpx
+
+    context = voice["browser"].new_context(permissions=["microphone"])
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(voice["url"] + "/")
+    page.wait_for_selector("#status:has-text('speech whisper')")
+    image = sorted((tiny_shapes / "images" / "test").glob("*.png"))[0]
+    page.set_input_files("#file-input", str(image))
+    mic = page.locator("#mic-button")
+    expect()(mic).to_be_enabled()
+    mic.click()  # records until the server's limit (the tiny Whisper's 2 s window) and stops by itself
+    expect()(mic).to_have_attribute("aria-pressed", "true")
+    expect()(mic).to_have_attribute("aria-pressed", "false", timeout=10_000)
+    expect()(page.locator("#answer")).not_to_have_text(re.compile(r"^(…)?$"), timeout=30_000)
+    heard = page.input_value("#question")
+    assert heard == voice["text"]
+    expect()(page.locator("#mic-status")).to_have_text(f"heard: “{voice['text']}”")
+    expected_answer = httpx.post(f"{voice['url']}/v1/answer", files={"image": (image.name, image.read_bytes())},
+                                 data={"question": heard}, timeout=30).json()["text"]
+    assert page.inner_text("#answer") == expected_answer
+    metrics = httpx.get(f"{voice['url']}/metrics", timeout=30).text  # one upload, cut at the 2-second limit
+    assert 'multimodal_transcriptions_total{model="whisper",source="upload"} 1.0' in metrics
+    assert 'multimodal_transcribed_audio_seconds_total{model="whisper"} 2.0' in metrics
+    expect()(page.locator("#error")).to_be_hidden()
+    assert not errors
+    context.close()

@@ -196,9 +196,8 @@ class Engine:
         model's window."""
         served = self.speech
         config = served.model.config
-        window = float(config.chunk_length)
-        limit, which = ((self.settings.max_audio_seconds, "--max-audio-seconds")
-                        if self.settings.max_audio_seconds <= window else (window, "the speech model's window"))
+        limit = self.max_audio_seconds()
+        which = "--max-audio-seconds" if limit == self.settings.max_audio_seconds else "the speech model's window"
         try:
             samples = load_audio(data, rate=config.sampling_rate, max_seconds=limit,
                                  max_bytes=self.settings.max_body_bytes, name=param)
@@ -211,6 +210,10 @@ class Engine:
                                                                    language=language)
         self.metrics.transcribed(served.id, source, seconds)
         return text.strip(), detected or language, seconds
+
+    def max_audio_seconds(self) -> float:
+        """The longest audio transcribed: --max-audio-seconds, or the speech model's window if shorter."""
+        return min(self.settings.max_audio_seconds, float(self.speech.model.config.chunk_length))
 
     def speech_language(self, language: str | None) -> str | None:
         """The language to pass the speech model (None: its own or detected); 400 naming `language` when it
@@ -734,6 +737,7 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None, spe
         if engine.index is not None:
             index = {"images": await engine.run(len, engine.index)}
         speech = {"speech": engine.speech.id} if engine.speech else {}  # (named only when served)
+        audio = {"max_audio_seconds": engine.max_audio_seconds()} if engine.speech else {}
         return {"status": "ok", "models": {"vlm": engine.vlm.id if engine.vlm else None,
                                            "embedder": engine.embedder.id if engine.embedder else None, **speech},
                 "index": index, "busy": engine.active, "max_concurrent": settings.max_concurrent,
@@ -744,7 +748,7 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None, spe
                 "auth": bool(settings.resolved_api_key()),
                 "devices": {"vlm": engine.vlm.device if engine.vlm else None,
                             "embedder": engine.embedder.device if engine.embedder else None,
-                            **({"speech": engine.speech.device} if engine.speech else {})}}
+                            **({"speech": engine.speech.device} if engine.speech else {})}, **audio}
 
     @app.get("/metrics", tags=["server"], response_class=Response,
              responses={200: {"description": "Prometheus text format",

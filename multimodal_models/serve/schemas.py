@@ -367,6 +367,8 @@ class Health(BaseModel):
                           "decoding, generations running and waiting, and the limits (--max-batch-size, --max-queue)")
     auth: bool
     devices: dict[str, str | None] = Field(description="where each served model runs (cpu, cuda:0, mps)")
+    max_audio_seconds: float | None = Field(None, description="with a speech model: the longest audio transcribed "
+                                                              "(--max-audio-seconds, at most the model's window)")
 
 
 def upload_form_schema(fields: dict[str, dict]) -> dict:

@@ -1,6 +1,7 @@
 // The web page: search the collection, caption / ask / chat about an image.
 // Plain browser JavaScript, no build step, no external resources; it talks to the same
-// endpoints any client uses (/v1/search, /v1/caption, /v1/answer, /v1/chat/completions).
+// endpoints any client uses (/v1/search, /v1/caption, /v1/answer, /v1/chat/completions,
+// /v1/audio/transcriptions for the microphone).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -78,6 +79,7 @@ async function loadStatus() {
     const parts = [];
     if (health.models.vlm) parts.push(`VLM ${health.models.vlm}`);
     if (health.models.embedder) parts.push(`embedder ${health.models.embedder}`);
+    if (health.models.speech) parts.push(`speech ${health.models.speech}`);
     parts.push(health.index ? `index of ${health.index.images} images` : "no image index");
     $("status").textContent = parts.join(" · ");
     state.health = health;
@@ -226,6 +228,10 @@ function updateButtons() {
   $("similar-button").disabled = !haveImage || !index;
   $("search-button").disabled = !index;
   $("search-rerank").disabled = !index || !vlm;
+  const speech = Boolean(state.health && state.health.models.speech) && Boolean(navigator.mediaDevices)
+    && typeof MediaRecorder !== "undefined";
+  $("mic-button").classList.toggle("hidden", !speech);
+  $("mic-button").disabled = !speech || (!state.recorder && (!haveImage || !vlm));
 }
 
 // --- caption and answer --------------------------------------------------------------------------
@@ -341,3 +347,92 @@ $("chat-form").addEventListener("submit", (event) => {
 });
 
 loadStatus();
+
+// --- the microphone: record, transcribe, ask --------------------------------------------------------
+// MediaRecorder records (webm/opus in Chromium, ogg in Firefox, mp4 in Safari); the page decodes the
+// recording and sends it as 16 kHz mono WAV, a format the server reads whatever the browser recorded.
+// Recording stops on a second click or by itself at the server's limit (health.max_audio_seconds).
+
+const SPEECH_RATE = 16000;
+
+function wavFile(samples, rate) {
+  const view = new DataView(new ArrayBuffer(44 + samples.length * 2));
+  const text = (offset, s) => { for (let i = 0; i < s.length; i++) view.setUint8(offset + i, s.charCodeAt(i)); };
+  text(0, "RIFF"); view.setUint32(4, 36 + samples.length * 2, true); text(8, "WAVE");
+  text(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
+  view.setUint32(24, rate, true); view.setUint32(28, rate * 2, true); view.setUint16(32, 2, true);
+  view.setUint16(34, 16, true); text(36, "data"); view.setUint32(40, samples.length * 2, true);
+  samples.forEach((x, i) => view.setInt16(44 + i * 2, Math.max(-1, Math.min(1, x)) * 0x7fff, true));
+  return new Blob([view], { type: "audio/wav" });
+}
+
+async function recordingToWav(blob, maxSeconds) {
+  const context = new AudioContext();
+  let decoded;
+  try {
+    decoded = await context.decodeAudioData(await blob.arrayBuffer());
+  } finally {
+    context.close();
+  }
+  const frames = Math.min(Math.ceil(decoded.duration * SPEECH_RATE), Math.floor(maxSeconds * SPEECH_RATE));
+  if (frames <= 0) throw new Error("the recording is empty");
+  const offline = new OfflineAudioContext(1, frames, SPEECH_RATE);  // mixes down and resamples
+  const source = offline.createBufferSource();
+  source.buffer = decoded;
+  source.connect(offline.destination);
+  source.start();
+  return wavFile((await offline.startRendering()).getChannelData(0), SPEECH_RATE);
+}
+
+async function startRecording() {
+  clearError();
+  let stream;
+  try {  // the raw signal: the speech model is trained on it, not on the call-processing's output
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
+  } catch (err) {
+    showError(`cannot use the microphone (${err.message || err.name})`);
+    return;
+  }
+  const recorder = new MediaRecorder(stream);
+  const chunks = [];
+  const maxSeconds = (state.health && state.health.max_audio_seconds) || 30;
+  recorder.addEventListener("dataavailable", (event) => { if (event.data.size) chunks.push(event.data); });
+  recorder.addEventListener("stop", () => {
+    stream.getTracks().forEach((track) => track.stop());
+    clearTimeout(state.recordTimer);
+    state.recorder = null;
+    $("mic-button").setAttribute("aria-pressed", "false");
+    $("mic-button").textContent = "🎤 Speak";
+    transcribeAndAsk(new Blob(chunks, { type: recorder.mimeType }), maxSeconds);
+  });
+  state.recorder = recorder;
+  recorder.start();
+  // a little past the limit, so that a recording cut at the limit is full (it is trimmed to the limit)
+  state.recordTimer = setTimeout(() => { if (recorder.state === "recording") recorder.stop(); },
+                                 maxSeconds * 1000 + 300);
+  $("mic-button").setAttribute("aria-pressed", "true");
+  $("mic-button").textContent = "■ Stop";
+  $("mic-status").textContent = `listening… (click Stop when done; at most ${maxSeconds} s)`;
+  updateButtons();
+}
+
+function transcribeAndAsk(blob, maxSeconds) {
+  $("mic-status").textContent = "transcribing…";
+  return busy([$("mic-button")], async () => {
+    const form = new FormData();
+    form.append("file", await recordingToWav(blob, maxSeconds), "question.wav");
+    form.append("model", state.health.models.speech);
+    form.append("response_format", "json");
+    const result = await (await api("/v1/audio/transcriptions", { method: "POST", body: form })).json();
+    $("mic-status").textContent = `heard: “${result.text}”`;
+    if (!result.text.trim()) throw new Error("no words were heard; try again");
+    $("question").value = result.text;
+    $("ask-form").requestSubmit();
+  }).then(() => { if ($("mic-status").textContent === "transcribing…") $("mic-status").textContent = ""; });
+}
+
+$("mic-button").addEventListener("click", () => {
+  if (state.recorder) state.recorder.stop();
+  else startRecording();
+});
