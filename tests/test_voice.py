@@ -272,3 +272,15 @@ def test_chat_voice_turns_are_transcribed_and_sent(env, capsys, monkeypatch, tmp
     assert f"you (voice)> {env['text']}\n" in out
     assert f"model> {reply}\n" in out and out.endswith(f"model> {reply2}\nyou> ")
     assert "missing.wav" in err  # a bad file ends its turn, not the chat
+
+
+def test_the_api_docs_describe_voice(client):
+    schema = client.get("/openapi.json").json()
+    form = schema["paths"]["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    fields = form["schema"]["properties"]
+    assert form["schema"]["required"] == ["file"] and fields["response_format"]["enum"] == ["json", "text"]
+    assert "refused" in fields["prompt"]["description"] and "refused" in fields["temperature"]["description"]
+    assert "puts the transcript in the message in its place" in schema["info"]["description"]
+    part = schema["components"]["schemas"]["InputAudioPart"]
+    assert "transcribes it" in part["description"]
+    assert client.get("/health").json()["max_audio_seconds"] == 2.0  # the tiny Whisper's window

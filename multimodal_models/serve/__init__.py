@@ -1,8 +1,9 @@
-"""Serving: an HTTP API (OpenAI-compatible chat completions and embeddings, image search,
-captions, answers, zero-shot classification) and a web page, on FastAPI + uvicorn.
+"""Serving: an HTTP API (OpenAI-compatible chat completions, embeddings and audio transcriptions,
+image search, captions, answers, zero-shot classification) and a web page, on FastAPI + uvicorn.
 
     multimodal serve                               # http://127.0.0.1:8000/  (docs at /docs)
     multimodal serve --index photos/ --image-root photos/
+    multimodal serve --speech-model openai/whisper-tiny   # voice: /v1/audio/transcriptions, input_audio
     MULTIMODAL_API_KEY=... multimodal serve --host 0.0.0.0
 
     from multimodal_models.serve import Settings, create_app
