@@ -284,3 +284,28 @@ def test_the_api_docs_describe_voice(client):
     part = schema["components"]["schemas"]["InputAudioPart"]
     assert "transcribes it" in part["description"]
     assert client.get("/health").json()["max_audio_seconds"] == 2.0  # the tiny Whisper's window
+
+
+def test_the_voice_flags_and_their_checks(env):
+    import argparse
+
+    from multimodal_models.errors import MultimodalError
+    from multimodal_models.serve.runner import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--speech-model", str(env["whisper"]), "--max-audio-seconds",
+                                                     "12.5", "--max-audio-inputs", "2", "--served-speech-name", "ears"]))
+    assert (settings.speech_model, settings.max_audio_seconds, settings.max_audio_inputs,
+            settings.served_speech_name) == (str(env["whisper"]), 12.5, 2, ("ears",))
+    assert settings_from_args(parser.parse_args([])).speech_model is None  # no voice unless asked for
+    with pytest.raises(MultimodalError, match="max_audio_seconds must be > 0"):
+        Settings(max_audio_seconds=0).check()
+    with pytest.raises(MultimodalError, match="--served-model-name and --served-speech-name share"):
+        Settings(served_model_name=("x",), served_speech_name=("x",)).check()
+    ears = TestClient(create_app(make_settings(env, model=None, served_speech_name=("ears",))),
+                      base_url="http://localhost")  # a server of speech alone
+    assert [m["id"] for m in ears.get("/v1/models").json()["data"]] == ["ears"]
+    assert transcribe(ears, env["question"].read_bytes(), model="ears").json()["text"] == env["text"]
+    error = error_of(ears.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}), 404)
+    assert "--model" in error["message"]
