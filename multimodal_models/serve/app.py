@@ -861,9 +861,10 @@ def create_app(settings: Settings | None = None, *, vlm=None, embedder=None, spe
     # -- audio transcriptions ------------------------------------------------------------------
 
     @app.post("/v1/audio/transcriptions", tags=["openai"], openapi_extra=S.transcription_form_schema(),
-              responses={**ERROR_RESPONSES, 200: {"description": "json: {text, language, usage}; text: the text",
-                                                  "content": {"application/json": {"schema": S.Transcription.model_json_schema()},
-                                                              "text/plain": {"schema": {"type": "string"}}}}})
+              response_model=S.Transcription,
+              responses={**ERROR_RESPONSES, 200: {"description": "response_format json: {text, language, usage}; "
+                                                                 "text: the text alone (text/plain)",
+                                                  "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def transcriptions(request: Request):
         """OpenAI's speech to text: a multipart upload (`file`, `model`, `language`, `response_format`) of a
         WAV, FLAC, MP3 or OGG file, transcribed by the served speech model (--speech-model)."""

@@ -310,6 +310,7 @@ class TranscriptionUsage(BaseModel):
 
 class Transcription(BaseModel):
     text: str
+    model: str = Field(description="the speech model that transcribed it")
     language: str | None = Field(None, description="the language given, or the one the model detected")
     usage: TranscriptionUsage
 
