@@ -249,6 +249,8 @@ def test_batched_flat_search_uses_blas():
 # --- crash safety ---------------------------------------------------------------------------------
 
 CRASH_POINTS = ["batch:2", "before-publish", "after-publish", "faiss-tmp", "faiss-replaced"]
+# IVF-PQ also writes its float16 re-ranking file (rerank-<generation>.f16) before the FAISS file
+IVFPQ_CRASH_POINTS = [*CRASH_POINTS[:3], "rerank-tmp", "rerank-replaced", *CRASH_POINTS[3:]]
 
 
 def update_command(folder: Path, index: Path, log: Path, delay: float = 0.0) -> list[str]:
@@ -318,7 +320,7 @@ def test_kill_9_leaves_a_consistent_index_and_the_rerun_resumes(crash_scenario, 
     check_kill_9_and_resume(crash_scenario, crash)
 
 
-@pytest.mark.parametrize("crash", CRASH_POINTS)
+@pytest.mark.parametrize("crash", IVFPQ_CRASH_POINTS)
 def test_kill_9_of_an_ivfpq_index_leaves_it_consistent_and_the_rerun_resumes(crash_scenario_ivfpq, crash):
     """The compressed type is patched (remove + add) and written the same way: the same guarantees."""
     check_kill_9_and_resume(crash_scenario_ivfpq, crash)
@@ -342,6 +344,8 @@ def check_kill_9_and_resume(s: dict, crash: str) -> None:
         assert state(index) == (s["new"] if published else s["old"])  # the old index or the new one, not a mix
         for entry in index.entries():  # and searchable: each image finds itself
             assert index.search_vector(entry.vector, k=1)[0].path == entry.path
+        if s["kind"] == "ivfpq":  # re-ranked from a float16 file of this generation (found valid, or rebuilt)
+            check_rerank_file(index)
         assert summary["staged"] == {"batch:2": 4, "before-publish": 8}.get(crash, 0)
 
     done_before = logged(first)
@@ -356,8 +360,29 @@ def check_kill_9_and_resume(s: dict, crash: str) -> None:
         assert state(index) == s["new"]  # equal to the uninterrupted run: same paths, same vectors
         assert index.info["generation"] == s["generation"]
         assert index.verify() == {"files": 12, "generation": s["generation"], "staged": 0, "kind": s["kind"]}
-    leftovers = sorted(p.name for p in index_dir.iterdir() if p.name.startswith((".", "vectors-")))
-    assert leftovers == [f"vectors-{s['generation']:08d}.faiss"]
+        if s["kind"] == "ivfpq":
+            check_rerank_file(index)
+    leftovers = sorted(p.name for p in index_dir.iterdir() if p.name.startswith((".", "vectors-", "rerank-")))
+    assert leftovers == ([f"rerank-{s['generation']:08d}.f16"] if s["kind"] == "ivfpq" else []) + \
+        [f"vectors-{s['generation']:08d}.faiss"]
+
+
+def check_rerank_file(index: ImageIndex) -> None:
+    """The index searched with its generation's float16 file, which holds every file's vector."""
+    from multimodal_models.index import halfvectors
+
+    generation = index.info["generation"]
+    entry = next(index.entries())
+    assert index.search_vector(entry.vector, k=1)[0].path == entry.path
+    half = index._half
+    assert half is not None and index._half_generation == generation
+    assert half.path.name == f"rerank-{generation:08d}.f16" and half.path.exists()
+    entries = {e.path: e.vector for e in index.entries()}
+    ids = {p: i for i, p in index._conn.execute("SELECT id, path FROM files")}
+    assert sorted(half.ids) == sorted(ids.values())
+    for path, vector in entries.items():
+        np.testing.assert_allclose(half.fetch([ids[path]])[0], vector, atol=1e-3)
+    assert half.path.stat().st_size == halfvectors.expected_size(len(vector), len(entries))
 
 
 # --- a real tiny dual encoder, through the CLI ---------------------------------------------------

@@ -134,3 +134,146 @@ def test_an_image_index_of_a_named_type_updates_incrementally(colour_folder, tmp
     with ImageIndex.open(tmp_path / "idx") as index:  # reopened: the kept settings, the same search
         assert index.info["compressed_threshold"] == 5 and index.verify()["kind"] == "ivfpq"
         assert index.search_image(encoder, colour_folder / "blue.png", k=1)[0].path == "blue.png"
+
+
+# --- the float16 re-ranking file ---------------------------------------------------------------------
+
+
+class TableEncoder:
+    """Image -> row n of a table of clustered vectors, n written in its first pixel (R * 256 + G)."""
+
+    def __init__(self, table: np.ndarray):
+        self.table, self.fingerprint = table, "table-v1"
+
+    def embed_images(self, images):
+        return np.stack([self.table[256 * im.getpixel((0, 0))[0] + im.getpixel((0, 0))[1]] for im in images])
+
+
+def numbered_folder(folder, numbers) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in numbers:
+        Image.new("RGB", (2, 2), (n // 256, n % 256, 0)).save(folder / f"{n:05d}.png")
+
+
+def search_both_ways(index: ImageIndex, queries: np.ndarray, k: int = 10):
+    """(hits re-ranked with the float16 file, hits re-ranked from SQLite alone), same snapshot of the index."""
+    with_file = index.search_vectors(queries, k)
+    assert index._half is not None
+    current = index._current_half
+    index._current_half = lambda _: None  # what a search without the file does
+    try:
+        from_sqlite = index.search_vectors(queries, k)
+    finally:
+        index._current_half = current
+    return with_file, from_sqlite
+
+
+@pytest.fixture(scope="module")
+def table():
+    return clustered(1700, 64, seed=3, centres=20)
+
+
+@pytest.fixture
+def numbered_index(tmp_path, table):
+    folder = tmp_path / "images"
+    numbered_folder(folder, range(1500))
+    index = ImageIndex.open(tmp_path / "idx", create=True, refine=10)
+    index.update(folder, TableEncoder(table), batch_size=500, index_type="ivfpq", progress=False)
+    yield index, folder
+    index.close()
+
+
+def test_the_float16_file_gives_the_ids_and_scores_of_sqlite_re_ranking(numbered_index, table):
+    from multimodal_models.index import halfvectors
+
+    index, _ = numbered_index
+    path = index.path / "rerank-00000001.f16"
+    assert path.stat().st_size == halfvectors.expected_size(64, 1500)  # 64 B header + ids + 1500 x 64 float16
+    queries = clustered(40, 64, seed=4, centres=20)
+    with_file, from_sqlite = search_both_ways(index, queries)
+    assert isinstance(index._half.vectors, np.memmap) and index._half.vectors.mode == "r"
+    assert [[h.id for h in hits] for hits in with_file] == [[h.id for h in hits] for hits in from_sqlite]
+    # the final k are scored with the exact float32 vectors: the same scores as SQLite re-ranking
+    np.testing.assert_allclose([[h.score for h in hits] for hits in with_file],
+                               [[h.score for h in hits] for hits in from_sqlite], atol=1e-6)
+    # float16 alone (the shortlist's re-ranking) is within 1e-3 of the exact cosines
+    ids = np.array([h.id for hits in with_file for h in hits])
+    half_scores = np.einsum("qkd,qd->qk", index._half.fetch(np.sort(ids))[np.argsort(np.argsort(ids))].reshape(
+        40, 10, 64), queries)
+    np.testing.assert_allclose(half_scores, [[h.score for h in hits] for hits in with_file], atol=1e-3)
+
+
+def test_an_update_patches_the_float16_file_into_the_next_generation_without_reading_sqlite(
+        numbered_index, table, monkeypatch):
+    from multimodal_models.index import store
+
+    index, folder = numbered_index
+    reader = ImageIndex.open(index.path)  # a reader of generation 1, searching before the update
+    old_hits = reader.search_vectors(table[:5], 3)
+    old_half = reader._half
+    for n in range(5):
+        (folder / f"{n:05d}.png").unlink()  # removed
+    numbered_folder(folder, range(1500, 1700))  # added
+    (folder / "00010.png").unlink()
+    from PIL import Image
+    Image.new("RGB", (2, 2), (1600 // 256, 1600 % 256, 0)).save(folder / "00010.png")  # changed: now row 1600
+    real_all_vectors = store.all_vectors
+    monkeypatch.setattr(store, "all_vectors", lambda *a: pytest.fail("the float16 file was rebuilt from SQLite"))
+    report = index.update(folder, TableEncoder(table), batch_size=500, progress=False)
+    monkeypatch.setattr(store, "all_vectors", real_all_vectors)
+    assert (report.added, report.removed, report.changed, report.generation) == (200, 5, 1, 2)
+    names = sorted(p.name for p in index.path.iterdir() if p.name.endswith((".f16", ".faiss", ".tmp")))
+    assert names == ["rerank-00000002.f16", "vectors-00000002.faiss"]  # the old generation's files deleted
+
+    # the new file holds exactly SQLite's vectors, in float16
+    with_file, from_sqlite = search_both_ways(index, table[[5, 10, 1500, 1600, 1699]])
+    assert [[h.id for h in hits] for hits in with_file] == [[h.id for h in hits] for hits in from_sqlite]
+    assert index._half_generation == 2
+    ids, vectors = real_all_vectors(index._conn, 64)
+    assert np.array_equal(index._half.ids, ids)
+    np.testing.assert_allclose(index._half.vectors, vectors, atol=1e-3)
+    changed_id = index._conn.execute("SELECT id FROM files WHERE path = '00010.png'").fetchone()[0]
+    np.testing.assert_allclose(index._half.fetch([changed_id])[0], table[1600], atol=1e-3)
+    # the reader's generation-1 file was not touched by the update (its mapping outlives the deletion)
+    np.testing.assert_allclose(old_half.fetch([changed_id])[0], table[10], atol=1e-3)
+    assert old_half.generation == 1 and [h.path for h in old_hits[0]][0] == "00000.png"
+    new_hit = reader.search_vectors(table[:1], 1)[0][0]  # its next search: a new snapshot, generation 2's file
+    assert reader._half_generation == 2 and new_hit.path != "00000.png"
+    reader.close()
+
+
+def test_a_missing_stale_or_truncated_float16_file_is_rebuilt_and_an_unwritable_one_falls_back(
+        numbered_index, table, monkeypatch):
+    from multimodal_models.index import halfvectors
+
+    index, folder = numbered_index
+    path = index.path / "rerank-00000001.f16"
+    queries = table[[0, 100, 700]]
+    expected = [[h.id for h in hits] for hits in ImageIndex.open(index.path).search_vectors(queries, 10)]
+    good = path.read_bytes()
+
+    def fresh_search():
+        with ImageIndex.open(index.path, refine=10) as reader:
+            hits = reader.search_vectors(queries, 10)
+            return [[h.id for h in row] for row in hits], reader._half
+
+    path.write_bytes(good[: len(good) - 100])  # truncated
+    ids, half = fresh_search()
+    assert ids == expected and half is not None and path.read_bytes() == good  # detected, rebuilt the same
+    stale = bytearray(good)
+    stale[8:16] = (7).to_bytes(8, "little")  # another generation's header
+    path.write_bytes(bytes(stale))
+    assert fresh_search()[0] == expected and path.read_bytes() == good
+    wrong_ids = bytearray(good)
+    wrong_ids[64:72] = (99_999).to_bytes(8, "little")  # the right header, not these files' ids
+    path.write_bytes(bytes(wrong_ids))
+    assert fresh_search()[0] == expected and path.read_bytes() == good
+    path.unlink()  # missing
+    assert fresh_search()[0] == expected and path.read_bytes() == good
+
+    path.unlink()  # missing, and the folder cannot be written: SQLite re-ranks
+    monkeypatch.setattr(halfvectors, "write_arrays", lambda *a, **k: (_ for _ in ()).throw(PermissionError("ro")))
+    ids, half = fresh_search()
+    assert ids == expected and half is None and not path.exists()

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..data.images import ImageLoadError, load_image
 from ..errors import MultimodalError
+from . import halfvectors as H
 from . import store
 from . import vectors as V
 
@@ -226,6 +227,8 @@ class ImageIndex:
         self._lock = threading.RLock()
         self._faiss = None
         self._faiss_generation: int | None = None
+        self._half: H.HalfVectors | None = None  # the float16 re-ranking file of the IVF-PQ index
+        self._half_generation: int | None = None  # the generation `_half` was looked up for (None: not yet)
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- opening ---------------------------------------------------------------------------
@@ -269,6 +272,7 @@ class ImageIndex:
         with self._lock:
             self._conn.close()
             self._faiss = None
+            self._half, self._half_generation = None, None
 
     def __enter__(self) -> ImageIndex:
         return self
@@ -340,8 +344,13 @@ class ImageIndex:
                 return [[] for _ in range(len(np.atleast_2d(np.asarray(queries))))]
             q = V.as_unit_rows(queries, dim, what="query vectors")
             index = self._current_faiss()
-            scores, ids = V.search(index, q, k, nprobe=self.nprobe, refine=self.refine,
-                                   fetch=lambda wanted: store.vectors_by_id(self._conn, wanted, dim))
+            exact = lambda wanted: store.vectors_by_id(self._conn, wanted, dim)  # noqa: E731
+            half = self._current_half(index) if V.kind_of(index) == "ivfpq" else None
+            if half is not None:  # shortlist re-ranked from the float16 file, the final k scored exactly
+                scores, ids = V.search(index, q, k, nprobe=self.nprobe, refine=self.refine, fetch=half.fetch,
+                                       final=exact)
+            else:
+                scores, ids = V.search(index, q, k, nprobe=self.nprobe, refine=self.refine, fetch=exact)
             wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
             rows: dict[int, tuple[str, str | None]] = {}
             for start in range(0, len(wanted), 500):  # SQLite caps the number of '?' per statement
@@ -442,6 +451,52 @@ class ImageIndex:
                 pass
         self._faiss, self._faiss_generation = index, generation
         return index
+
+    def _current_half(self, index) -> H.HalfVectors | None:
+        """The float16 re-ranking file of the published generation (call inside the search's read
+        transaction, after `_current_faiss`): `rerank-<generation>.f16` when it holds exactly the ids
+        of this snapshot's files, else rebuilt from SQLite and saved; None (SQLite re-ranks) when it
+        cannot be written."""
+        generation = self._faiss_generation
+        if self._half_generation == generation:
+            return self._half
+        dim = index.d
+        ids = np.fromiter((r for (r,) in self._conn.execute("SELECT id FROM files ORDER BY id")), dtype=np.int64)
+        half = H.HalfVectors.open(self._half_path(generation), generation, dim, len(ids))
+        if half is None or not half.matches(ids):
+            half = None
+            all_ids, vectors = store.all_vectors(self._conn, dim)
+            try:
+                H.write_arrays(self._half_path(generation), generation, all_ids, vectors)
+                half = H.HalfVectors.open(self._half_path(generation), generation, dim, len(all_ids))
+            except OSError:  # a read-only copy of the index: re-rank from SQLite
+                half = None
+        self._half, self._half_generation = half, generation
+        return half
+
+    def _half_path(self, generation: int) -> Path:
+        return self.path / H.PATTERN.format(generation=generation)
+
+    def _write_half(self, diff: _Diff, index) -> None:
+        """Make `rerank-<generation>.f16` for the published generation of an IVF-PQ index: kept when it
+        is already there (a crashed run wrote it), else the previous generation's file patched with the
+        diff, else rebuilt from SQLite; written atomically."""
+        dim, path = index.d, self._half_path(diff.generation)
+        if H.HalfVectors.open(path, diff.generation, dim, diff.count) is not None:
+            return
+        hook = {"before_replace": lambda: _crash_point("rerank-tmp")}
+        old = (H.HalfVectors.open(self._half_path(diff.old_generation), diff.old_generation, dim, diff.old_count)
+               if diff.generation != diff.old_generation else None)
+        if old is not None:
+            added = [i for i, _ in diff.added]
+            vectors = (np.stack([np.frombuffer(v, dtype="<f4") for _, v in diff.added]) if added
+                       else np.zeros((0, dim), dtype=np.float32))
+            H.write_patched(path, diff.generation, old, diff.removed_ids, added, vectors, **hook)
+        else:
+            with store.read_transaction(self._conn):
+                ids, vectors = store.all_vectors(self._conn, dim)
+            H.write_arrays(path, diff.generation, ids, vectors, **hook)
+        _crash_point("rerank-replaced")
 
     def _read_faiss(self, generation: int, dim: int, count: int):
         path = self._faiss_path(generation)
@@ -707,6 +762,8 @@ class ImageIndex:
         dim, settings = info["embed_dim"], self._kind_settings(info)
         index = self._read_faiss(diff.generation, dim, diff.count)
         if index is not None and not V.needs_rebuild(index, diff.count, *settings):
+            if V.kind_of(index) == "ivfpq":
+                self._write_half(diff, index)
             self._faiss, self._faiss_generation = index, diff.generation  # nothing changed, or a crashed run wrote it
             return
         index = None  # (a changed approximate_threshold rebuilds the same generation's file)
@@ -725,17 +782,23 @@ class ImageIndex:
             with store.read_transaction(self._conn):
                 ids, vectors = store.all_vectors(self._conn, dim)
             index = V.build(ids, vectors, dim, *settings)
+        if V.kind_of(index) == "ivfpq":
+            self._write_half(diff, index)
         V.write_atomic(index, self._faiss_path(diff.generation), before_replace=lambda: _crash_point("faiss-tmp"))
         _crash_point("faiss-replaced")
         self._faiss, self._faiss_generation = index, diff.generation
 
     def _remove_stale_files(self, generation: int) -> None:
-        """FAISS files of older generations and temporary files of interrupted writes."""
-        keep = self._faiss_path(generation).name
+        """FAISS and float16 files of older generations (and the float16 file of an index that is
+        no longer IVF-PQ), and temporary files of interrupted writes."""
+        keep = {self._faiss_path(generation).name}
+        if self._faiss is not None and V.kind_of(self._faiss) == "ivfpq":
+            keep.add(self._half_path(generation).name)
         for path in self.path.iterdir():
             name = path.name
-            stale_index = name.startswith("vectors-") and name.endswith(".faiss") and name != keep
-            stale_tmp = name.startswith(".vectors-") and name.endswith(".tmp")
+            stale_index = (name.startswith("vectors-") and name.endswith(".faiss")
+                           or name.startswith("rerank-") and name.endswith(".f16")) and name not in keep
+            stale_tmp = name.startswith((".vectors-", ".rerank-")) and name.endswith(".tmp")
             if stale_index or stale_tmp:
                 path.unlink(missing_ok=True)
 

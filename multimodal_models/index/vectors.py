@@ -239,13 +239,14 @@ def stored_ids(index: faiss.Index) -> np.ndarray:
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, *, nprobe: int = DEFAULT_NPROBE,
-           refine: int = DEFAULT_REFINE, fetch=None, ef_search: int = DEFAULT_EF_SEARCH
+           refine: int = DEFAULT_REFINE, fetch=None, ef_search: int = DEFAULT_EF_SEARCH, final=None
            ) -> tuple[np.ndarray, np.ndarray]:
     """queries (Q, E) unit rows -> scores (Q, k), ids (Q, k); id -1 (score -inf) pads when fewer than k exist.
 
     IVF-PQ: `fetch(ids) -> (len(ids), E)` float32 exact vectors re-ranks the best `k * refine`
     candidates by their codes (`rerank`), so the scores are exact cosines; without `fetch`
-    the scores are the codes' approximations."""
+    the scores are the codes' approximations. `final(ids)`, when given, re-scores the k kept with
+    other vectors (the image index: float16 `fetch` for the shortlist, exact float32 for the final k)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = max(1, min(int(k), max(index.ntotal, 1)))
     kind = kind_of(index)
@@ -258,7 +259,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, *, nprobe: int = DEF
         return index.search(queries, k, params=params)
     shortlist = max(k, min(k * max(1, int(refine)), index.ntotal))
     _, candidates = index.search(queries, shortlist, params=params)
-    return rerank(queries, candidates, k, fetch)
+    scores, ids = rerank(queries, candidates, k, fetch)
+    return rerank(queries, ids, k, final) if final is not None else (scores, ids)
 
 
 def rerank(queries: np.ndarray, candidates: np.ndarray, k: int, fetch) -> tuple[np.ndarray, np.ndarray]:
