@@ -1,7 +1,7 @@
 """Search latency, recall, build time and memory of the image index types, beside exact search.
 
     .venv/bin/python benchmarks/index_search.py --sizes 1000000 --dim 512 --data clustered \\
-        [--types ivf ivfpq hnsw] [--nprobe 8 16 32] [--refine 1 5 10 20] [--rerank-from sqlite memmap] \\
+        [--types ivf ivfpq hnsw] [--nprobe 8 16 32] [--refine 1 5 10 20] [--rerank-from sqlite memmap product] \\
         [--queries 200] [--threads 1] [--build-threads 2] [--vectors embeddings.npy]
 
 For each collection size, every index is built by `multimodal_models.index.vectors` (what
@@ -19,7 +19,13 @@ them in the same process, interleaved query by query, on `--threads` FAISS threa
 
 IVF-PQ is measured per (nprobe, refine): FAISS returns 10 x refine candidates by their codes,
 and those are re-ranked with exact vectors fetched from `--rerank-from` (refine 1: no re-ranking,
-the codes' own ranking).
+the codes' own ranking): `sqlite` (float32 rows by id), `memmap` (a plain float16 .npy, rows by
+position), or `product`, what `ImageIndex` does: the shortlist re-ranked from its float16 file
+(`halfvectors.HalfVectors`: ids looked up in the file's sorted id column), then the final k scored
+with their exact float32 vectors from SQLite. With `product`, `rerank_file` times writing the file
+(`write_s`) and what an update of `--update-rows` changed + as many added rows costs it: `patch_s`
+(the previous generation's file rewritten with the diff, as the product does) against
+`rebuild_from_sqlite_s` (every vector read from SQLite and written).
 
 `uniform` data (unit vectors uniform on the sphere) is the hard case for any approximate index:
 no clusters, neighbours barely closer than strangers. `clustered` data (a mixture of 1000
@@ -40,6 +46,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from multimodal_models.index import halfvectors as H
 from multimodal_models.index import store
 from multimodal_models.index import vectors as V
 
@@ -65,11 +72,12 @@ def bytes_per_vector(index: faiss.Index) -> float:
     return round(len(faiss.serialize_index(index)) / max(index.ntotal, 1), 1)
 
 
-def rerank_sources(data: np.ndarray, wanted: list[str], folder: Path) -> dict:
-    """{name: fetch(ids) -> float32 vectors}: SQLite as the index stores them (one row per id,
-    float32 blob, read by `store.vectors_by_id`), or a memory-mapped float16 file."""
-    sources = {}
-    if "sqlite" in wanted:
+def rerank_sources(data: np.ndarray, wanted: list[str], folder: Path, update_rows: int = 0) -> tuple[dict, dict]:
+    """({name: search options}, update timings): SQLite as the index stores them (one row per id,
+    float32 blob, read by `store.vectors_by_id`), a memory-mapped float16 .npy, or the product's
+    float16 file + exact final scores from SQLite."""
+    sources, update = {}, {}
+    if "sqlite" in wanted or "product" in wanted:
         conn = sqlite3.connect(str(folder / "vectors.sqlite"), isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, vector BLOB NOT NULL)")
@@ -80,7 +88,9 @@ def rerank_sources(data: np.ndarray, wanted: list[str], folder: Path) -> dict:
                              ((start + i, store.vector_bytes(v)) for i, v in enumerate(chunk)))
         conn.execute("COMMIT")
         dim = data.shape[1]
-        sources["sqlite"] = lambda ids: store.vectors_by_id(conn, ids, dim)
+        exact = lambda ids: store.vectors_by_id(conn, ids, dim)  # noqa: E731
+        if "sqlite" in wanted:
+            sources["sqlite"] = {"fetch": exact}
     if "memmap" in wanted:
         path = folder / "vectors.f16"
         mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=data.shape)
@@ -88,8 +98,32 @@ def rerank_sources(data: np.ndarray, wanted: list[str], folder: Path) -> dict:
         mm.flush()
         del mm
         mm = np.load(path, mmap_mode="r")
-        sources["memmap"] = lambda ids: mm[np.asarray(ids)].astype(np.float32)
-    return sources
+        sources["memmap"] = {"fetch": lambda ids: mm[np.asarray(ids)].astype(np.float32)}
+    if "product" in wanted:
+        path, n = folder / H.PATTERN.format(generation=1), len(data)
+        start = time.perf_counter()
+        H.write_arrays(path, 1, np.arange(n, dtype=np.int64), data)
+        update["write_s"] = round(time.perf_counter() - start, 2)
+        half = H.HalfVectors.open(path, 1, dim, n)
+        sources["product"] = {"fetch": half.fetch, "final": exact}
+        if update_rows:
+            rng = np.random.default_rng(1)
+            changed = rng.choice(n, update_rows, replace=False)
+            added = np.concatenate([changed, np.arange(n, n + update_rows)])
+            start = time.perf_counter()
+            H.write_patched(folder / H.PATTERN.format(generation=2), 2, half, changed, added, data[added % n])
+            update["patch_s"] = round(time.perf_counter() - start, 2)
+            start = time.perf_counter()
+            conn.execute("BEGIN")
+            ids, vectors = store.all_vectors(conn, dim)
+            conn.execute("COMMIT")
+            H.write_arrays(folder / H.PATTERN.format(generation=3), 3, ids, vectors)
+            update["rebuild_from_sqlite_s"] = round(time.perf_counter() - start, 2)
+            update["rows_changed_and_added"] = update_rows
+            del ids, vectors
+            for g in (2, 3):
+                (folder / H.PATTERN.format(generation=g)).unlink()
+    return sources, update
 
 
 def build(ids, data, kind: str, threads: int) -> tuple[faiss.Index, float]:
@@ -126,7 +160,11 @@ def run_size(n: int, args, rng: np.random.Generator, folder: Path) -> dict:
         result[kind] = {"index": name, "build_s": seconds, "bytes_per_vector": bytes_per_vector(indexes[kind]),
                         "runs": {}}
         print(json.dumps({"built": kind, **result[kind]}), flush=True)
-    sources = rerank_sources(data, args.rerank_from, folder) if "ivfpq" in args.types else {}
+    sources, update = rerank_sources(data, args.rerank_from, folder, args.update_rows) if "ivfpq" in args.types \
+        else ({}, {})
+    if update:
+        result["rerank_file"] = update
+        print(json.dumps({"rerank_file": update}), flush=True)
     faiss.omp_set_num_threads(args.threads)
 
     configs = []  # (kind, label, search options)
@@ -139,7 +177,7 @@ def run_size(n: int, args, rng: np.random.Generator, folder: Path) -> dict:
             for p in args.nprobe:
                 configs.append((kind, f"nprobe={p},refine=1", {"nprobe": p, "refine": 1}))
                 for r in (r for r in args.refine if r > 1):
-                    configs += [(kind, f"nprobe={p},refine={r},from={s}", {"nprobe": p, "refine": r, "fetch": f})
+                    configs += [(kind, f"nprobe={p},refine={r},from={s}", {"nprobe": p, "refine": r, **f})
                                 for s, f in sources.items()]
 
     truth_scores, truth = V.search(exact, queries, 10)
@@ -175,7 +213,10 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", choices=["ivf", "ivfpq", "hnsw"], default=["ivf", "ivfpq"])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, V.DEFAULT_NPROBE])
     parser.add_argument("--refine", type=int, nargs="+", default=[1, 5, V.DEFAULT_REFINE, 20])
-    parser.add_argument("--rerank-from", nargs="+", choices=["sqlite", "memmap"], default=["sqlite", "memmap"])
+    parser.add_argument("--rerank-from", nargs="+", choices=["sqlite", "memmap", "product"],
+                        default=["sqlite", "memmap", "product"])
+    parser.add_argument("--update-rows", type=int, default=1000,
+                        help="with --rerank-from product: time an update of this many changed + added rows (0: not)")
     parser.add_argument("--ef-search", type=int, nargs="+", default=[64, V.DEFAULT_EF_SEARCH])
     parser.add_argument("--data", choices=["uniform", "clustered"], default="clustered")
     parser.add_argument("--vectors", default=None, help=".npy of real embeddings (N + queries, E) instead of --data")
