@@ -14,6 +14,8 @@ On disk, an index is a folder:
 
     index.sqlite (+ -wal, -shm)   SQLite in WAL mode: the source of truth
     vectors-<generation>.faiss    FAISS index of the published vectors, derived from SQLite
+    rerank-<generation>.f16       IVF-PQ only: the published vectors in float16 (sorted ids, then
+                                  rows), memory-mapped to re-rank the shortlist; derived from SQLite
     update.lock                   held (flock) by the one update allowed at a time
 
 SQLite holds, per image, its path relative to the folder, size, mtime, sha256 of the
@@ -32,9 +34,9 @@ An update
      `staged` table, which searches never read;
   4. publishes in one transaction: staged rows move into `files`, rows of removed files
      are deleted, `generation` is incremented if the vector set changed;
-  5. writes `vectors-<generation>.faiss` (the previous file patched with the diff, or
-     rebuilt from SQLite) to a temp file, fsyncs, renames it into place, fsyncs the folder,
-     and deletes older generations.
+  5. writes (IVF-PQ) `rerank-<generation>.f16`, then `vectors-<generation>.faiss`, each the
+     previous generation's file patched with the diff, or rebuilt from SQLite, to a temp file,
+     fsyncs, renames it into place, fsyncs the folder; then deletes older generations.
 
 Why a kill -9 at any moment cannot leave a broken index
   - SQLite (WAL, synchronous=FULL) makes each transaction all-or-nothing, durably; so the
@@ -46,12 +48,16 @@ Why a kill -9 at any moment cannot leave a broken index
     staged row whose path, size and mtime still match the file and takes it as done, so
     finished batches are never embedded again; a half-done batch was never committed and
     is simply redone. Staged rows that no longer match their file are discarded.
-  - The FAISS file is derived data, named by the generation it holds and written
-    atomically (temp + rename), so a partial file never carries a real name, and a file
-    from another generation is never mistaken for the current one. On open, the file for
-    SQLite's current generation is used if it exists and agrees (dimension, count);
-    otherwise the index is rebuilt from the vectors in SQLite (and saved). Leftover temp
-    files and old generations are deleted by the next update.
+  - The FAISS file and the float16 file are derived data, each named by the generation it
+    holds and written atomically (temp + rename), so a partial file never carries a real name,
+    and a file from another generation is never mistaken for the current one. On open, the
+    FAISS file for SQLite's current generation is used if it exists and agrees (dimension,
+    count), the float16 file if its header (generation, dimension, count), its size and its id
+    column agree with the snapshot's files; otherwise either is rebuilt from the vectors in
+    SQLite (and saved; when the folder cannot be written, SQLite re-ranks). An update never
+    writes into a published file: the next generation gets new files, so a reader of the
+    previous generation (whose mapping outlives the deletion) never sees its rows. Leftover
+    temp files and old generations are deleted by the next update.
   - One writer at a time: an flock on `update.lock`, which the kernel releases when the
     process dies, so a killed update never leaves a stale lock.
   - Searches run in one SQLite read transaction (a snapshot): the generation is checked,
@@ -62,7 +68,10 @@ The index type follows the size, or `--index-type` (stored in the index): exact
 (`IDMap,Flat`, inner product = cosine on unit vectors) below `approximate_threshold` images
 (default 100,000; `--approx-threshold`), IVF-Flat above it, and IVF-PQ from the compressed
 threshold (1M; `--compressed-threshold`): 64-byte codes whose shortlist (k x `refine`) is
-re-ranked with the exact vectors from SQLite, so scores stay exact cosines. HNSW by flag.
+re-ranked with the float16 vectors of `rerank-<generation>.f16` (cosine error <= ~1e-3), and
+whose final k are scored with their exact float32 vectors from SQLite: the scores returned are
+exact cosines, and the ids are those of re-ranking from SQLite but for near-ties within ~1e-3.
+HNSW by flag.
 `nprobe` and `refine` trade speed for recall. An index split across machines or folders is
 searched as one with `ShardedIndex` (`multimodal search INDEX --shard OTHER`): the same top-k as
 one index over all the vectors. `benchmarks/index_search.py` measures every type beside exact

@@ -72,7 +72,17 @@ class HalfVectors:
         positions = np.minimum(positions, max(len(self.ids) - 1, 0))
         if not len(self.ids) or not np.array_equal(self.ids[positions], wanted):
             raise LookupError(f"{self.path.name}: some of {len(wanted)} vector ids are not in the file")
-        return self.vectors[positions].astype(np.float32)
+        return to_float32(self.vectors[positions])
+
+
+def to_float32(rows: np.ndarray) -> np.ndarray:
+    """float16 rows -> float32. numpy converts float16 element by element (~0.5 ms for 400 x 512);
+    torch's vectorised conversion takes ~0.1 ms (torch is there for the models), numpy without it."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the package
+        return rows.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(rows)).float().numpy()
 
 
 def write(path: Path, generation: int, ids: np.ndarray, rows, dim: int, *, before_replace=None) -> None:

@@ -21,8 +21,9 @@ IVF finds 99% at nprobe=32. Similar speed/recall, 50x cheaper to build, and patc
 
 - `ivfpq`: `IVF{nlist},PQ{m}` (m = dim / 8 one-byte codes: 64 bytes for 512 dims, ~80 bytes per
   vector with its id and the lists), for millions of images. The codes give approximate scores, so
-  a query asks FAISS for `k x refine` candidates and re-ranks that shortlist with the exact
-  vectors, which SQLite holds anyway (`search(..., fetch=...)`): the scores returned are exact
+  a query asks FAISS for `k x refine` candidates and re-ranks that shortlist with `fetch`
+  (the image index: its float16 file, `halfvectors.py`; SQLite when that is missing), then scores
+  the final k with `final` (the exact float32 vectors from SQLite): the scores returned are exact
   cosines again. Patched like `ivf` (`add_with_ids` / `remove_ids`); retrained on the same 2x
   drift of `nlist` (4x in count) and when the codes were trained on fewer than 256 points.
   Why not OPQ: on 28.8k x 512 its training took 376 s against 23 s, and IVF-PQ with re-ranking
@@ -272,9 +273,12 @@ def rerank(queries: np.ndarray, candidates: np.ndarray, k: int, fetch) -> tuple[
     if not len(wanted):
         return scores, ids
     stored = np.asarray(fetch(wanted), dtype=np.float32).reshape(len(wanted), -1)
-    for row, (query, found) in enumerate(zip(queries, candidates)):
+    # few queries: one product for all (no per-query copy of the vectors); many: per query (memory)
+    every = stored @ queries.T if len(queries) <= 8 else None
+    for row, found in enumerate(candidates):
         found = found[found >= 0]
-        exact = stored[np.searchsorted(wanted, found)] @ query
+        positions = np.searchsorted(wanted, found)
+        exact = every[positions, row] if every is not None else stored[positions] @ queries[row]
         best = np.argsort(-exact, kind="stable")[:k]
         scores[row, : len(best)], ids[row, : len(best)] = exact[best], found[best]
     return scores, ids
