@@ -88,7 +88,7 @@ def rerank_sources(data: np.ndarray, wanted: list[str], folder: Path, update_row
                              ((start + i, store.vector_bytes(v)) for i, v in enumerate(chunk)))
         conn.execute("COMMIT")
         dim = data.shape[1]
-        exact = lambda ids: store.vectors_by_id(conn, ids, dim)  # noqa: E731
+        exact = lambda ids: store.vectors_by_id(conn, ids, dim)
         if "sqlite" in wanted:
             sources["sqlite"] = {"fetch": exact}
     if "memmap" in wanted:

@@ -238,7 +238,7 @@ def test_an_update_patches_the_float16_file_into_the_next_generation_without_rea
     np.testing.assert_allclose(index._half.fetch([changed_id])[0], table[1600], atol=1e-3)
     # the reader's generation-1 file was not touched by the update (its mapping outlives the deletion)
     np.testing.assert_allclose(old_half.fetch([changed_id])[0], table[10], atol=1e-3)
-    assert old_half.generation == 1 and [h.path for h in old_hits[0]][0] == "00000.png"
+    assert old_half.generation == 1 and old_hits[0][0].path == "00000.png"
     new_hit = reader.search_vectors(table[:1], 1)[0][0]  # its next search: a new snapshot, generation 2's file
     assert reader._half_generation == 2 and new_hit.path != "00000.png"
     reader.close()
@@ -248,7 +248,7 @@ def test_a_missing_stale_or_truncated_float16_file_is_rebuilt_and_an_unwritable_
         numbered_index, table, monkeypatch):
     from multimodal_models.index import halfvectors
 
-    index, folder = numbered_index
+    index, _ = numbered_index
     path = index.path / "rerank-00000001.f16"
     queries = table[[0, 100, 700]]
     expected = [[h.id for h in hits] for hits in ImageIndex.open(index.path).search_vectors(queries, 10)]

@@ -344,7 +344,7 @@ class ImageIndex:
                 return [[] for _ in range(len(np.atleast_2d(np.asarray(queries))))]
             q = V.as_unit_rows(queries, dim, what="query vectors")
             index = self._current_faiss()
-            exact = lambda wanted: store.vectors_by_id(self._conn, wanted, dim)  # noqa: E731
+            exact = lambda wanted: store.vectors_by_id(self._conn, wanted, dim)
             half = self._current_half(index) if V.kind_of(index) == "ivfpq" else None
             if half is not None:  # shortlist re-ranked from the float16 file, the final k scored exactly
                 scores, ids = V.search(index, q, k, nprobe=self.nprobe, refine=self.refine, fetch=half.fetch,
