@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .vectors import fsync_dir
+
 MAGIC = b"MMRRF16\x01"
 HEADER = struct.Struct("<8sqqq")  # magic, generation, dim, count
 HEADER_BYTES = 64
@@ -103,8 +105,6 @@ def write(path: Path, generation: int, ids: np.ndarray, rows, dim: int, *, befor
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    from .vectors import fsync_dir
-
     fsync_dir(path.parent)
 
 
