@@ -42,7 +42,33 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class HFTokenizer:
+class _SpecialIds:
+    """pad_id / unk_id / bos_id / eos_id of a tokenizer whose `special_tokens` maps those names to tokens."""
+
+    special_tokens: dict
+
+    def _special_id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return None if token is None else self.token_to_id(token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._special_id("pad")
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._special_id("unk")
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._special_id("bos")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._special_id("eos")
+
+
+class HFTokenizer(_SpecialIds):
     """tokenizers.Tokenizer from a checkpoint's tokenizer.json, with its tokenizer_config.json."""
 
     def __init__(self, tokenizer_json: str, config: dict | None = None, special_tokens_map: dict | None = None,
@@ -136,7 +162,7 @@ class HFTokenizer:
     def id_to_token(self, index: int) -> str:
         return self.tokenizer.id_to_token(index)
 
-    def _special_id(self, name: str) -> int | None:
+    def _special_id(self, name: str) -> int | None:  # a special token missing from the vocabulary: None
         token = self.special_tokens.get(name)
         return None if token is None else self.tokenizer.token_to_id(token)
 
@@ -144,24 +170,9 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    @property
-    def pad_id(self) -> int | None:
-        return self._special_id("pad")
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._special_id("unk")
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._special_id("bos")
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._special_id("eos")
 
 
-class SiglipSentencePieceTokenizer:
+class SiglipSentencePieceTokenizer(_SpecialIds):
     """SigLIP's tokenizer as its repositories ship it (spiece.model + tokenizer_config.json), read with
     the sentencepiece library and applied step by step as transformers' SiglipTokenizer applies it:
 
@@ -316,29 +327,11 @@ class SiglipSentencePieceTokenizer:
                 after_special = False
         return (text + self.processor.decode(pieces)).strip()
 
-    def _special_id(self, name: str) -> int | None:
-        token = self.special_tokens.get(name)
-        return None if token is None else self.token_to_id(token)
 
     @property
     def vocab_size(self) -> int:
         return max(self.processor.get_piece_size(), max(self._by_id, default=-1) + 1)
 
-    @property
-    def pad_id(self) -> int | None:
-        return self._special_id("pad")
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._special_id("unk")
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._special_id("bos")
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._special_id("eos")
 
 
 def checkpoint_tokenizer(directory: str | Path) -> HFTokenizer | SiglipSentencePieceTokenizer | None:
