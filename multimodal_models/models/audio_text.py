@@ -48,7 +48,7 @@ from ..data.audio import load_audio
 from ..data.hf_tokenizer import checkpoint_tokenizer
 from ..errors import DataFormatError
 from .htsat import HTSAT, HTSATConfig
-from .inputs import evaluating, require_preprocessing, tokenize
+from .inputs import embed_texts, evaluating
 from .layers import MLP, Attention, activation
 from .pretrained import PretrainedModel
 
@@ -417,17 +417,7 @@ class AudioTextEncoder(PretrainedModel):
 
     def embed_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
         """Texts -> (N, E) unit vectors on the CPU."""
-        require_preprocessing(self, tokenizer=True)
-        if isinstance(texts, str):
-            raise TypeError("embed_texts expects a list of texts, got one string; wrap it in a list")
-        texts = list(texts)
-        out = []
-        with evaluating(self):
-            for start in range(0, max(len(texts), 1), batch_size):
-                ids, mask = tokenize(self.tokenizer, texts[start : start + batch_size], self.config.text.max_length,
-                                     self.device)
-                out.append(self.encode_text(ids, mask).float().cpu())
-        return torch.cat(out)
+        return embed_texts(self, texts, batch_size=batch_size)
 
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """One classifier vector per label (L, E): the mean of its normalised prompt embeddings, renormalised."""

@@ -21,9 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.hf_tokenizer import HFTokenizer, SiglipSentencePieceTokenizer, checkpoint_tokenizer
+from ..data.hf_tokenizer import (
+    HFTokenizer,
+    SiglipSentencePieceTokenizer,
+    checkpoint_tokenizer,
+)
 from ..data.preprocess import ImageProcessor
-from .inputs import as_image_list, evaluating, preprocess_images, require_preprocessing, tokenize
+from .inputs import (
+    as_image_list,
+    embed_texts,
+    evaluating,
+    preprocess_images,
+    require_preprocessing,
+)
 from .losses import ContrastiveLoss, SigmoidLoss
 from .pretrained import PretrainedModel
 from .templates import CLIP_IMAGENET_TEMPLATES, CLIP_IMAGENET_TEMPLATES_7
@@ -167,17 +177,7 @@ class DualEncoder(PretrainedModel):
 
     def embed_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
         """Texts -> (N, E) unit vectors on the CPU."""
-        require_preprocessing(self, tokenizer=True)
-        if isinstance(texts, str):
-            raise TypeError("embed_texts expects a list of texts, got one string; wrap it in a list")
-        texts = list(texts)
-        out = []
-        with evaluating(self):
-            for start in range(0, max(len(texts), 1), batch_size):
-                ids, mask = tokenize(self.tokenizer, texts[start : start + batch_size], self.config.text.max_length,
-                                     self.device, padding=self.config.text.padding)
-                out.append(self.encode_text(ids, mask).float().cpu())
-        return torch.cat(out)
+        return embed_texts(self, texts, batch_size=batch_size, padding=self.config.text.padding)
 
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """One zero-shot classifier vector per label (L, E): the mean of its normalised

@@ -84,3 +84,19 @@ def evaluating(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
+
+
+def embed_texts(model, texts: Sequence[str], *, batch_size: int, padding: str = "longest") -> torch.Tensor:
+    """Texts -> (N, E) unit vectors on the CPU, by `model.encode_text(ids, mask)` in batches: the
+    `embed_texts` of every dual encoder (image-text and audio-text)."""
+    require_preprocessing(model, tokenizer=True)
+    if isinstance(texts, str):
+        raise TypeError("embed_texts expects a list of texts, got one string; wrap it in a list")
+    texts = list(texts)
+    out = []
+    with evaluating(model):
+        for start in range(0, max(len(texts), 1), batch_size):
+            ids, mask = tokenize(model.tokenizer, texts[start : start + batch_size], model.config.text.max_length,
+                                 model.device, padding=padding)
+            out.append(model.encode_text(ids, mask).float().cpu())
+    return torch.cat(out)
