@@ -15,14 +15,12 @@ Layout (little-endian): a 64-byte header (magic, generation, dim, count), the `c
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .vectors import fsync_dir
+from .vectors import replace_atomically
 
 MAGIC = b"MMRRF16\x01"
 HEADER = struct.Struct("<8sqqq")  # magic, generation, dim, count
@@ -89,23 +87,16 @@ def write(path: Path, generation: int, ids: np.ndarray, rows, dim: int, *, befor
     """Write ids (ascending) and their vectors to `path` atomically. `rows(start, stop)` returns the
     vectors of ids[start:stop] (any float dtype); they are stored as float16."""
     count = len(ids)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(HEADER.pack(MAGIC, generation, dim, count).ljust(HEADER_BYTES, b"\0"))
             f.write(np.ascontiguousarray(ids, dtype="<i8").tobytes())
             for start in range(0, count, CHUNK_ROWS):
                 stop = min(start + CHUNK_ROWS, count)
                 f.write(np.ascontiguousarray(rows(start, stop), dtype="<f2").reshape(stop - start, dim).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+
+    replace_atomically(path, fill, before_replace=before_replace)
 
 
 def write_arrays(path: Path, generation: int, ids: np.ndarray, vectors: np.ndarray, **options) -> None:

@@ -297,7 +297,7 @@ def merge(results, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     shard = np.concatenate([np.full(np.shape(i), n, dtype=np.int64) for n, (_, i) in enumerate(results)], axis=1)
     scores = np.where(ids >= 0, scores, -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+    take = lambda a: np.take_along_axis(a, order, axis=1)
     out_scores, out_ids, out_shard = take(scores), take(ids), take(shard)
     missing = out_ids < 0
     out_shard[missing] = -1
@@ -320,14 +320,19 @@ def search_shards(indexes, queries: np.ndarray, k: int, *, fetches=None, **optio
 
 
 def write_atomic(index: faiss.Index, path: Path, *, before_replace=None) -> None:
-    """Write `index` to `path` so that `path` holds either its old content or all of the new:
-    a temporary file in the same folder, fsynced, then renamed over `path`, then the
-    folder fsynced so the rename itself survives a power cut. `before_replace` is a hook
-    for the crash tests."""
+    """Write `index` to `path` atomically (replace_atomically)."""
+    replace_atomically(path, lambda tmp: faiss.write_index(index, tmp), before_replace=before_replace)
+
+
+def replace_atomically(path: Path, fill, *, before_replace=None) -> None:
+    """Give `path` new content so that it holds either its old content or all of the new:
+    `fill(tmp)` writes a temporary file in the same folder, which is fsynced, then renamed over
+    `path`, then the folder fsynced so the rename itself survives a power cut. `before_replace`
+    is a hook for the crash tests."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        faiss.write_index(index, tmp)
+        fill(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if before_replace is not None:
